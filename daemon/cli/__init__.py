@@ -1,0 +1,1 @@
+"""The ``mtor`` command line."""

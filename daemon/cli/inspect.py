@@ -1,0 +1,175 @@
+"""``mtor status`` and ``mtor events``: what the realm looks like and says."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+import uuid
+from typing import Any
+
+from daemon import topics
+from daemon.bus import Inbound
+from daemon.cli.common import client_bus
+from daemon.config import Config
+from daemon.errors import MessageError
+from daemon.messages import decode
+from daemon.protocol.node import Event, NodeHealth, NodeInfo, NodeState
+
+# Retained messages arrive right after the SUBACK; a sentinel message published
+# after subscribing comes back behind them, so its arrival means "all seen".
+SENTINEL_TIMEOUT = 3.0
+
+
+async def collect_nodes(config: Config) -> dict[str, dict[str, Any]]:
+    """The retained state/info/health of every node in the realm."""
+    nodes: dict[str, dict[str, Any]] = {}
+    done = asyncio.Event()
+    sentinel = f"{topics.ROOT}/{config.realm}/cli/{uuid.uuid4().hex}"
+
+    async def on_node(msg: Inbound) -> None:
+        for pattern, cls, key in (
+            (topics.NODE_STATE, NodeState, "state"),
+            (topics.NODE_INFO, NodeInfo, "info"),
+            (topics.NODE_HEALTH, NodeHealth, "health"),
+        ):
+            fields = pattern.parse(msg.topic)
+            if fields is None or not msg.payload:
+                continue
+            try:
+                nodes.setdefault(fields["node_id"], {})[key] = decode(msg.payload, cls)
+            except MessageError as exc:
+                nodes.setdefault(fields["node_id"], {})[f"{key}_error"] = str(exc)
+
+    async def on_sentinel(_msg: Inbound) -> None:
+        done.set()
+
+    async with client_bus(config) as bus:
+        await bus.subscribe(f"{topics.ROOT}/{config.realm}/node/+/+", on_node)
+        await bus.subscribe(sentinel, on_sentinel)
+        await bus.publish(sentinel, b"", qos=1)
+        async with asyncio.timeout(SENTINEL_TIMEOUT):
+            await done.wait()
+    return nodes
+
+
+def status_rows(nodes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for node_id in sorted(nodes):
+        entry = nodes[node_id]
+        state: NodeState | None = entry.get("state")
+        info: NodeInfo | None = entry.get("info")
+        health: NodeHealth | None = entry.get("health")
+        stale_info = info is not None and state is not None and info.boot_id != state.boot_id
+        rows.append(
+            {
+                "node_id": node_id,
+                "state": state.state if state else "unknown",
+                "since": state.ts if state else None,
+                "version": state.version if state else None,
+                "capabilities": sorted({c.name for c in info.capabilities})
+                if info and not stale_info
+                else [],
+                "nodes": [f"{n.name}:{n.status}" for n in info.nodes] if info else [],
+                "cpu_percent": health.cpu_percent if health else None,
+                "load1": health.load[0] if health and health.load else None,
+                "mem_percent": health.mem_percent if health else None,
+                "temperature_c": health.temperature_c if health else None,
+                "active_tasks": health.active_tasks if health else None,
+                "area": info.area if info else None,
+            }
+        )
+    return rows
+
+
+def print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    if not rows:
+        print("no nodes in this realm yet")
+        return
+    header = ("NODE", "STATE", "LOAD", "CPU%", "MEM%", "TEMP", "TASKS", "CAPABILITIES")
+    table = [header]
+    for r in rows:
+        table.append(
+            (
+                r["node_id"],
+                r["state"],
+                _num(r["load1"]),
+                _num(r["cpu_percent"]),
+                _num(r["mem_percent"]),
+                _num(r["temperature_c"]),
+                _num(r["active_tasks"]),
+                ",".join(r["capabilities"]) or "-",
+            )
+        )
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _num(v: float | int | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def events_filter(realm: str, spec: str | None) -> str:
+    """``None`` → all events; ``NODE`` → that node's; ``a/b/#`` → under event/;
+    a full ``mtor/...`` filter is used as given."""
+    base = f"{topics.ROOT}/{realm}/event"
+    if not spec:
+        return base + "/#"
+    if spec.startswith(topics.ROOT + "/"):
+        return topics.validate_filter(spec)
+    if "/" not in spec and spec not in ("#", "+"):
+        return f"{base}/{spec}/#"
+    return topics.validate_filter(f"{base}/{spec}")
+
+
+def format_event(node_id: str, domain: str, name: str, event: Event) -> str:
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))
+    value = "" if event.value is None else f" = {event.value}"
+    unit = f" {event.unit}" if event.unit and event.value is not None else ""
+    attrs = f"  {json.dumps(event.attrs, separators=(',', ':'))}" if event.attrs else ""
+    return f"{stamp} {node_id} {domain}/{name}{value}{unit}{attrs}"
+
+
+async def tail_events(
+    config: Config, spec: str | None, *, as_json: bool, count: int | None, timeout: float | None
+) -> int:
+    """Print events until interrupted, ``count`` events, or ``timeout`` seconds."""
+    seen = 0
+    finished = asyncio.Event()
+
+    async def on_event(msg: Inbound) -> None:
+        nonlocal seen
+        fields = topics.EVENT.parse(msg.topic)
+        try:
+            event = decode(msg.payload, Event)
+        except MessageError as exc:
+            print(f"(malformed event on {msg.topic}: {exc})", file=sys.stderr)
+            return
+        if as_json:
+            doc = {"topic": msg.topic, **(fields or {}), **event.model_dump(exclude_none=True)}
+            print(json.dumps(doc, separators=(",", ":")), flush=True)
+        elif fields is not None:
+            line = format_event(fields["node_id"], fields["domain"], fields["name"], event)
+            print(line, flush=True)
+        else:
+            print(f"{msg.topic} {msg.preview()}", flush=True)
+        seen += 1
+        if count is not None and seen >= count:
+            finished.set()
+
+    async with client_bus(config) as bus:
+        await bus.subscribe(events_filter(config.realm, spec), on_event)
+        try:
+            async with asyncio.timeout(timeout):
+                await finished.wait()
+        except TimeoutError:
+            pass
+    return seen

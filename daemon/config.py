@@ -1,0 +1,337 @@
+"""Configuration: ``config.yaml`` loaded once in ``main`` into typed models.
+
+Unknown keys are rejected.  Precedence, lowest to highest: built-in
+defaults, the YAML file, environment (``MTOR_BROKER``, ``MTOR_REALM``,
+``MTOR_NODE_ID``, ``MTOR_BROKER_USERNAME``, ``MTOR_BROKER_PASSWORD``), then
+command-line flags.  Nothing here reads the environment at import time: the
+caller passes it in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from daemon.errors import ConfigError
+from nodes.catalog import NodeConfig, node_types
+from nodes.sensors.config import SensorsConfig
+
+SECRET_KEYS = frozenset({"password", "api_key", "token", "secret"})
+SEARCH_PATH = (Path("config.yaml"), Path("/etc/mtor/config.yaml"))
+NAME_RE = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+Scheme = Literal["mqtt", "mqtts", "ws", "wss", "unix"]
+DEFAULT_PORTS: dict[str, int] = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443, "unix": 0}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSConfig(_Strict):
+    """TLS for ``mqtts://`` and ``wss://`` (system CAs when ``ca_file`` is unset)."""
+
+    ca_file: Path | None = Field(default=None, description="CA bundle that signed the broker.")
+    cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
+    key_file: Path | None = Field(default=None, description="Client private key.")
+    insecure: bool = Field(default=False, description="Skip hostname verification (testing only).")
+
+
+class ReconnectConfig(_Strict):
+    """Capped exponential backoff with jitter between connection attempts."""
+
+    initial_delay: float = Field(default=0.1, gt=0, description="First retry delay (s).")
+    max_delay: float = Field(default=5.0, gt=0, description="Longest delay between tries (s).")
+    jitter: float = Field(default=0.2, ge=0, le=1, description="Random +/- fraction of a delay.")
+
+
+class BrokerConfig(_Strict):
+    """How to reach the MQTT 5 broker."""
+
+    url: str = Field(
+        default="mqtt://localhost:1883",
+        description="mqtt://, mqtts://, ws://, wss:// (host:port[/path]) or unix:///path.",
+    )
+    username: str | None = Field(default=None, description="MQTT username.")
+    password: SecretStr | None = Field(
+        default=None, description="MQTT password (prefer password_file or MTOR_BROKER_PASSWORD)."
+    )
+    password_file: Path | None = Field(default=None, description="File holding the password.")
+    client_id: str | None = Field(
+        default=None, description="MQTT client id (default: mtor-<role>-<node_id>)."
+    )
+    keepalive: int = Field(default=30, ge=5, le=65535, description="MQTT keepalive (s).")
+    connect_timeout: float = Field(default=5.0, gt=0, description="Connect timeout (s).")
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    reconnect: ReconnectConfig = Field(default_factory=ReconnectConfig)
+    max_inflight: int = Field(
+        default=64, ge=1, description="Publishes awaiting the broker at once (flow control)."
+    )
+    outbox_size: int = Field(
+        default=1000, ge=0, description="Messages kept while disconnected (oldest dropped)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_ok(cls, v: str) -> str:
+        parse_broker_url(v)
+        return v
+
+    @property
+    def endpoint(self) -> BrokerEndpoint:
+        return parse_broker_url(self.url)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerEndpoint:
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @property
+    def transport(self) -> Literal["tcp", "websockets", "unix"]:
+        if self.scheme in ("ws", "wss"):
+            return "websockets"
+        return "unix" if self.scheme == "unix" else "tcp"
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme in ("mqtts", "wss")
+
+
+def parse_broker_url(url: str) -> BrokerEndpoint:
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if scheme not in DEFAULT_PORTS:
+        raise ValueError(
+            f"unsupported broker URL scheme {scheme!r}: use mqtt, mqtts, ws, wss or unix"
+        )
+    if scheme == "unix":
+        path = parts.path or parts.netloc
+        if not path:
+            raise ValueError("unix:// broker URL needs a socket path, e.g. unix:///run/mqtt.sock")
+        return BrokerEndpoint(scheme, path, 0, path)
+    if not parts.hostname:
+        raise ValueError(f"broker URL {url!r} has no host")
+    try:
+        port = parts.port or DEFAULT_PORTS[scheme]
+    except ValueError as exc:
+        raise ValueError(f"broker URL {url!r} has a bad port") from exc
+    return BrokerEndpoint(scheme, parts.hostname, port, parts.path or "/mqtt")
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = Field(default="info")
+    format: Literal["text", "json"] = Field(
+        default="text", description="json: one object per line (journald / log shippers)."
+    )
+
+
+class DaemonConfig(_Strict):
+    """The node daemon's own timing."""
+
+    health_interval: float = Field(default=30.0, gt=0, description="Seconds between health.")
+    shutdown_timeout: float = Field(
+        default=5.0, gt=0, description="Graceful shutdown budget on SIGTERM (s)."
+    )
+    restart_initial_delay: float = Field(
+        default=1.0, gt=0, description="First restart delay of a crashed node (s)."
+    )
+    restart_max_delay: float = Field(default=60.0, gt=0, description="Restart delay cap (s).")
+    state_dir: Path = Field(
+        default=Path("state"), description="Where nodes keep local state (buffers, snapshots)."
+    )
+
+
+def _default_nodes() -> dict[str, NodeConfig]:
+    return {"sensors": SensorsConfig()}
+
+
+class Config(_Strict):
+    """The whole configuration of one M-TOR process."""
+
+    realm: str = Field(default="home", pattern=NAME_RE, description="Realm name (topic root).")
+    node_id: str | None = Field(
+        default=None, pattern=NAME_RE, description="This daemon's id (default: the hostname)."
+    )
+    area: str | None = Field(default=None, description="Where it stands, e.g. kitchen.")
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    nodes: dict[str, NodeConfig] = Field(
+        default_factory=_default_nodes,
+        description="Nodes hosted by `mtor node`, by name.",
+    )
+
+    @field_validator("nodes")
+    @classmethod
+    def _node_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name in v:
+            if not re.match(NAME_RE, name):
+                raise ValueError(f"node name {name!r} must match {NAME_RE}")
+        return v
+
+    @property
+    def effective_node_id(self) -> str:
+        return self.node_id or default_node_id()
+
+    def broker_password(self) -> str | None:
+        """The MQTT password from config, or from ``password_file``."""
+        if self.broker.password is not None:
+            return self.broker.password.get_secret_value()
+        if self.broker.password_file is not None:
+            try:
+                return self.broker.password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"broker.password_file: cannot read {self.broker.password_file}: {exc.strerror}"
+                ) from exc
+        return None
+
+
+def default_node_id() -> str:
+    name = socket.gethostname().split(".")[0].lower()
+    return re.sub(r"[^a-z0-9_-]", "-", name) or "node"
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Values from the command line (highest precedence)."""
+
+    broker: str | None = None
+    realm: str | None = None
+    node_id: str | None = None
+
+
+def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
+    """The file to load: ``--config``, ``MTOR_CONFIG``, ./config.yaml, /etc/mtor/config.yaml."""
+    chosen = explicit or environ.get("MTOR_CONFIG")
+    if chosen:
+        path = Path(chosen)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    for candidate in SEARCH_PATH:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def build_config(
+    data: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    overrides: Overrides | None = None,
+    source: str = "config",
+) -> Config:
+    """Validate ``data`` with environment and command-line overrides applied."""
+    merged: dict[str, Any] = dict(data)
+    broker = dict(merged.get("broker") or {})
+    env = environ or {}
+    ov = overrides or Overrides()
+    for key, env_name, flag in (
+        ("url", "MTOR_BROKER", ov.broker),
+        ("username", "MTOR_BROKER_USERNAME", None),
+        ("password", "MTOR_BROKER_PASSWORD", None),
+    ):
+        value = flag or env.get(env_name)
+        if value:
+            broker[key] = value
+    if broker:
+        merged["broker"] = broker
+    for key, env_name, flag in (
+        ("realm", "MTOR_REALM", ov.realm),
+        ("node_id", "MTOR_NODE_ID", ov.node_id),
+    ):
+        value = flag or env.get(env_name)
+        if value:
+            merged[key] = value
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(explain_validation(exc, source)) from exc
+
+
+def load_config(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Overrides | None = None,
+) -> tuple[Config, Path | None]:
+    """Find, read and validate the configuration; returns it and the file used."""
+    env = os.environ if environ is None else environ
+    file = find_config_file(path, env)
+    data = read_yaml(file) if file else {}
+    return build_config(data, env, overrides, str(file) if file else "defaults"), file
+
+
+def explain_validation(exc: ValidationError, source: str) -> str:
+    """One line per error: the dotted key path, what is wrong, and the bad value."""
+    lines = [f"{source}: {exc.error_count()} error(s)"]
+    for err in exc.errors():
+        loc = _format_loc(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not allowed here; check its spelling and indentation)"
+        value = err.get("input")
+        secret = any(str(p) in SECRET_KEYS for p in err["loc"])
+        hidden = secret or err["type"] in ("missing", "extra_forbidden")
+        shown = "" if hidden else _short(value)
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    # pydantic puts the discriminator tag after a node's name (nodes.<name>.<type>.key):
+    # drop it so the path is the one written in the file.
+    if len(loc) > 2 and loc[0] == "nodes" and loc[2] in node_types():
+        loc = loc[:2] + loc[3:]
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def _short(value: object) -> str:
+    if isinstance(value, dict | list) or value is None:
+        return ""
+    if isinstance(value, SecretStr):
+        return ""
+    text = repr(value)
+    return f" (got {text[:60]}{'...' if len(text) > 60 else ''})"
+
+
+def config_for_show(config: Config) -> dict[str, Any]:
+    """The effective config as plain data, secrets masked."""
+    data = config.model_dump(mode="json")
+    data["node_id"] = config.effective_node_id
+    return data

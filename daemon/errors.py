@@ -1,0 +1,42 @@
+"""The project's exception hierarchy.
+
+Foreign exceptions (aiomqtt, pydantic, OS errors) are converted at the
+boundary with ``raise ... from`` so callers only ever catch these.
+"""
+
+from __future__ import annotations
+
+
+class MtorError(Exception):
+    """Base of every error M-TOR raises on purpose."""
+
+
+class ConfigError(MtorError):
+    """The configuration is invalid; the message names the bad key's path."""
+
+
+class BusError(MtorError):
+    """The MQTT bus could not do what was asked."""
+
+
+class BusAuthError(BusError):
+    """The broker refused our credentials or authorisation: fatal, never retried."""
+
+
+class BusNotConnectedError(BusError):
+    """An operation needed a live broker connection and there was none in time."""
+
+
+class MessageError(MtorError):
+    """A payload from the network failed validation.
+
+    ``code`` is the machine-readable error code sent back in error replies.
+    """
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class BrokerStartError(MtorError):
+    """A private Mosquitto broker could not be started."""

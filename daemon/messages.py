@@ -1,0 +1,147 @@
+"""Typed wire messages: one pydantic model per message type, one generic codec.
+
+Every payload is compact JSON carrying ``type`` (the registered name) and
+``v`` (its schema version).  A receiver validates what it gets with
+:func:`decode`; a malformed payload raises :class:`~daemon.errors.MessageError`
+whose text says which field is wrong.  Binary data (audio, images) never goes
+into JSON: it travels on ``media/...`` topics with an MQTT 5 content type.
+
+Message families live in their own modules (``daemon.protocol.*``) and
+register themselves by subclassing :class:`Message`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from daemon.errors import MessageError
+
+MAX_PAYLOAD_BYTES = 1 << 20  # JSON control messages are small; media has its own topics
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+M = TypeVar("M", bound="Message")
+
+
+class Message(BaseModel):
+    """Base of every wire message.
+
+    Subclasses set ``TYPE`` (a dotted name, unique) and ``VERSION``; both are
+    written into each payload as ``type`` and ``v``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=False, populate_by_name=True)
+
+    TYPE: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if not cls.TYPE:
+            return  # an abstract intermediate class
+        other = _REGISTRY.get(cls.TYPE)
+        if other is not None and other.__qualname__ != cls.__qualname__:
+            raise TypeError(f"message type {cls.TYPE!r} registered twice")
+        _REGISTRY[cls.TYPE] = cls
+
+
+class Part(BaseModel):
+    """A typed object embedded inside a message (not sent on its own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def registered_types() -> dict[str, type[Message]]:
+    """All registered message types, by name (for docs and tests)."""
+    return dict(_REGISTRY)
+
+
+def now() -> float:
+    """Wall-clock timestamp used in payloads (seconds since the epoch)."""
+    return round(time.time(), 3)
+
+
+def encode(msg: Message) -> bytes:
+    """Compact JSON with ``type`` and ``v`` first; ``None`` fields are left out."""
+    body = msg.model_dump_json(exclude_none=True)
+    head = f'{{"type":"{msg.TYPE}","v":{msg.VERSION}'
+    return (head + ("," + body[1:] if body != "{}" else "}")).encode()
+
+
+def decode(data: bytes | bytearray | str, expected: type[M]) -> M:
+    """Validate ``data`` as a message of type ``expected``.
+
+    ``type`` may be omitted by hand-written clients; when present it must
+    match.  ``v`` may be omitted (meaning the current version); a newer
+    version than we understand is refused with code ``unsupported_version``.
+    """
+    raw = _load(data)
+    _check_header(raw, expected)
+    try:
+        return expected.model_validate(raw)
+    except ValidationError as exc:
+        raise MessageError(f"invalid {expected.TYPE}: {_explain(exc)}") from exc
+
+
+def decode_any(data: bytes | bytearray | str) -> Message:
+    """Validate a payload of whatever registered type its ``type`` field names."""
+    raw = _load(data)
+    name = raw.get("type")
+    cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise MessageError(f"unknown message type {name!r}", code="unknown_type")
+    return decode_dict(raw, cls)
+
+
+def decode_dict(raw: dict[str, Any], expected: type[M]) -> M:
+    """Like :func:`decode` for an already parsed JSON object."""
+    raw = dict(raw)
+    _check_header(raw, expected)
+    try:
+        return expected.model_validate(raw)
+    except ValidationError as exc:
+        raise MessageError(f"invalid {expected.TYPE}: {_explain(exc)}") from exc
+
+
+def _load(data: bytes | bytearray | str) -> dict[str, Any]:
+    import json
+
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise MessageError(
+            f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}", code="too_large"
+        )
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageError(f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise MessageError("payload must be a JSON object")
+    return raw
+
+
+def _check_header(raw: dict[str, Any], expected: type[Message]) -> None:
+    name = raw.pop("type", expected.TYPE)
+    if name != expected.TYPE:
+        raise MessageError(f"expected message type {expected.TYPE!r}, got {name!r}")
+    version = raw.pop("v", expected.VERSION)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise MessageError(f"'v' must be an integer, got {version!r}")
+    if version > expected.VERSION or version < 1:
+        raise MessageError(
+            f"{expected.TYPE} schema version {version} is not supported "
+            f"(this node speaks v{expected.VERSION})",
+            code="unsupported_version",
+        )
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    more = len(exc.errors()) - 5
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")

@@ -1,0 +1,102 @@
+"""What a node is: the base class every node type extends, and its context.
+
+A *node daemon* (one MQTT identity, ``node/<node_id>/...``) hosts several
+*nodes* (sensors, microphone, camera, chat, ...).  Each node:
+
+* loads its backends in :meth:`Node.setup` — a backend whose package or model
+  is missing fails soft and is simply not advertised;
+* advertises what really works through :meth:`Node.capabilities`;
+* does its continuous job (reading sensors, watching a camera) in
+  :meth:`Node.run`, supervised: if it raises it is restarted with backoff;
+* executes assigned tasks in :meth:`Node.execute` (see ``daemon.worker``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from daemon import topics
+from daemon.bus import Bus
+from daemon.protocol.node import Capability, Event
+
+if TYPE_CHECKING:
+    from daemon.config import Config
+    from daemon.worker import TaskRun
+    from nodes.base import NodeConfigBase
+
+
+@dataclass
+class NodeContext:
+    """What a node may use of its daemon: identity, bus, config, helpers."""
+
+    node_id: str
+    config: Config
+    bus: Bus
+    state_dir: Path
+    announce: Callable[[], Awaitable[None]]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def realm(self) -> str:
+        return self.config.realm
+
+    async def publish_event(
+        self,
+        domain: str,
+        name: str,
+        value: float | int | str | bool | None = None,
+        *,
+        unit: str | None = None,
+        device_class: str | None = None,
+        attrs: dict[str, Any] | None = None,
+        retain: bool = False,
+        wait: bool = False,
+    ) -> None:
+        """Publish ``event/<node_id>/<domain>/<name>`` (kept in the outbox while offline)."""
+        topic = topics.EVENT.build(realm=self.realm, node_id=self.node_id, domain=domain, name=name)
+        event = Event(value=value, unit=unit, device_class=device_class, attrs=attrs or {})
+        await self.bus.publish(topic, event, qos=1, retain=retain, wait=wait)
+
+    async def publish_media(
+        self, stream: str, data: bytes, content_type: str, *, retain: bool = False
+    ) -> None:
+        """Binary on ``media/<node_id>/<stream>`` with an MQTT 5 content type."""
+        topic = topics.MEDIA.build(realm=self.realm, node_id=self.node_id, stream=stream)
+        await self.bus.publish(
+            topic, data, qos=1, retain=retain, content_type=content_type, wait=False
+        )
+
+
+class Node:
+    """Base of every node type."""
+
+    type_name: ClassVar[str] = ""
+
+    def __init__(self, name: str, config: NodeConfigBase, ctx: NodeContext) -> None:
+        self.name = name
+        self.config = config
+        self.ctx = ctx
+        self.log = logging.getLogger(f"nodes.{self.type_name or type(self).__name__}.{name}")
+
+    async def setup(self) -> None:
+        """Load backends and models (off the event loop).  Raise to mark the node failed."""
+
+    def capabilities(self) -> list[Capability]:
+        """What this node can do for the realm right now."""
+        return []
+
+    async def run(self) -> None:
+        """The node's continuous job; the default just waits to be cancelled."""
+        await asyncio.Event().wait()
+
+    async def execute(self, task: TaskRun) -> Any:
+        """Run one assigned task and return its output (JSON-able)."""
+        raise NotImplementedError(f"node {self.name} executes no tasks")
+
+    async def close(self) -> None:
+        """Release resources (models, devices) on shutdown."""

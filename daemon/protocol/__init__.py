@@ -1,0 +1,7 @@
+"""Message families of the wire protocol (see docs/protocol.md).
+
+Importing this package registers every message type.
+"""
+
+from daemon.protocol import common as common
+from daemon.protocol import node as node

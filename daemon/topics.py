@@ -1,0 +1,166 @@
+"""Every MQTT topic of the realm is built and matched here, and only here.
+
+Handlers never split topics themselves: a :class:`TopicPattern` builds a topic
+from named fields, turns itself into a subscription filter (unknown fields
+become ``+``) and parses a concrete topic back into its fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Final
+
+ROOT: Final = "mtor"
+SHARE_PREFIX: Final = "$share/"
+
+
+def _check_segment(name: str, value: str) -> str:
+    if not value or "/" in value or "+" in value or "#" in value or "\0" in value:
+        raise ValueError(f"invalid topic segment for {name!r}: {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TopicPattern:
+    """A topic template such as ``mtor/{realm}/node/{node_id}/state``.
+
+    A field written ``{name...}`` as the last segment captures the rest of the
+    topic (it may contain ``/``) and becomes ``#`` in a filter.
+    """
+
+    template: str
+
+    @property
+    def _segments(self) -> tuple[str, ...]:
+        return _split_template(self.template)
+
+    def build(self, **fields: str) -> str:
+        out: list[str] = []
+        for seg in self._segments:
+            if seg.startswith("{"):
+                name = seg.strip("{}.")
+                if name not in fields:
+                    raise KeyError(f"topic {self.template!r} needs field {name!r}")
+                value = fields[name]
+                if seg.endswith("...}"):
+                    for part in value.split("/"):
+                        _check_segment(name, part)
+                    out.append(value)
+                else:
+                    out.append(_check_segment(name, value))
+            else:
+                out.append(seg)
+        return "/".join(out)
+
+    def filter(self, **fields: str) -> str:
+        """A subscription filter: given fields are fixed, the others are wildcards."""
+        out: list[str] = []
+        for seg in self._segments:
+            if seg.startswith("{"):
+                name = seg.strip("{}.")
+                if name in fields:
+                    out.append(fields[name])
+                else:
+                    out.append("#" if seg.endswith("...}") else "+")
+            else:
+                out.append(seg)
+        return "/".join(out)
+
+    def parse(self, topic: str) -> dict[str, str] | None:
+        """The fields of ``topic``, or ``None`` when it does not fit the pattern."""
+        segs = self._segments
+        parts = topic.split("/")
+        fields: dict[str, str] = {}
+        for i, seg in enumerate(segs):
+            if seg.endswith("...}"):
+                if i >= len(parts):
+                    return None
+                fields[seg.strip("{}.")] = "/".join(parts[i:])
+                return fields
+            if i >= len(parts):
+                return None
+            if seg.startswith("{"):
+                fields[seg.strip("{}")] = parts[i]
+            elif seg != parts[i]:
+                return None
+        return fields if len(parts) == len(segs) else None
+
+
+@lru_cache(maxsize=256)
+def _split_template(template: str) -> tuple[str, ...]:
+    return tuple(template.split("/"))
+
+
+# The topic space.  docs/protocol.md is the contract that documents these.
+NODE_STATE: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/state")
+NODE_INFO: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/info")
+NODE_HEALTH: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/health")
+NODE_CMD: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/cmd/{command}")
+NODE_TASK: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/task")
+EVENT: Final = TopicPattern(ROOT + "/{realm}/event/{node_id}/{domain}/{name}")
+MEDIA: Final = TopicPattern(ROOT + "/{realm}/media/{node_id}/{stream...}")
+TASK_SUBMIT: Final = TopicPattern(ROOT + "/{realm}/task/submit")
+TASK_CONTROL: Final = TopicPattern(ROOT + "/{realm}/task/control")
+TASK_STATUS: Final = TopicPattern(ROOT + "/{realm}/task/status/{task_id}")
+TASK_WORKER: Final = TopicPattern(ROOT + "/{realm}/task/worker/{node_id}")
+ORCH_STATE: Final = TopicPattern(ROOT + "/{realm}/orchestrator/state")
+ORCH_STATS: Final = TopicPattern(ROOT + "/{realm}/orchestrator/stats")
+ORCH_ADMIN: Final = TopicPattern(ROOT + "/{realm}/orchestrator/admin")
+REPLY: Final = TopicPattern(ROOT + "/{realm}/reply/{client_id}/{rest...}")
+
+
+def shared(group: str, topic_filter: str) -> str:
+    """A shared-subscription filter (MQTT 5 ``$share/<group>/<filter>``)."""
+    return f"{SHARE_PREFIX}{_check_segment('group', group)}/{topic_filter}"
+
+
+def strip_share(topic_filter: str) -> str:
+    """The plain filter inside a ``$share/<group>/...`` filter (unchanged otherwise)."""
+    if topic_filter.startswith(SHARE_PREFIX):
+        _, _, rest = topic_filter[len(SHARE_PREFIX) :].partition("/")
+        return rest
+    return topic_filter
+
+
+def validate_filter(topic_filter: str) -> str:
+    """Check MQTT filter syntax: ``#`` only last and alone, ``+`` alone in a level."""
+    plain = strip_share(topic_filter)
+    if not plain:
+        raise ValueError(f"empty topic filter: {topic_filter!r}")
+    levels = plain.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError(f"'#' must be a whole last level: {topic_filter!r}")
+        if "+" in level and level != "+":
+            raise ValueError(f"'+' must be a whole level: {topic_filter!r}")
+    return topic_filter
+
+
+@lru_cache(maxsize=1024)
+def _filter_levels(topic_filter: str) -> tuple[str, ...]:
+    return tuple(strip_share(topic_filter).split("/"))
+
+
+def matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic matching, including ``+``, ``#`` and ``$share`` filters.
+
+    Topics starting with ``$`` are not matched by a leading wildcard (MQTT 5 §4.7.2).
+    """
+    flevels = _filter_levels(topic_filter)
+    tlevels = topic.split("/")
+    if topic.startswith("$") and flevels[0] in ("+", "#"):
+        return False
+    for i, f in enumerate(flevels):
+        if f == "#":
+            return True
+        if i >= len(tlevels):
+            return False
+        if f not in ("+", tlevels[i]):
+            return False
+    return len(flevels) == len(tlevels)
+
+
+def realm_filter(realm: str) -> str:
+    """Everything of one realm."""
+    return f"{ROOT}/{_check_segment('realm', realm)}/#"

@@ -1,0 +1,1 @@
+"""Node types and their backends.  ``nodes.catalog`` lists every type."""

@@ -1,0 +1,40 @@
+"""Every node type: its config model (imported eagerly, it is light) and its
+implementation (imported lazily, it may need optional packages).
+
+To add a node type: write ``nodes/<type>/config.py`` with a model whose
+``type`` is a ``Literal``, add it to :data:`NodeConfig`, and map the type to
+its implementation in :data:`_IMPLEMENTATIONS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import Field
+
+from nodes.reference.config import ReferenceConfig
+from nodes.sensors.config import SensorsConfig
+
+if TYPE_CHECKING:
+    from daemon.node import Node
+
+NodeConfig = Annotated[SensorsConfig | ReferenceConfig, Field(discriminator="type")]
+
+# type -> "module:Class"
+_IMPLEMENTATIONS: dict[str, str] = {
+    "sensors": "nodes.sensors.node:SensorsNode",
+    "reference": "nodes.reference.node:ReferenceNode",
+}
+
+
+def node_class(type_name: str) -> type[Node]:
+    """The implementation class of a node type (imported on first use)."""
+    module_name, _, cls_name = _IMPLEMENTATIONS[type_name].partition(":")
+    module = importlib.import_module(module_name)
+    cls: type[Node] = getattr(module, cls_name)
+    return cls
+
+
+def node_types() -> list[str]:
+    return sorted(_IMPLEMENTATIONS)

@@ -1,0 +1,1 @@
+"""Reference capabilities without a model (``echo``, ``sleep``) for tests and benchmarks."""

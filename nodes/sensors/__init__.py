@@ -1,0 +1,1 @@
+"""The sensors node: host metrics, command sensors and file (sysfs / 1-wire) sensors."""

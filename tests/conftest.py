@@ -1,0 +1,157 @@
+"""Shared fixtures: a real Mosquitto on a free port, config builders, `mtor` processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from daemon.broker import PrivateBroker, mosquitto_path
+from daemon.bus import Bus, Inbound
+from daemon.config import Config, build_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+if mosquitto_path() is None:  # pragma: no cover - install.sh installs it
+    pytest.exit("mosquitto is not installed: run ./install.sh --dev", returncode=3)
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[PrivateBroker]:
+    """One private broker for the whole session (tests use unique realms)."""
+    with PrivateBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def own_broker() -> Iterator[PrivateBroker]:
+    """A broker of the test's own, for tests that stop or kill it."""
+    with PrivateBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def realm() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+def make_config(broker_url: str, realm: str, **extra: Any) -> Config:
+    data: dict[str, Any] = {"realm": realm, "broker": {"url": broker_url}, "nodes": {}}
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return build_config(data)
+
+
+@pytest.fixture
+def config(broker: PrivateBroker, realm: str) -> Config:
+    return make_config(broker.url, realm)
+
+
+@contextlib.asynccontextmanager
+async def running_bus(config: Config, client_id: str | None = None) -> AsyncIterator[Bus]:
+    """A connected test client bus."""
+    bus = Bus(config.broker, client_id or f"test-{uuid.uuid4().hex[:8]}")
+    task = asyncio.create_task(bus.run())
+    try:
+        await bus.wait_connected(5)
+        yield bus
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+class Collector:
+    """Collects messages of a subscription; await ``wait_for`` with a predicate."""
+
+    def __init__(self) -> None:
+        self.messages: list[Inbound] = []
+        self._changed = asyncio.Condition()
+
+    async def __call__(self, msg: Inbound) -> None:
+        async with self._changed:
+            self.messages.append(msg)
+            self._changed.notify_all()
+
+    async def wait_for(self, predicate: Any, timeout: float = 10.0) -> Inbound:
+        async with asyncio.timeout(timeout), self._changed:
+            while True:
+                for m in self.messages:
+                    if predicate(m):
+                        return m
+                await self._changed.wait()
+
+    async def wait_count(self, n: int, timeout: float = 10.0) -> list[Inbound]:
+        async with asyncio.timeout(timeout), self._changed:
+            while len(self.messages) < n:
+                await self._changed.wait()
+        return self.messages
+
+
+def write_config(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def mtor_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MTOR_")}
+    env.update(extra)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class MtorProcess:
+    """A real `mtor` subprocess (python -m daemon.cli.main ...)."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None):
+        self.args = args
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli.main", *args],
+            env=env or mtor_env(),
+            cwd=cwd or ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def terminate(self, timeout: float = 10.0) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return self.proc.returncode, out.decode(errors="replace")
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+
+    def output(self) -> str:
+        """Output so far (only valid once the process has ended)."""
+        out, _ = self.proc.communicate(timeout=10)
+        return out.decode(errors="replace")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[MtorProcess]]:
+    procs: list[MtorProcess] = []
+    yield procs
+    for p in procs:
+        if p.proc.poll() is None:
+            p.kill9()
