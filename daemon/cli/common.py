@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 from daemon.bus import Bus
@@ -21,6 +21,9 @@ EXIT_USAGE: Final = 64
 EXIT_UNAVAILABLE: Final = 69  # broker unreachable, nothing answered
 EXIT_NOPERM: Final = 77  # broker refused credentials / authorisation
 EXIT_CONFIG: Final = 78  # configuration invalid
+
+# A sub-command handler: (parsed args, loaded config) -> exit code.
+Command = Callable[[argparse.Namespace, Config], int]
 
 # How long a one-shot command waits for the broker before giving up.
 CONNECT_WAIT: Final = 5.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import sys
@@ -23,6 +24,7 @@ from daemon.cli.common import (
     EXIT_NOPERM,
     EXIT_OK,
     EXIT_UNAVAILABLE,
+    Command,
     add_common_options,
     environ,
     install_stop_signals,
@@ -36,7 +38,6 @@ log = logging.getLogger("mtor")
 # Long-running commands; the others are one-shot and log only warnings by default.
 DAEMON_COMMANDS = {"node", "up", "orchestrator"}
 
-Command = Callable[[argparse.Namespace, Config], int]
 _COMMANDS: dict[str, Command] = {}
 
 
@@ -79,15 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     ver = add("version", "print the version")
     ver.add_argument("--json", action="store_true")
-    for extend in _EXTENSIONS:
-        extend(sub, common)
+    for module_name in EXTENSION_MODULES:
+        module = importlib.import_module(module_name)
+        _COMMANDS.update(module.add_commands(sub, common))
     return parser
 
 
-# Later parts of the CLI (orchestrator, ask, admin, models, ...) add their
-# sub-commands through this list so this module stays small.
-Extension = Callable[[Any, argparse.ArgumentParser], None]
-_EXTENSIONS: list[Extension] = []
+# Other parts of the CLI live in their own modules.  Each has
+# ``add_commands(subparsers, common_parent) -> dict[name, handler]`` where a
+# handler is ``(args, config) -> exit code``; argparse setup stays cheap, the
+# heavy imports happen inside the handlers.
+EXTENSION_MODULES: list[str] = [
+    "daemon.cli.models_cmd",
+]
 
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
