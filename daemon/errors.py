@@ -40,3 +40,15 @@ class MessageError(MtorError):
 
 class BrokerStartError(MtorError):
     """A private Mosquitto broker could not be started."""
+
+
+class TaskError(MtorError):
+    """A task failed; ``code`` is the machine-readable error code sent to the requester.
+
+    Common codes: ``bad_input``, ``unavailable``, ``timeout``, ``backend_error``,
+    ``rate_limited``, ``auth``, ``cancelled``, ``internal``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
