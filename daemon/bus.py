@@ -326,7 +326,7 @@ class Bus:
         connect_props.SessionExpiryInterval = 0
         return aiomqtt.Client(
             ep.host,
-            ep.port,
+            ep.port or 1,  # paho rejects port 0 even for unix sockets, where it is unused
             username=self.config.username,
             password=self._password,
             identifier=self.client_id,

@@ -142,6 +142,13 @@ class MtorProcess:
         self.proc.kill()
         self.proc.wait(5)
 
+    def close(self) -> None:
+        """Kill if still running and close the output pipe."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.communicate(timeout=5)
+
     def output(self) -> str:
         """Output so far (only valid once the process has ended)."""
         out, _ = self.proc.communicate(timeout=10)
@@ -153,5 +160,4 @@ def processes() -> Iterator[list[MtorProcess]]:
     procs: list[MtorProcess] = []
     yield procs
     for p in procs:
-        if p.proc.poll() is None:
-            p.kill9()
+        p.close()
