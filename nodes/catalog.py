@@ -13,18 +13,20 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
+from nodes.chat.config import ChatConfig
 from nodes.reference.config import ReferenceConfig
 from nodes.sensors.config import SensorsConfig
 
 if TYPE_CHECKING:
     from daemon.node import Node
 
-NodeConfig = Annotated[SensorsConfig | ReferenceConfig, Field(discriminator="type")]
+NodeConfig = Annotated[SensorsConfig | ReferenceConfig | ChatConfig, Field(discriminator="type")]
 
 # type -> "module:Class"
 _IMPLEMENTATIONS: dict[str, str] = {
     "sensors": "nodes.sensors.node:SensorsNode",
     "reference": "nodes.reference.node:ReferenceNode",
+    "chat": "nodes.chat.node:ChatNode",
 }
 
 

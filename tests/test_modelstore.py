@@ -83,7 +83,7 @@ def server() -> Iterator[tuple[str, ServerState]]:
     state = ServerState(files={"/m/model.bin": BLOB})
     handler = type("H", (_Handler,), {"state": state})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}", state

@@ -1,0 +1,1 @@
+"""The ``chat`` capability: local llama.cpp, Anthropic Claude, OpenAI-compatible servers."""

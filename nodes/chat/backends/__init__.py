@@ -1,0 +1,1 @@
+"""Chat backends: one module each, imported lazily (their packages are optional)."""
