@@ -1,0 +1,316 @@
+#!/usr/bin/env bash
+# install.sh — set up M-TOR on Debian 12, Ubuntu 22.04+ or Raspberry Pi OS (arm64).
+#
+# Idempotent: run it again after `git pull` to upgrade.  See `./install.sh --help`
+# and docs/operations.md.
+set -Eeuo pipefail
+
+# ----------------------------------------------------------------- what to install
+# System packages.  Later issues append theirs here (one per line).
+APT_PACKAGES=(
+    mosquitto          # the default MQTT 5 broker
+    mosquitto-clients  # mosquitto_sub / mosquitto_pub, for looking at the realm
+    python3-venv
+    python3-dev
+    build-essential    # wheels that must compile on arm64
+    espeak-ng          # speech synthesis fallback
+    sox                # audio conversion
+    libportaudio2      # microphone / speaker access
+)
+
+# pyproject.toml extras installed on every run.  Later issues add theirs here
+# (one word per line, e.g. chat, voice, vision); --dev adds "dev".
+EXTRAS=(
+)
+
+# Oldest Python the project supports (pyproject.toml: requires-python).
+PY_MIN_MINOR=11
+# Where --system puts the venv; the units in systemd/ name this path.
+SYSTEM_PREFIX=/opt/mtor
+SYSTEM_USER=mtor
+SYSTEM_CONFIG_DIR=/etc/mtor
+SYSTEM_STATE_DIR=/var/lib/mtor
+SYSTEMD_UNIT_DIR=/etc/systemd/system
+
+# ------------------------------------------------------------------------ plumbing
+REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CURRENT_STEP="arguments"
+APT_UPDATED=0
+
+step() {
+    CURRENT_STEP="$1"
+    printf '\n==> %s\n' "$1"
+}
+
+note() { printf '    %s\n' "$*"; }
+
+die() {
+    printf '\ninstall.sh: FAILED at step "%s": %s\n' "$CURRENT_STEP" "$*" >&2
+    exit 1
+}
+
+on_error() {
+    local code=$? line=$1
+    printf '\ninstall.sh: FAILED at step "%s" (exit %d at line %d: %s)\n' \
+        "$CURRENT_STEP" "$code" "$line" "$BASH_COMMAND" >&2
+    exit "$code"
+}
+trap 'on_error "$LINENO"' ERR
+
+usage() {
+    cat <<EOF
+Usage: ./install.sh [--dev] [--system] [--prefix DIR] [--no-apt] [--help]
+
+Sets up M-TOR: system packages (apt), a Python virtual environment with the
+project installed in it, and optionally the systemd services.  Safe to run
+again (it upgrades in place).
+
+  (no flags)    venv at ./.venv, project installed editable (-e) from this checkout
+  --dev         also install the test and lint tools (pytest, ruff, mypy)
+  --prefix DIR  put the venv at DIR/venv instead of ./.venv
+  --system      system install (needs root): venv at ${SYSTEM_PREFIX}/venv (or --prefix),
+                project copied into it (not editable), user '${SYSTEM_USER}',
+                ${SYSTEM_CONFIG_DIR}/config.yaml (only if absent), ${SYSTEM_STATE_DIR},
+                and the units mtor-node.service / mtor-orchestrator.service in
+                ${SYSTEMD_UNIT_DIR}.  No service is enabled or started.
+  --no-apt      skip the system packages (install them yourself)
+  -h, --help    this text
+
+Environment: PYTHON=/path/to/python3.11+ picks the interpreter for the venv.
+
+Then:  .venv/bin/mtor up                   (all-in-one realm)
+       systemctl enable --now mtor-node    (after --system)
+EOF
+}
+
+# ----------------------------------------------------------------------- arguments
+DEV=0
+SYSTEM=0
+APT=1
+PREFIX=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --dev) DEV=1 ;;
+        --system) SYSTEM=1 ;;
+        --no-apt) APT=0 ;;
+        --prefix)
+            [[ $# -ge 2 && -n "$2" ]] || die "--prefix needs a directory"
+            PREFIX="$2"
+            shift
+            ;;
+        --prefix=*) PREFIX="${1#--prefix=}" ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        *)
+            usage >&2
+            die "unknown option: $1"
+            ;;
+    esac
+    shift
+done
+
+[[ $DEV -eq 1 ]] && EXTRAS+=(dev)
+if [[ $SYSTEM -eq 1 && -z "$PREFIX" ]]; then
+    PREFIX="$SYSTEM_PREFIX"
+fi
+if [[ -n "$PREFIX" ]]; then
+    [[ "$PREFIX" == /* ]] || PREFIX="$PWD/$PREFIX"
+    VENV="${PREFIX%/}/venv"
+else
+    VENV="$REPO_DIR/.venv"
+fi
+
+if [[ $SYSTEM -eq 1 && ( "$VENV" == /root/* || "$VENV" == /home/* ) ]]; then
+    die "--system: the venv must be outside /root and /home (the service cannot read there)"
+fi
+
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+    if [[ $SYSTEM -eq 1 ]]; then
+        die "--system needs root: sudo ./install.sh --system"
+    fi
+    SUDO=(sudo)
+fi
+
+# ---------------------------------------------------------------------------- python
+python_ok() {
+    "$1" -c "import sys; sys.exit(sys.version_info < (3, $PY_MIN_MINOR))" 2>/dev/null
+}
+
+# A service runs as user mtor with ProtectHome=: its venv's interpreter must
+# not live under /root or /home (pyenv, conda, ...).
+service_safe() {
+    [[ $SYSTEM -eq 0 ]] && return 0
+    local real
+    real="$(readlink -f "$1")"
+    [[ "$real" != /root/* && "$real" != /home/* ]]
+}
+
+# The interpreter for the venv: $PYTHON, or the first python3.x >= 3.11 on PATH
+# (for --system, the first outside /root and /home).  Ubuntu 22.04's python3 is
+# 3.10: there we install python3.11 from the archive.
+PY=""
+choose_python() {
+    local candidate path
+    if [[ -n "${PYTHON:-}" ]]; then
+        python_ok "$PYTHON" || die "PYTHON=$PYTHON is not a Python >= 3.$PY_MIN_MINOR"
+        PY="$(command -v "$PYTHON")"
+        service_safe "$PY" || die "PYTHON=$PYTHON lives under /root or /home: a service cannot run it"
+        return 0
+    fi
+    for candidate in python3 python3.13 python3.12 python3.11 \
+        /usr/bin/python3 /usr/bin/python3.13 /usr/bin/python3.12 /usr/bin/python3.11; do
+        path="$(command -v "$candidate")" || continue
+        if python_ok "$path" && service_safe "$path"; then
+            PY="$path"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# ------------------------------------------------------------------------------- apt
+apt_installed() {
+    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" == "install ok installed" ]]
+}
+
+apt_install() {
+    local missing=() pkg
+    for pkg in "$@"; do
+        apt_installed "$pkg" || missing+=("$pkg")
+    done
+    if [[ ${#missing[@]} -eq 0 ]]; then
+        note "all present: $*"
+        return 0
+    fi
+    command -v apt-get >/dev/null ||
+        die "no apt-get here: install ${missing[*]} yourself, then rerun with --no-apt"
+    if [[ ${#SUDO[@]} -gt 0 ]] && ! command -v sudo >/dev/null; then
+        die "not root and no sudo: run as root, or install ${missing[*]} and use --no-apt"
+    fi
+    if [[ $APT_UPDATED -eq 0 ]]; then
+        note "apt-get update"
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+        APT_UPDATED=1
+    fi
+    note "installing: ${missing[*]}"
+    # The mosquitto package starts its own service where systemd runs: that is
+    # the realm's broker on a system install, and harmless otherwise.
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+if [[ $APT -eq 1 ]]; then
+    step "system packages (apt)"
+    if ! choose_python; then
+        note "no python3 >= 3.$PY_MIN_MINOR on PATH: adding python3.$PY_MIN_MINOR"
+        APT_PACKAGES+=("python3.$PY_MIN_MINOR" "python3.$PY_MIN_MINOR-venv" "python3.$PY_MIN_MINOR-dev")
+    fi
+    apt_install "${APT_PACKAGES[@]}"
+else
+    step "system packages: skipped (--no-apt)"
+fi
+
+step "python interpreter"
+choose_python || die "need Python >= 3.$PY_MIN_MINOR (set PYTHON=/path/to/python3.x)"
+note "$PY ($("$PY" -c 'import platform; print(platform.python_version())'))"
+
+# ------------------------------------------------------------------------------ venv
+step "virtual environment at $VENV"
+if [[ -x "$VENV/bin/python" ]] && python_ok "$VENV/bin/python" &&
+    service_safe "$VENV/bin/python" && "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    note "exists, kept"
+else
+    if [[ -e "$VENV" ]]; then
+        note "unusable (broken, too old, or its Python is under /root or /home): recreating"
+        "$PY" -m venv --clear "$VENV"
+    else
+        mkdir -p "$(dirname "$VENV")"
+        "$PY" -m venv "$VENV"
+    fi
+fi
+
+# pip keeps its cache (~/.cache/pip): reruns and CI stay fast.  Running as root
+# in a venv is what we want here, so pip need not warn about it.
+export PIP_ROOT_USER_ACTION=ignore
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+step "pip (upgrade)"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+
+SPEC="$REPO_DIR"
+if [[ ${#EXTRAS[@]} -gt 0 ]]; then
+    SPEC="$REPO_DIR[$(IFS=,; echo "${EXTRAS[*]}")]"
+fi
+if [[ $SYSTEM -eq 1 ]]; then
+    # A service must not run code out of a checkout (ProtectHome= hides /home,
+    # and user mtor may not read it): copy the project into the venv.
+    step "mtor into the venv: $SPEC"
+    "$VENV/bin/python" -m pip install -q --upgrade "$SPEC"
+else
+    step "mtor into the venv, editable: $SPEC"
+    "$VENV/bin/python" -m pip install -q --upgrade -e "$SPEC"
+fi
+"$VENV/bin/mtor" version
+
+# ---------------------------------------------------------------------------- system
+if [[ $SYSTEM -eq 1 ]]; then
+    step "system user '$SYSTEM_USER'"
+    if getent passwd "$SYSTEM_USER" >/dev/null; then
+        note "exists"
+    else
+        useradd --system --user-group --home-dir "$SYSTEM_STATE_DIR" --no-create-home \
+            --shell /usr/sbin/nologin --comment "M-TOR realm" "$SYSTEM_USER"
+    fi
+    for group in audio video; do  # microphones, speakers, cameras
+        if getent group "$group" >/dev/null; then
+            usermod -a -G "$group" "$SYSTEM_USER"
+        fi
+    done
+
+    step "directories $SYSTEM_CONFIG_DIR and $SYSTEM_STATE_DIR"
+    install -d -m 0755 "$SYSTEM_CONFIG_DIR"
+    install -d -o "$SYSTEM_USER" -g "$SYSTEM_USER" -m 0750 "$SYSTEM_STATE_DIR"
+
+    step "configuration $SYSTEM_CONFIG_DIR/config.yaml"
+    if [[ -e "$SYSTEM_CONFIG_DIR/config.yaml" ]]; then
+        note "exists, kept (the new default is $REPO_DIR/config.yaml)"
+    else
+        # Readable by the service's group only: it may come to hold secrets.
+        install -m 0640 -o root -g "$SYSTEM_USER" "$REPO_DIR/config.yaml" \
+            "$SYSTEM_CONFIG_DIR/config.yaml"
+    fi
+    "$VENV/bin/mtor" config validate "$SYSTEM_CONFIG_DIR/config.yaml"
+
+    step "systemd units in $SYSTEMD_UNIT_DIR"
+    install -d -m 0755 "$SYSTEMD_UNIT_DIR"
+    for unit in "$REPO_DIR"/systemd/*.service; do
+        # The units name /opt/mtor/venv; point them at this venv.
+        sed "s#$SYSTEM_PREFIX/venv/#$VENV/#g" "$unit" >"$SYSTEMD_UNIT_DIR/$(basename "$unit").new"
+        chmod 0644 "$SYSTEMD_UNIT_DIR/$(basename "$unit").new"
+        mv -f "$SYSTEMD_UNIT_DIR/$(basename "$unit").new" "$SYSTEMD_UNIT_DIR/$(basename "$unit")"
+        note "$(basename "$unit")"
+    done
+    if [[ -d /run/systemd/system ]]; then
+        systemctl daemon-reload
+    else
+        note "systemd is not running here: skipped 'systemctl daemon-reload'"
+    fi
+fi
+
+# ------------------------------------------------------------------------------ done
+CURRENT_STEP="done"
+printf '\n==> done\n'
+if [[ $SYSTEM -eq 1 ]]; then
+    note "edit $SYSTEM_CONFIG_DIR/config.yaml, then:"
+    note "  systemctl enable --now mtor-node.service"
+    note "  journalctl -u mtor-node -f"
+elif [[ -z "$PREFIX" ]]; then
+    note "run the realm:   .venv/bin/mtor up"
+    [[ $DEV -eq 1 ]] && note "run the tests:   scripts/check"
+else
+    note "run the realm:   $VENV/bin/mtor up"
+fi
+exit 0
