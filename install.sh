@@ -253,7 +253,9 @@ else
     step "mtor into the venv, editable: $SPEC"
     "$VENV/bin/python" -m pip install -q --upgrade -e "$SPEC"
 fi
-"$VENV/bin/mtor" version
+# (not `mtor version`: that reads ./config.yaml, which is checked elsewhere)
+[[ -x "$VENV/bin/mtor" ]] || die "pip did not install the mtor command into $VENV/bin"
+"$VENV/bin/python" -c 'import daemon; print("    installed mtor", daemon.__version__)'
 
 # ---------------------------------------------------------------------------- system
 if [[ $SYSTEM -eq 1 ]]; then
