@@ -1,0 +1,1 @@
+"""Benchmarks of the node daemon (JSON on stdout); see docs/benchmarks.md."""
