@@ -150,7 +150,9 @@ class Bus:
         self._by_id: dict[int, Subscription] = {}
         self._ids = itertools.count(1)
         self._hooks: list[Hook] = []
-        self._inflight = asyncio.Semaphore(config.max_inflight)
+        self._inflight_n = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._backlog: deque[Outgoing] = deque()
         self._outbox: deque[Outgoing] = deque(maxlen=config.outbox_size or None)
         self._background: set[asyncio.Task[None]] = set()
         self.connects = 0
@@ -225,6 +227,16 @@ class Bus:
 
     # ---------------------------------------------------------------- publish
 
+    def _outgoing(
+        self,
+        topic: str,
+        payload: Payload,
+        qos: int,
+        retain: bool,
+        **props: Any,
+    ) -> Outgoing:
+        return Outgoing(topic, to_bytes(payload), qos, retain, publish_properties(**props))
+
     async def publish(
         self,
         topic: str,
@@ -246,33 +258,89 @@ class Bus:
         the message is handed over.  While disconnected the message is kept in
         the outbox and sent on reconnect.
         """
-        out = Outgoing(
+        out = self._outgoing(
             topic,
-            to_bytes(payload),
+            payload,
             qos,
             retain,
-            publish_properties(
-                content_type=content_type,
-                response_topic=response_topic,
-                correlation_data=correlation_data,
-                expiry=expiry,
-                user_properties=user_properties,
-            ),
+            content_type=content_type,
+            response_topic=response_topic,
+            correlation_data=correlation_data,
+            expiry=expiry,
+            user_properties=user_properties,
         )
-        await self._inflight.acquire()
+        await self._acquire()
         if wait:
             try:
                 await self._send(out)
             finally:
-                self._inflight.release()
+                self._release()
             return
+        self._start(out)
+
+    def post(
+        self,
+        topic: str,
+        payload: Payload,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        expiry: float | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        """Publish from synchronous code (timers, hot paths) without waiting.
+
+        Past ``max_inflight`` the message waits in a backlog that drains, in
+        order, as the broker acknowledges earlier ones.
+        """
+        out = self._outgoing(
+            topic,
+            payload,
+            qos,
+            retain,
+            correlation_data=correlation_data,
+            expiry=expiry,
+            content_type=content_type,
+        )
+        if self._inflight_n < self.config.max_inflight and not self._backlog:
+            self._inflight_n += 1
+            self._start(out)
+        else:
+            self._backlog.append(out)
+
+    async def _acquire(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._inflight_n >= self.config.max_inflight or self._backlog:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        self._inflight_n += 1
+
+    def _release(self) -> None:
+        self._inflight_n -= 1
+        if self._backlog:
+            self._inflight_n += 1
+            self._start(self._backlog.popleft())
+            return
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    def _start(self, out: Outgoing) -> None:
+        """Send ``out`` in the background; its slot is already taken."""
         task = asyncio.create_task(self._send(out))
         self._background.add(task)
         task.add_done_callback(self._sent)
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
-        self._inflight.release()
+        self._release()
         if not task.cancelled() and task.exception() is not None:
             log.error("background publish failed", exc_info=task.exception())
 
@@ -306,8 +374,11 @@ class Bus:
 
     async def flush(self) -> None:
         """Wait until every background publish has been acknowledged."""
-        while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+        while self._background or self._backlog:
+            if self._background:
+                await asyncio.gather(*list(self._background), return_exceptions=True)
+            else:
+                await asyncio.sleep(0)
 
     # -------------------------------------------------------------- lifecycle
 

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from daemon.errors import ConfigError
+from daemon.orchestrator.config import OrchestratorConfig
 from nodes.catalog import NodeConfig, node_types
 from nodes.sensors.config import SensorsConfig
 
@@ -167,6 +168,7 @@ class Config(_Strict):
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig)
     nodes: dict[str, NodeConfig] = Field(
         default_factory=_default_nodes,
         description="Nodes hosted by `mtor node`, by name.",

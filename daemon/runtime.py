@@ -34,6 +34,7 @@ from daemon.protocol.node import (
 )
 from daemon.sdnotify import Notifier
 from daemon.supervisor import Supervised, supervise
+from daemon.worker import Worker
 from nodes.catalog import node_class
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,7 @@ class NodeDaemon:
         )
         self._tg: asyncio.TaskGroup | None = None
         self._online = asyncio.Event()
-        # The task executor (daemon.worker) reports its load here.
-        self.active_tasks = 0
-        self.queue_depth = 0
-        self.worker: object | None = None
+        self.worker = Worker(self.bus, config.realm, nid)
 
     # -------------------------------------------------------------- messages
 
@@ -142,13 +140,25 @@ class NodeDaemon:
             rss_mb=hostinfo.rss_mb(),
             temperature_c=round(temp, 1) if temp is not None else None,
             battery_percent=hostinfo.battery_percent(),
-            active_tasks=self.active_tasks,
-            queue_depth=self.queue_depth,
+            active_tasks=self.worker.active,
             nodes=self.summaries(),
         )
 
     async def publish_info(self) -> None:
-        await self.bus.publish(self.info_topic, self.info(), qos=1, retain=True, wait=False)
+        """Advertise what works now (and route tasks to exactly that)."""
+        info = self.info()
+        routes: dict[str, tuple[Node, int]] = {}
+        for cap in info.capabilities:
+            hosted = self.hosted.get(cap.node)
+            if hosted is None or hosted.node is None:
+                continue
+            # Several adverts of one name on one node (e.g. two chat backends) add up;
+            # the node picks the backend from the task's constraints.
+            node, slots = routes.get(cap.name, (hosted.node, 0))
+            if node is hosted.node:
+                routes[cap.name] = (node, slots + cap.max_concurrency)
+        self.worker.set_routes(routes)
+        await self.bus.publish(self.info_topic, info, qos=1, retain=True, wait=False)
 
     async def publish_health(self) -> None:
         await self.bus.publish(self.health_topic, self.health(), qos=0, retain=True, wait=False)
@@ -265,6 +275,7 @@ class NodeDaemon:
         self.bus.on_connect(self._announce)
         cmd_filter = topics.NODE_CMD.filter(realm=self.config.realm, node_id=self.node_id)
         await self.bus.subscribe(cmd_filter, self._on_command)
+        await self.worker.start()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             bus_task = tg.create_task(self.bus.run(), name="bus")
@@ -275,25 +286,18 @@ class NodeDaemon:
                 background.append(
                     tg.create_task(self._watchdog_loop(self.notifier.watchdog_interval))
                 )
-            await self._started_hook(tg)
             await stop.wait()
             self.notifier.stopping()
             log.info("shutting down")
             await self._shutdown(background)
             bus_task.cancel()
 
-    async def _started_hook(self, tg: asyncio.TaskGroup) -> None:
-        """Extension point: the task worker starts here (daemon.worker)."""
-
-    async def _stop_work(self) -> None:
-        """Extension point: stop taking tasks, hand back or finish in-flight ones."""
-
     async def _shutdown(self, background: list[asyncio.Task[None]]) -> None:
         budget = self.config.daemon.shutdown_timeout
         deadline = time.monotonic() + budget
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.1, budget - OFFLINE_PUBLISH_TIMEOUT - 0.5)):
-                await self._stop_work()
+                await self.worker.stop()
         for task in background:
             task.cancel()
         node_tasks = [h.task for h in self.hosted.values() if h.task is not None]

@@ -1,16 +1,29 @@
-"""Task execution on a node daemon: what a node sees of an assigned task.
+"""Task execution on a node daemon.
 
-(The assignment protocol itself — acks, progress, results — is added by the
-orchestrator issue; :class:`TaskRun` is the stable API nodes code against.)
+:class:`TaskRun` is what a node sees of an assigned task (the API nodes code
+against); :class:`Worker` speaks the assignment protocol with the orchestrator.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final
+
+from daemon import topics
+from daemon.bus import Bus, Inbound
+from daemon.errors import MessageError, TaskError
+from daemon.messages import decode_any
+from daemon.protocol.task import ErrorInfo, TaskAbort, TaskAssign, WorkerReport
+
+if TYPE_CHECKING:
+    from daemon.node import Node
+
+log = logging.getLogger(__name__)
 
 
 async def _discard(_chunk: Any) -> None:
@@ -45,3 +58,183 @@ class TaskRun:
     def remaining(self) -> float | None:
         """Seconds left before the deadline (None: no deadline)."""
         return None if self.deadline is None else max(0.0, self.deadline - time.time())
+
+
+# How long a task may run before the worker acknowledges it with "started".
+# Fast tasks (echo) answer within this time and their result is the ack, which
+# saves one message per task on the hot path.
+ACK_DELAY: Final = 0.02
+
+
+class Worker:
+    """Executes assignments from the orchestrator on this node's nodes.
+
+    Subscribes to ``node/<id>/task``; each :class:`TaskAssign` runs in its own
+    asyncio task (bounded by the capability's ``max_concurrency``) and is
+    answered on ``task/worker/<id>`` with started / partial / done / failed,
+    or ``rejected`` to hand it back.
+    """
+
+    def __init__(self, bus: Bus, realm: str, node_id: str) -> None:
+        self.bus = bus
+        self.realm = realm
+        self.node_id = node_id
+        self.report_topic = topics.TASK_WORKER.build(realm=realm, node_id=node_id)
+        self.routes: dict[str, tuple[Node, int]] = {}
+        self.running: dict[str, tuple[asyncio.Task[None], TaskRun]] = {}
+        self.load: dict[str, int] = {}
+        self.accepting = True
+
+    def set_routes(self, routes: dict[str, tuple[Node, int]]) -> None:
+        """capability -> (node, max concurrency); called whenever adverts change."""
+        self.routes = routes
+
+    @property
+    def active(self) -> int:
+        return len(self.running)
+
+    async def start(self) -> None:
+        await self.bus.subscribe(
+            topics.NODE_TASK.build(realm=self.realm, node_id=self.node_id), self._on_message
+        )
+
+    async def _report(self, report: WorkerReport, *, wait: bool = False) -> None:
+        await self.bus.publish(self.report_topic, report, qos=1, wait=wait)
+
+    async def _on_message(self, msg: Inbound) -> None:
+        try:
+            message = decode_any(msg.payload)
+        except MessageError as exc:
+            log.warning("malformed task message on %s: %s (%s)", msg.topic, exc, msg.preview())
+            return
+        if isinstance(message, TaskAssign):
+            await self._on_assign(message)
+        elif isinstance(message, TaskAbort):
+            self._abort(message)
+        else:
+            log.warning("unexpected %s on %s", message.TYPE, msg.topic)
+
+    def _abort(self, abort: TaskAbort) -> None:
+        entry = self.running.get(abort.task_id)
+        if entry is None:
+            return
+        task, run = entry
+        if abort.attempt is not None and run.attempt != abort.attempt:
+            return
+        run.cancel_flag.set()
+        task.cancel()
+
+    async def _on_assign(self, assign: TaskAssign) -> None:
+        key = assign.task_id
+        if key in self.running:
+            return  # a duplicate delivery of an assignment we are already running
+        route = self.routes.get(assign.capability)
+        reason = None
+        if not self.accepting:
+            reason = ErrorInfo(code="shutting_down", message=f"{self.node_id} is shutting down")
+        elif route is None:
+            reason = ErrorInfo(
+                code="unavailable", message=f"{self.node_id} has no {assign.capability!r}"
+            )
+        elif self.load.get(assign.capability, 0) >= route[1]:
+            reason = ErrorInfo(code="overloaded", message=f"{assign.capability} slots are full")
+        elif assign.deadline is not None and assign.deadline <= time.time():
+            reason = ErrorInfo(code="timeout", message="deadline passed before the task started")
+        if reason is not None or route is None:
+            await self._report(
+                WorkerReport(task_id=key, attempt=assign.attempt, status="rejected", error=reason)
+            )
+            return
+        seq = 0
+
+        async def emit(chunk: Any) -> None:
+            nonlocal seq
+            if not assign.stream:
+                return
+            seq += 1
+            await self._report(
+                WorkerReport(
+                    task_id=key, attempt=assign.attempt, status="partial", seq=seq, output=chunk
+                )
+            )
+
+        run = TaskRun(
+            task_id=key,
+            capability=assign.capability,
+            input=assign.input,
+            user=assign.user,
+            deadline=assign.deadline,
+            constraints=assign.constraints.model_dump(exclude_none=True),
+            emit_partial=emit,
+            attempt=assign.attempt,
+        )
+        self.load[assign.capability] = self.load.get(assign.capability, 0) + 1
+        task = asyncio.create_task(self._execute(route[0], run), name=f"task:{key}")
+        self.running[key] = (task, run)
+
+    async def _execute(self, node: Node, run: TaskRun) -> None:
+        started = time.perf_counter()
+
+        async def ack_later() -> None:
+            await asyncio.sleep(ACK_DELAY)
+            await self._report(
+                WorkerReport(task_id=run.task_id, attempt=run.attempt, status="started")
+            )
+
+        acker = asyncio.create_task(ack_later())  # the result acks fast tasks itself
+        report: WorkerReport
+        try:
+            remaining = run.remaining()
+            async with asyncio.timeout(remaining):
+                output = await node.execute(run)
+            report = WorkerReport(
+                task_id=run.task_id, attempt=run.attempt, status="done", output=output
+            )
+        except TaskError as exc:
+            report = self._failed(run, exc.code, str(exc))
+        except TimeoutError:
+            run.cancel_flag.set()
+            report = self._failed(run, "timeout", "the task ran past its deadline")
+        except asyncio.CancelledError:
+            run.cancel_flag.set()
+            report = self._failed(run, "cancelled", "cancelled")
+            if not self.accepting:
+                report = WorkerReport(
+                    task_id=run.task_id,
+                    attempt=run.attempt,
+                    status="rejected",
+                    error=ErrorInfo(code="shutting_down", message="worker shut down mid-task"),
+                )
+        except Exception as exc:
+            log.exception("task %s (%s) crashed", run.task_id, run.capability)
+            report = self._failed(run, "internal", f"{type(exc).__name__}: {exc}")
+        finally:
+            acker.cancel()
+            self.running.pop(run.task_id, None)
+            self.load[run.capability] -= 1
+        report.run_ms = round((time.perf_counter() - started) * 1000, 3)
+        await self._report(report)
+
+    @staticmethod
+    def _failed(run: TaskRun, code: str, message: str) -> WorkerReport:
+        return WorkerReport(
+            task_id=run.task_id,
+            attempt=run.attempt,
+            status="failed",
+            error=ErrorInfo(code=code, message=message[:1000]),
+        )
+
+    async def stop(self) -> None:
+        """Stop taking tasks; let in-flight ones finish (the caller bounds the wait),
+        then hand back whatever is still running."""
+        self.accepting = False
+        try:
+            while self.running:
+                await asyncio.wait([t for t, _ in self.running.values()])
+        except asyncio.CancelledError:
+            for task, run in list(self.running.values()):
+                run.cancel_flag.set()
+                task.cancel()
+            if self.running:
+                await asyncio.wait([t for t, _ in self.running.values()], timeout=0.5)
+            raise

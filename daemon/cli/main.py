@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 # heavy imports happen inside the handlers.
 EXTENSION_MODULES: list[str] = [
     "daemon.cli.models_cmd",
+    "daemon.cli.tasks_cmd",
 ]
 
 

@@ -29,7 +29,7 @@ CHILD_RESTART_DELAY: Final = 2.0
 CHILD_STOP_TIMEOUT: Final = 8.0
 
 # The roles `mtor up` runs; later issues append theirs (orchestrator, ...).
-ROLES: list[str] = ["node"]
+ROLES: list[str] = ["orchestrator", "node"]
 
 
 def broker_reachable(config: Config) -> bool:

@@ -3,5 +3,7 @@
 Importing this package registers every message type.
 """
 
+from daemon.protocol import admin as admin
 from daemon.protocol import common as common
 from daemon.protocol import node as node
+from daemon.protocol import task as task

@@ -1,0 +1,200 @@
+"""A small client for programs: submit tasks, stream their progress, get results.
+
+    async with client_bus(config) as bus:
+        realm = RealmClient(bus, config.realm)
+        await realm.start()
+        print(await realm.call("echo", {"hello": "world"}))
+
+Replies come on one topic per client (``reply/<client_id>/tasks``) and are
+matched by MQTT 5 correlation data.  When the orchestrator restarts (a new
+boot id online), pending tasks are submitted again with the same task id —
+the orchestrator deduplicates, so each task still ends exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from daemon import topics
+from daemon.bus import Bus, Inbound
+from daemon.errors import MessageError, MtorError
+from daemon.messages import decode
+from daemon.protocol.admin import AdminReply, AdminRequest, OrchestratorState
+from daemon.protocol.task import FINAL_STATUSES, Constraints, TaskCancel, TaskSubmit, TaskUpdate
+
+log = logging.getLogger(__name__)
+
+
+class TaskFailed(MtorError):
+    def __init__(self, update: TaskUpdate) -> None:
+        err = update.error
+        super().__init__(f"{err.code}: {err.message}" if err else update.status)
+        self.code = err.code if err else update.status
+        self.update = update
+
+
+class TaskHandle:
+    def __init__(self, client: RealmClient, submit: TaskSubmit) -> None:
+        self.client = client
+        self.submit = submit
+        self.task_id = submit.task_id or ""
+        self.updates: asyncio.Queue[TaskUpdate] = asyncio.Queue()
+        self.final: TaskUpdate | None = None
+
+    async def __aiter__(self) -> AsyncIterator[TaskUpdate]:
+        while self.final is None:
+            update = await self.updates.get()
+            if update.status in FINAL_STATUSES:
+                self.final = update
+            yield update
+
+    async def result(self) -> Any:
+        """The output of a done task; raises :class:`TaskFailed` otherwise."""
+        async for _ in self:
+            pass
+        assert self.final is not None
+        if self.final.status != "done":
+            raise TaskFailed(self.final)
+        return self.final.output
+
+    async def cancel(self, reason: str = "cancelled by the submitter") -> None:
+        await self.client.cancel(self.task_id, reason)
+
+
+class RealmClient:
+    def __init__(
+        self,
+        bus: Bus,
+        realm: str,
+        *,
+        user: str | None = None,
+        token: str | None = None,
+        origin: str | None = None,
+    ) -> None:
+        self.bus = bus
+        self.realm = realm
+        self.user = user
+        self.token = token
+        self.origin = origin
+        self.reply_topic = topics.REPLY.build(realm=realm, client_id=bus.client_id, rest="tasks")
+        self.admin_topic = topics.REPLY.build(realm=realm, client_id=bus.client_id, rest="admin")
+        self.pending: dict[str, TaskHandle] = {}
+        self._admin_waiters: dict[bytes, asyncio.Future[AdminReply]] = {}
+        self._orch_boot: str | None = None
+
+    async def start(self) -> None:
+        await self.bus.subscribe(self.reply_topic, self._on_reply)
+        await self.bus.subscribe(self.admin_topic, self._on_admin_reply)
+        await self.bus.subscribe(topics.ORCH_STATE.build(realm=self.realm), self._on_orch)
+
+    async def _on_reply(self, msg: Inbound) -> None:
+        try:
+            update = decode(msg.payload, TaskUpdate)
+        except MessageError as exc:
+            log.warning("bad task update: %s", exc)
+            return
+        key = msg.correlation_data.decode() if msg.correlation_data else update.task_id
+        handle = self.pending.get(key)
+        if handle is None:
+            return
+        if update.status in FINAL_STATUSES:
+            self.pending.pop(key, None)
+        handle.updates.put_nowait(update)
+
+    async def _on_orch(self, msg: Inbound) -> None:
+        try:
+            state = decode(msg.payload, OrchestratorState)
+        except MessageError:
+            return
+        if state.state != "online":
+            return
+        previous, self._orch_boot = self._orch_boot, state.boot_id
+        if previous is not None and previous != state.boot_id and self.pending:
+            log.info("orchestrator restarted: resubmitting %d task(s)", len(self.pending))
+            for handle in list(self.pending.values()):
+                await self._publish(handle.submit)
+
+    async def _publish(self, submit: TaskSubmit) -> None:
+        await self.bus.publish(
+            topics.TASK_SUBMIT.build(realm=self.realm),
+            submit,
+            response_topic=self.reply_topic,
+            correlation_data=(submit.task_id or "").encode(),
+            wait=False,
+        )
+
+    async def submit(
+        self,
+        capability: str,
+        input: Any = None,
+        *,
+        priority: str = "interactive",
+        timeout: float | None = None,
+        progress: bool = False,
+        stream: bool = True,
+        constraints: Constraints | None = None,
+        idempotency_key: str | None = None,
+        task_id: str | None = None,
+    ) -> TaskHandle:
+        submit = TaskSubmit(
+            capability=capability,
+            input=input,
+            task_id=task_id or uuid.uuid4().hex,
+            priority=priority,
+            timeout=timeout,
+            progress=progress,
+            stream=stream,
+            constraints=constraints or Constraints(),
+            idempotency_key=idempotency_key,
+            user=self.user,
+            token=self.token,
+            origin=self.origin,
+        )
+        handle = TaskHandle(self, submit)
+        self.pending[handle.task_id] = handle
+        await self._publish(submit)
+        return handle
+
+    async def call(self, capability: str, input: Any = None, **kw: Any) -> Any:
+        handle = await self.submit(capability, input, **kw)
+        return await handle.result()
+
+    async def cancel(self, task_id: str, reason: str = "cancelled") -> None:
+        msg = TaskCancel(task_id=task_id, user=self.user, token=self.token, reason=reason)
+        await self.bus.publish(topics.TASK_CONTROL.build(realm=self.realm), msg)
+
+    async def admin(self, op: str, timeout: float = 5.0, **args: Any) -> Any:
+        """A sysop request; returns the result or raises :class:`MtorError`."""
+        correlation = uuid.uuid4().hex.encode()
+        fut: asyncio.Future[AdminReply] = asyncio.get_running_loop().create_future()
+        self._admin_waiters[correlation] = fut
+        req = AdminRequest(op=op, args=args, token=self.token, user=self.user)
+        try:
+            await self.bus.publish(
+                topics.ORCH_ADMIN.build(realm=self.realm),
+                req,
+                response_topic=self.admin_topic,
+                correlation_data=correlation,
+            )
+            async with asyncio.timeout(timeout):
+                reply = await fut
+        except TimeoutError as exc:
+            raise MtorError(f"no answer from the orchestrator within {timeout:g}s") from exc
+        finally:
+            self._admin_waiters.pop(correlation, None)
+        if not reply.ok:
+            raise MtorError(f"{reply.code}: {reply.error}")
+        return reply.result
+
+    async def _on_admin_reply(self, msg: Inbound) -> None:
+        fut = self._admin_waiters.get(msg.correlation_data or b"")
+        if fut is None or fut.done():
+            return
+        try:
+            fut.set_result(decode(msg.payload, AdminReply))
+        except MessageError as exc:
+            fut.set_exception(MtorError(f"bad admin reply: {exc}"))

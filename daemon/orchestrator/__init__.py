@@ -1,0 +1,1 @@
+"""The realm orchestrator: registry, queues, assignment, health, history, users, admin."""

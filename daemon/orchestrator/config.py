@@ -1,0 +1,71 @@
+"""Configuration of the orchestrator (the ``orchestrator:`` section)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RoleLimits(_Strict):
+    """Per-user limits of one role (0 = unlimited)."""
+
+    max_concurrent: int = Field(default=8, ge=0, description="Tasks queued+running per user.")
+    rate_per_s: float = Field(default=50.0, ge=0, description="Sustained submissions per second.")
+    burst: int = Field(default=100, ge=1, description="Submissions allowed in a burst.")
+
+
+def _default_roles() -> dict[str, RoleLimits]:
+    return {
+        "sysop": RoleLimits(max_concurrent=0, rate_per_s=0, burst=1),
+        "user": RoleLimits(),
+        "device": RoleLimits(max_concurrent=32, rate_per_s=200, burst=400),
+        "guest": RoleLimits(max_concurrent=2, rate_per_s=2, burst=5),
+    }
+
+
+class BreakerConfig(_Strict):
+    """Automatic blacklisting of a peer's capability after repeated failures."""
+
+    failure_threshold: int = Field(default=3, ge=1, description="Consecutive failures to trip.")
+    cooldown: float = Field(default=5.0, gt=0, description="First blacklist period (s).")
+    max_cooldown: float = Field(default=300.0, gt=0, description="Cool-down cap (s).")
+    probation_successes: int = Field(
+        default=2, ge=1, description="Successes on probation (half-open) before trusted again."
+    )
+
+
+class OrchestratorConfig(_Strict):
+    """Task queues, assignment, health, history and users."""
+
+    queue_size: int = Field(default=1000, ge=1, description="Queued tasks per capability.")
+    default_timeout: float = Field(default=300.0, gt=0, description="Task timeout if unset (s).")
+    max_attempts: int = Field(default=3, ge=1, description="Assignments per task at most.")
+    ack_timeout: float = Field(
+        default=3.0, gt=0, description="A worker must acknowledge an assignment within this (s)."
+    )
+    stale_after: float = Field(
+        default=95.0, gt=0, description="A peer silent this long is treated as gone (s)."
+    )
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    roles: dict[str, RoleLimits] = Field(default_factory=_default_roles)
+    require_token: bool = Field(
+        default=False,
+        description="Refuse submissions without a valid API token (recommended off-localhost).",
+    )
+    anonymous_role: str = Field(default="user", description="Role of a named user without token.")
+    state_dir: Path = Field(default=Path("state"), description="History DB, users DB, tokens.")
+    history_retention_days: float = Field(default=30.0, gt=0)
+    history_max_rows: int = Field(default=1_000_000, ge=1000)
+    stats_interval: float = Field(default=10.0, gt=0, description="Seconds between stats.")
+    prometheus_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Serve /metrics on this port (off if unset)."
+    )
+    prometheus_host: str = Field(default="127.0.0.1")
+    dedupe_size: int = Field(
+        default=10_000, ge=100, description="Finished tasks remembered for idempotent resubmits."
+    )

@@ -1,0 +1,243 @@
+"""The live registry: every peer, what it offers and how it is doing.
+
+Fed by the retained ``state`` / ``info`` and the periodic ``health`` of every
+node.  A will from an older boot is ignored.  The capability index
+(capability → peers) and the "has a free slot" sets are updated
+incrementally, so an assignment never scans the whole realm.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from daemon.orchestrator.breaker import Breaker
+from daemon.orchestrator.config import BreakerConfig
+from daemon.protocol.node import Capability, NodeHealth, NodeInfo, NodeState
+
+# Weight of the newest sample in the latency and success EWMAs.
+EWMA_ALPHA = 0.2
+
+
+class IndexedSet:
+    """A set with O(1) add, remove and random sampling."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self._pos: dict[str, int] = {}
+
+    def add(self, item: str) -> None:
+        if item not in self._pos:
+            self._pos[item] = len(self.items)
+            self.items.append(item)
+
+    def discard(self, item: str) -> None:
+        i = self._pos.pop(item, None)
+        if i is None:
+            return
+        last = self.items.pop()
+        if i < len(self.items):
+            self.items[i] = last
+            self._pos[last] = i
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._pos
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def sample(self, k: int, rng: random.Random) -> list[str]:
+        return list(self.items) if len(self.items) <= k else rng.sample(self.items, k)
+
+
+@dataclass
+class Slot:
+    """One capability of one peer (several adverts of one name, e.g. two chat
+    backends, share a slot whose capacity is their sum)."""
+
+    caps: list[Capability]
+    breaker: Breaker
+    in_use: int = 0
+    latency_ms: float | None = None
+    success: float = 1.0
+    completed: int = 0
+    failed: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return sum(c.max_concurrency for c in self.caps)
+
+    def offers(self, backend: str | None, model: str | None, language: str | None) -> bool:
+        return any(
+            (backend is None or c.backend == backend)
+            and (model is None or c.model == model)
+            and (language is None or not c.languages or language in c.languages)
+            for c in self.caps
+        )
+
+    def record(self, ok: bool, run_ms: float | None) -> None:
+        self.success += EWMA_ALPHA * ((1.0 if ok else 0.0) - self.success)
+        if ok:
+            self.completed += 1
+        else:
+            self.failed += 1
+        if run_ms is not None and ok:
+            self.latency_ms = (
+                run_ms
+                if self.latency_ms is None
+                else self.latency_ms + EWMA_ALPHA * (run_ms - self.latency_ms)
+            )
+
+
+@dataclass
+class Peer:
+    node_id: str
+    boot_id: str | None = None
+    online: bool = False
+    stale: bool = False
+    last_seen: float = 0.0
+    drained: bool = False
+    blacklisted: bool = False
+    info: NodeInfo | None = None
+    health: NodeHealth | None = None
+    slots: dict[str, Slot] = field(default_factory=dict)
+
+    @property
+    def available(self) -> bool:
+        return self.online and not self.stale and not self.drained and not self.blacklisted
+
+    @property
+    def load_per_core(self) -> float:
+        if self.health is None or self.health.load is None or self.info is None:
+            return 0.0
+        return self.health.load[0] / max(1, self.info.hardware.cpu_count)
+
+    @property
+    def has_accelerator(self) -> bool:
+        return bool(self.info and self.info.hardware.accelerators)
+
+
+class Registry:
+    def __init__(self, breaker: BreakerConfig) -> None:
+        self.breaker_config = breaker
+        self.peers: dict[str, Peer] = {}
+        self.index: dict[str, set[str]] = {}
+        self.free: dict[str, IndexedSet] = {}
+
+    def peer(self, node_id: str) -> Peer:
+        p = self.peers.get(node_id)
+        if p is None:
+            p = self.peers[node_id] = Peer(node_id)
+        return p
+
+    # ----------------------------------------------------------- messages
+
+    def on_state(self, node_id: str, state: NodeState, now: float) -> bool:
+        """Apply a birth or will.  Returns True when the peer just went away."""
+        p = self.peer(node_id)
+        if state.state == "offline":
+            if p.boot_id is not None and state.boot_id != p.boot_id:
+                return False  # the will of an older boot: the peer is already back
+            was = p.online
+            p.online = False
+            self._refresh_all(p)
+            return was
+        if state.boot_id != p.boot_id:
+            # A new boot: forget the old adverts until the new info arrives.
+            self._set_slots(p, [])
+            p.info = None
+            p.boot_id = state.boot_id
+        p.online = True
+        p.stale = False
+        p.last_seen = now
+        self._refresh_all(p)
+        return False
+
+    def on_info(self, node_id: str, info: NodeInfo, now: float) -> None:
+        p = self.peer(node_id)
+        if p.boot_id is not None and info.boot_id != p.boot_id:
+            if p.online:
+                return  # an advert of an older boot
+            p.boot_id = info.boot_id
+        p.info = info
+        p.last_seen = now
+        self._set_slots(p, info.capabilities)
+
+    def on_health(self, node_id: str, health: NodeHealth, now: float) -> None:
+        p = self.peer(node_id)
+        if p.boot_id is not None and health.boot_id != p.boot_id:
+            return
+        p.health = health
+        self.seen(node_id, now)
+
+    def seen(self, node_id: str, now: float) -> None:
+        p = self.peers.get(node_id)
+        if p is None:
+            return
+        p.last_seen = now
+        if p.stale:
+            p.stale = False
+            self._refresh_all(p)
+
+    def sweep(self, now: float, stale_after: float) -> list[str]:
+        """Mark silent peers stale; returns the ids that just went stale."""
+        gone = []
+        for p in self.peers.values():
+            if p.online and not p.stale and now - p.last_seen > stale_after:
+                p.stale = True
+                self._refresh_all(p)
+                gone.append(p.node_id)
+        return gone
+
+    # -------------------------------------------------------------- slots
+
+    def _set_slots(self, p: Peer, caps: list[Capability]) -> None:
+        grouped: dict[str, list[Capability]] = {}
+        for cap in caps:
+            grouped.setdefault(cap.name, []).append(cap)
+        new: dict[str, Slot] = {}
+        for name, group in grouped.items():
+            old = p.slots.get(name)
+            if old is not None:
+                old.caps = group
+                new[name] = old
+            else:
+                new[name] = Slot(group, Breaker(self.breaker_config))
+        for name in set(p.slots) - set(new):
+            self.index.get(name, set()).discard(p.node_id)
+            self.free.get(name, IndexedSet()).discard(p.node_id)
+        p.slots = new
+        for name in new:
+            self.index.setdefault(name, set()).add(p.node_id)
+        self._refresh_all(p)
+
+    def refresh(self, p: Peer, name: str, now: float = 0.0) -> None:
+        """Recompute whether the peer can take another ``name`` task right now."""
+        slot = p.slots.get(name)
+        free = self.free.setdefault(name, IndexedSet())
+        if (
+            slot is not None
+            and p.available
+            and slot.in_use < slot.capacity
+            and (slot.breaker.state == "closed" or slot.breaker.allows(now))
+        ):
+            free.add(p.node_id)
+        else:
+            free.discard(p.node_id)
+
+    def _refresh_all(self, p: Peer, now: float = 0.0) -> None:
+        for name in p.slots:
+            self.refresh(p, name, now)
+
+    def reopen_breakers(self, now: float) -> None:
+        """Put peers whose cool-down ended back into the free sets (half-open)."""
+        for p in self.peers.values():
+            for name, slot in p.slots.items():
+                if slot.breaker.state == "open" and now >= slot.breaker.open_until:
+                    self.refresh(p, name, now)
+
+    def offered(self, name: str) -> bool:
+        return bool(self.index.get(name))
+
+    def capable_online(self, name: str) -> bool:
+        return any(self.peers[n].available for n in self.index.get(name, ()))

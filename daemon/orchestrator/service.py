@@ -1,0 +1,804 @@
+"""The orchestrator service (``mtor orchestrator``).
+
+Everything is driven by messages and timers on one event loop:
+
+* registry updates from node ``state`` / ``info`` / ``health``;
+* submissions → validation, identity, limits, idempotency → a fair queue per
+  capability → assignment to the best free peer (``policy``);
+* worker reports → progress relayed to the submitter, exactly one final;
+* timers: deadline per task, acknowledgement per assignment, a slow sweep for
+  silent peers and breakers whose cool-down ended.
+
+Reliability: an unacknowledged assignment or a peer that dies mid-task sends
+the task back to the queue (bounded attempts); active tasks are journalled in
+SQLite so a restarted orchestrator queues them again; duplicate finals (late
+results from an earlier attempt) are dropped, so the client sees one result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import Counter, OrderedDict
+from typing import Any, Final
+
+from daemon import __version__, topics
+from daemon.bus import Bus, Inbound
+from daemon.config import Config
+from daemon.errors import MessageError
+from daemon.messages import decode
+from daemon.orchestrator import policy
+from daemon.orchestrator.queues import FairQueue
+from daemon.orchestrator.registry import Peer, Registry
+from daemon.orchestrator.stats import Stats
+from daemon.orchestrator.store import Store
+from daemon.orchestrator.tasks import Task, TokenBucket, bucket_for
+from daemon.orchestrator.users import Users
+from daemon.protocol.admin import OrchestratorState, OrchestratorStats
+from daemon.protocol.node import NodeHealth, NodeInfo, NodeState
+from daemon.protocol.task import (
+    Constraints,
+    ErrorInfo,
+    TaskAbort,
+    TaskAssign,
+    TaskCancel,
+    TaskSubmit,
+    TaskUpdate,
+    WorkerReport,
+)
+from daemon.sdnotify import Notifier
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL: Final = 1.0
+# Worker failure codes that say nothing about the peer's health.
+NOT_PEER_FAULTS: Final = frozenset({"bad_input", "cancelled", "unsupported", "too_large"})
+# Worker rejections that hand a task back without counting against the peer.
+NEUTRAL_REJECTIONS: Final = frozenset({"overloaded", "shutting_down"})
+# Tasks a single dispatch pass may set aside because their constraints fit no free peer.
+MAX_PARKED: Final = 64
+
+
+class Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Orchestrator:
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.cfg = config.orchestrator
+        self.realm = config.realm
+        self.boot_id = uuid.uuid4().hex[:12]
+        self.notifier = notifier or Notifier({})
+        self.started = time.monotonic()
+        self.state_topic = topics.ORCH_STATE.build(realm=self.realm)
+        offline = OrchestratorState(state="offline", boot_id=self.boot_id, version=__version__)
+        self.bus = Bus(
+            config.broker,
+            config.broker.client_id or f"mtor-orchestrator-{config.effective_node_id}",
+            password=config.broker_password(),
+            will=(self.state_topic, offline),
+        )
+        self.registry = Registry(self.cfg.breaker)
+        self.queues: dict[str, FairQueue[Task]] = {}
+        self.tasks: dict[str, Task] = {}
+        self.by_node: dict[str, set[str]] = {}
+        self.idempotency: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self.finished: OrderedDict[str, TaskUpdate] = OrderedDict()
+        self.user_running: Counter[str] = Counter()
+        self.buckets: dict[str, TokenBucket] = {}
+        self.stats = Stats()
+        state_dir = self.cfg.state_dir
+        self.store = Store(
+            state_dir / "history.sqlite3",
+            self.cfg.history_retention_days,
+            self.cfg.history_max_rows,
+        )
+        self.users = Users(state_dir / "users.json")
+        self.rng = random.Random()
+        self._online = asyncio.Event()
+        from daemon.orchestrator.admin import Admin
+
+        self.admin = Admin(self)
+
+    # ============================================================== lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.store.open()
+        await self.admin.bootstrap_sysop()
+        await self._recover()
+        r = self.realm
+        sub = self.bus.subscribe
+        await sub(topics.NODE_STATE.filter(realm=r), self._on_state)
+        await sub(topics.NODE_INFO.filter(realm=r), self._on_info)
+        await sub(topics.NODE_HEALTH.filter(realm=r), self._on_health, qos=0)
+        await sub(topics.TASK_SUBMIT.build(realm=r), self._on_submit)
+        await sub(topics.TASK_CONTROL.build(realm=r), self._on_control)
+        await sub(topics.TASK_WORKER.filter(realm=r), self._on_report)
+        await sub(topics.ORCH_ADMIN.build(realm=r), self.admin.on_request)
+        self.bus.on_connect(self._announce)
+        if self.cfg.prometheus_port:
+            self.stats.serve_prometheus(self.cfg.prometheus_host, self.cfg.prometheus_port)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                bus_task = tg.create_task(self.bus.run(), name="bus")
+                background = [
+                    tg.create_task(self.store.run(), name="store"),
+                    tg.create_task(self._sweep_loop(), name="sweep"),
+                    tg.create_task(self._stats_loop(), name="stats"),
+                ]
+                if self.notifier.watchdog_interval:
+                    background.append(tg.create_task(self._watchdog(), name="watchdog"))
+                await stop.wait()
+                self.notifier.stopping()
+                log.info("orchestrator shutting down (%d active tasks journalled)", len(self.tasks))
+                for t in background:
+                    t.cancel()
+                offline = OrchestratorState(
+                    state="offline", boot_id=self.boot_id, version=__version__
+                )
+                if self.bus.connected:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await self.bus.publish(self.state_topic, offline, retain=True)
+                await self.bus.drain(1.0)
+                bus_task.cancel()
+        finally:
+            for task in self.tasks.values():
+                task.cancel_timers()
+            await self.store.close()
+            self.users.close()
+
+    async def _announce(self) -> None:
+        online = OrchestratorState(state="online", boot_id=self.boot_id, version=__version__)
+        await self.bus.publish(self.state_topic, online, retain=True)
+        if not self._online.is_set():
+            self._online.set()
+            log.info("orchestrator online (boot %s)", self.boot_id)
+            self.notifier.ready("orchestrator online")
+        for cap in list(self.queues):
+            self._dispatch(cap)
+
+    async def _watchdog(self) -> None:
+        assert self.notifier.watchdog_interval
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(self.notifier.watchdog_interval)
+
+    async def _recover(self) -> None:
+        """Queue again what the previous run left active (see module docstring)."""
+        docs = await self.store.load_active()
+        for doc in docs:
+            try:
+                submit = TaskSubmit.model_validate(doc["submit"])
+                corr = doc.get("correlation")
+                task = Task(
+                    id=doc["id"],
+                    submit=submit,
+                    user=doc["user"],
+                    role=doc["role"],
+                    deadline=float(doc["deadline"]),
+                    reply_topic=doc.get("reply_topic"),
+                    correlation=bytes.fromhex(corr) if corr else None,
+                    submitted=float(doc.get("submitted", time.time())),
+                )
+            except (KeyError, ValueError, TypeError) as exc:
+                log.warning("dropping unreadable journal entry: %s", exc)
+                continue
+            self.tasks[task.id] = task
+            self._queue(task).push(task)
+            self._arm_deadline(task)
+        if docs:
+            log.info("recovered %d task(s) from the journal", len(docs))
+
+    # ============================================================== registry
+
+    async def _on_state(self, msg: Inbound) -> None:
+        fields = topics.NODE_STATE.parse(msg.topic)
+        if fields is None or not msg.payload:
+            return
+        try:
+            state = decode(msg.payload, NodeState)
+        except MessageError as exc:
+            log.warning("bad state from %s: %s", fields["node_id"], exc)
+            return
+        node_id = fields["node_id"]
+        if self.registry.on_state(node_id, state, time.monotonic()):
+            log.info("peer %s went offline", node_id)
+            self._peer_lost(node_id, "went offline")
+        self._dispatch_peer(node_id)
+
+    async def _on_info(self, msg: Inbound) -> None:
+        fields = topics.NODE_INFO.parse(msg.topic)
+        if fields is None or not msg.payload:
+            return
+        try:
+            info = decode(msg.payload, NodeInfo)
+        except MessageError as exc:
+            log.warning("bad info from %s: %s", fields["node_id"], exc)
+            return
+        self.registry.on_info(fields["node_id"], info, time.monotonic())
+        self._dispatch_peer(fields["node_id"])
+
+    async def _on_health(self, msg: Inbound) -> None:
+        fields = topics.NODE_HEALTH.parse(msg.topic)
+        if fields is None or not msg.payload:
+            return
+        try:
+            health = decode(msg.payload, NodeHealth)
+        except MessageError as exc:
+            log.warning("bad health from %s: %s", fields["node_id"], exc)
+            return
+        self.registry.on_health(fields["node_id"], health, time.monotonic())
+
+    def _dispatch_peer(self, node_id: str) -> None:
+        peer = self.registry.peers.get(node_id)
+        if peer is not None:
+            for cap in peer.slots:
+                self._dispatch(cap)
+
+    def _peer_lost(self, node_id: str, why: str) -> None:
+        for task_id in list(self.by_node.get(node_id, ())):
+            task = self.tasks.get(task_id)
+            if task is not None:
+                self._release(task)
+                self._retry(task, ErrorInfo(code="worker_lost", message=f"{node_id} {why}"))
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            for node_id in self.registry.sweep(now, self.cfg.stale_after):
+                log.warning("peer %s missed its heartbeats; treating it as gone", node_id)
+                self._peer_lost(node_id, "stopped sending heartbeats")
+            self.registry.reopen_breakers(now)
+            for cap, q in self.queues.items():
+                if len(q):
+                    self._dispatch(cap)
+
+    # ============================================================ submission
+
+    async def _on_submit(self, msg: Inbound) -> None:
+        reply_topic = msg.response_topic
+        try:
+            submit = decode(msg.payload, TaskSubmit)
+        except MessageError as exc:
+            log.warning("rejected submission: %s (payload %s)", exc, msg.preview())
+            if reply_topic:
+                self._send(
+                    reply_topic,
+                    msg.correlation_data,
+                    TaskUpdate(
+                        task_id="invalid",
+                        status="failed",
+                        error=ErrorInfo(code=exc.code, message=str(exc)),
+                    ),
+                )
+            return
+        reply_topic = reply_topic or submit.reply_to
+        if reply_topic is not None and not _valid_reply_topic(reply_topic):
+            log.warning("submission with an invalid reply topic %r dropped", reply_topic)
+            return
+        task_id = submit.task_id or uuid.uuid4().hex
+        try:
+            user, role = self._identify(submit.user, submit.token)
+            self._admit(submit, user, role)
+        except Refused as exc:
+            update = TaskUpdate(
+                task_id=task_id,
+                status="failed",
+                error=ErrorInfo(code=exc.code, message=str(exc)),
+                correlation=submit.correlation,
+            )
+            log.info("refused %s task from %s: %s", submit.capability, submit.user, exc)
+            if reply_topic:
+                self._send(reply_topic, msg.correlation_data, update)
+            return
+        # Idempotency: a resubmission joins the task it repeats.
+        existing_id = task_id if submit.task_id else None
+        if submit.idempotency_key:
+            existing_id = self.idempotency.get((user, submit.idempotency_key), existing_id)
+        if existing_id is not None:
+            if existing_id in self.finished:
+                final = self.finished[existing_id].model_copy(
+                    update={"correlation": submit.correlation}
+                )
+                if reply_topic:
+                    self._send(reply_topic, msg.correlation_data, final)
+                return
+            live = self.tasks.get(existing_id)
+            if live is not None:
+                live.reply_topic = reply_topic or live.reply_topic
+                live.correlation = msg.correlation_data or live.correlation
+                if submit.progress:
+                    self._reply(live, "queued" if live.state == "queued" else "assigned")
+                return
+        now = time.time()
+        timeout = submit.timeout or self.cfg.default_timeout
+        deadline = min(submit.deadline or now + timeout, now + timeout)
+        task = Task(
+            id=task_id,
+            submit=submit,
+            user=user,
+            role=role,
+            deadline=deadline,
+            reply_topic=reply_topic,
+            correlation=msg.correlation_data,
+            input_bytes=len(msg.payload),
+        )
+        if submit.idempotency_key:
+            self.idempotency[(user, submit.idempotency_key)] = task_id
+            while len(self.idempotency) > self.cfg.dedupe_size:
+                self.idempotency.popitem(last=False)
+        self.tasks[task_id] = task
+        self.store.journal_add(task_id, task.submitted, task.journal_doc())
+        position = self._queue(task).push(task)
+        self._arm_deadline(task)
+        if submit.progress:
+            self._reply(task, "queued", position=position)
+        self._dispatch(submit.capability)
+
+    def _identify(self, name: str | None, token: str | None) -> tuple[str, str]:
+        if token:
+            user = self.users.by_token(token)
+            if user is None:
+                raise Refused("unauthorized", "invalid API token")
+            name, role = user["name"], user["role"]
+        elif self.cfg.require_token:
+            raise Refused("unauthorized", "this realm requires an API token")
+        else:
+            name = name or "anonymous"
+            known = self.users.get(name)
+            role = known["role"] if known else self.cfg.anonymous_role
+            if role == "sysop":
+                role = self.cfg.anonymous_role  # sysop rights need the token
+        known = self.users.get(name)
+        if known is not None and known.get("banned"):
+            reason = f": {known['reason']}" if known.get("reason") else ""
+            raise Refused("banned", f"user {name!r} is banned{reason}")
+        return name, role
+
+    def _admit(self, submit: TaskSubmit, user: str, role: str) -> None:
+        limits = self.cfg.roles.get(role)
+        if limits is not None:
+            bucket = self.buckets.get(user)
+            if bucket is None:
+                bucket = self.buckets[user] = bucket_for(limits)
+            if not bucket.take(time.monotonic()):
+                raise Refused("rate_limited", f"user {user!r} exceeds {limits.rate_per_s:g}/s")
+        if not self.registry.offered(submit.capability):
+            raise Refused("unavailable", f"no peer offers {submit.capability!r}")
+        q = self.queues.get(submit.capability)
+        if q is not None and q.full:
+            raise Refused("queue_full", f"the {submit.capability} queue is full ({q.maxsize})")
+        if submit.deadline is not None and submit.deadline <= time.time():
+            raise Refused("timeout", "the deadline has already passed")
+
+    def _queue(self, task: Task) -> FairQueue[Task]:
+        q = self.queues.get(task.capability)
+        if q is None:
+            q = self.queues[task.capability] = FairQueue(self.cfg.queue_size)
+        return q
+
+    def _arm_deadline(self, task: Task) -> None:
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, task.deadline - time.time())
+        task.deadline_timer = loop.call_later(delay, self._on_deadline, task)
+
+    # ============================================================ assignment
+
+    def _user_ok(self, user: str) -> bool:
+        task_role = None
+        known = self.users.get(user)
+        task_role = known["role"] if known else self.cfg.anonymous_role
+        limits = self.cfg.roles.get(task_role)
+        return (
+            limits is None
+            or limits.max_concurrent == 0
+            or (self.user_running[user] < limits.max_concurrent)
+        )
+
+    def _dispatch(self, cap: str) -> None:
+        q = self.queues.get(cap)
+        free = self.registry.free.get(cap)
+        if q is None or not len(q) or free is None or not len(free):
+            return
+        parked: list[Task] = []
+        while len(q) and len(free):
+            task = q.pop(self._user_ok)
+            if task is None:
+                break
+            peer = self._pick(task)
+            if peer is None:
+                parked.append(task)
+                if len(parked) >= MAX_PARKED:
+                    break
+                continue
+            self._assign(task, peer)
+        for task in reversed(parked):
+            q.push(task, front=True)
+
+    def _pick(self, task: Task) -> Peer | None:
+        cap = task.capability
+        free = self.registry.free[cap]
+        c = task.submit.constraints
+        if c.node:
+            ids = [c.node] if c.node in free else []
+        else:
+            ids = free.sample(policy.SAMPLE_SIZE, self.rng)
+            constrained = _has_constraints(c)
+            if constrained or task.tried:
+                fitting = [i for i in ids if self._fits(i, task)]
+                if not fitting and len(free) > len(ids):
+                    fitting = [i for i in free.items if self._fits(i, task)]
+                ids = fitting
+        if not ids:
+            return None
+        now = time.monotonic()
+        candidates = []
+        for node_id in ids:
+            peer = self.registry.peers[node_id]
+            slot = peer.slots[cap]
+            if not slot.breaker.allows(now):
+                self.registry.refresh(peer, cap, now)
+                continue
+            candidates.append(
+                policy.Candidate(
+                    node_id=node_id,
+                    in_use=slot.in_use,
+                    capacity=slot.capacity,
+                    load_per_core=peer.load_per_core,
+                    latency_ms=slot.latency_ms,
+                    success=slot.success,
+                    local=c.prefer_local and node_id == task.submit.origin,
+                    probation=slot.breaker.probation,
+                )
+            )
+        best = policy.choose(candidates)
+        return self.registry.peers[best.node_id] if best else None
+
+    def _fits(self, node_id: str, task: Task) -> bool:
+        peer = self.registry.peers[node_id]
+        if node_id in task.tried and len(task.tried) < len(self.registry.index[task.capability]):
+            return False
+        c = task.submit.constraints
+        if c.accelerator and not peer.has_accelerator:
+            return False
+        return peer.slots[task.capability].offers(c.backend, c.model, c.language)
+
+    def _assign(self, task: Task, peer: Peer) -> None:
+        slot = peer.slots[task.capability]
+        slot.in_use += 1
+        slot.breaker.on_assign()
+        self.registry.refresh(peer, task.capability)
+        task.attempt += 1
+        task.node = peer.node_id
+        task.tried.add(peer.node_id)
+        task.state = "assigned"
+        now = time.monotonic()
+        task.assigned_mono = now
+        if task.queue_ms is None:
+            task.queue_ms = round((now - task.submitted_mono) * 1000, 3)
+        self.by_node.setdefault(peer.node_id, set()).add(task.id)
+        self.user_running[task.user] += 1
+        assign = TaskAssign(
+            task_id=task.id,
+            attempt=task.attempt,
+            capability=task.capability,
+            input=task.submit.input,
+            deadline=task.deadline,
+            user=task.user,
+            stream=task.submit.stream,
+            constraints=task.submit.constraints,
+        )
+        topic = topics.NODE_TASK.build(realm=self.realm, node_id=peer.node_id)
+        expiry = max(1.0, task.deadline - time.time())
+        self.bus.post(topic, assign, expiry=expiry)
+        loop = asyncio.get_running_loop()
+        task.ack_timer = loop.call_later(
+            self.cfg.ack_timeout, self._on_ack_timeout, task, task.attempt
+        )
+        if task.submit.progress:
+            self._reply(task, "assigned", node=peer.node_id)
+
+    def _release(self, task: Task) -> None:
+        """Give back the slot an assigned task holds."""
+        if task.node is None or task.state not in ("assigned", "running"):
+            return
+        if task.ack_timer is not None:
+            task.ack_timer.cancel()
+            task.ack_timer = None
+        peer = self.registry.peers.get(task.node)
+        if peer is not None:
+            slot = peer.slots.get(task.capability)
+            if slot is not None:
+                slot.in_use = max(0, slot.in_use - 1)
+                slot.breaker.probing = False
+            self.registry.refresh(peer, task.capability, time.monotonic())
+        self.by_node.get(task.node, set()).discard(task.id)
+        self.user_running[task.user] -= 1
+        if self.user_running[task.user] <= 0:
+            del self.user_running[task.user]
+        task.state = "released"
+
+    def _retry(self, task: Task, error: ErrorInfo) -> None:
+        """Queue a released task again, or fail it when out of attempts."""
+        if task.attempt >= self.cfg.max_attempts:
+            self._finish(task, "failed", error=error)
+            return
+        task.node = None
+        task.state = "queued"
+        self._queue(task).push(task, front=True)
+        self._dispatch(task.capability)
+
+    def _peer_outcome(self, task: Task, ok: bool, run_ms: float | None = None) -> None:
+        peer = self.registry.peers.get(task.node or "")
+        if peer is None:
+            return
+        slot = peer.slots.get(task.capability)
+        if slot is None:
+            return
+        slot.record(ok, run_ms)
+        if ok:
+            slot.breaker.on_success()
+        else:
+            was = slot.breaker.state
+            slot.breaker.on_failure(time.monotonic())
+            if slot.breaker.state == "open" and was != "open":
+                log.warning(
+                    "blacklisted %s for %s for %.0fs (trip %d)",
+                    peer.node_id,
+                    task.capability,
+                    slot.breaker.open_until - time.monotonic(),
+                    slot.breaker.trips,
+                )
+        self.registry.refresh(peer, task.capability, time.monotonic())
+
+    def _on_ack_timeout(self, task: Task, attempt: int) -> None:
+        if task.state != "assigned" or task.attempt != attempt or task.id not in self.tasks:
+            return
+        node = task.node
+        log.warning("%s did not acknowledge task %s; reassigning", node, task.id)
+        self._peer_outcome(task, ok=False)
+        self._abort(task, "not acknowledged in time")
+        self._release(task)
+        self._retry(task, ErrorInfo(code="no_ack", message=f"{node} did not acknowledge"))
+
+    def _on_deadline(self, task: Task) -> None:
+        if task.id not in self.tasks:
+            return
+        if task.state in ("assigned", "running"):
+            self._abort(task, "deadline")
+            self._peer_outcome(task, ok=False)
+            self._release(task)
+        self._finish(task, "failed", error=ErrorInfo(code="timeout", message="deadline passed"))
+
+    def _abort(self, task: Task, reason: str) -> None:
+        if task.node is None:
+            return
+        topic = topics.NODE_TASK.build(realm=self.realm, node_id=task.node)
+        abort = TaskAbort(task_id=task.id, attempt=task.attempt, reason=reason)
+        self.bus.post(topic, abort)
+
+    # ============================================================= reports
+
+    async def _on_report(self, msg: Inbound) -> None:
+        fields = topics.TASK_WORKER.parse(msg.topic)
+        if fields is None:
+            return
+        try:
+            report = decode(msg.payload, WorkerReport)
+        except MessageError as exc:
+            log.warning("bad report from %s: %s (%s)", fields["node_id"], exc, msg.preview())
+            return
+        node_id = fields["node_id"]
+        self.registry.seen(node_id, time.monotonic())
+        task = self.tasks.get(report.task_id)
+        if task is None:
+            return  # already final: a late or duplicate report
+        current = task.node == node_id and task.attempt == report.attempt
+        status = report.status
+        if not current:
+            # A result from an earlier attempt (or from before a restart) still
+            # counts if nobody else finished first; other reports are stale.
+            if status == "done" and task.state in ("queued", "released"):
+                self._finish(task, "done", output=report.output, run_ms=report.run_ms)
+            return
+        if status in ("started", "partial") and task.state == "assigned":
+            task.state = "running"
+            task.started_mono = time.monotonic()
+            if task.ack_timer is not None:
+                task.ack_timer.cancel()
+                task.ack_timer = None
+            if task.submit.progress:
+                self._reply(task, "started", node=node_id)
+        if status == "partial":
+            if task.submit.stream:
+                self._reply(task, "partial", output=report.output)
+        elif status == "done":
+            self._peer_outcome(task, ok=True, run_ms=report.run_ms)
+            self._release(task)
+            self._finish(task, "done", output=report.output, run_ms=report.run_ms)
+        elif status == "failed":
+            error = report.error or ErrorInfo(code="internal", message="worker failed")
+            self._peer_outcome(task, ok=error.code in NOT_PEER_FAULTS)
+            self._release(task)
+            self._finish(task, "failed", error=error, run_ms=report.run_ms)
+        elif status == "rejected":
+            error = report.error or ErrorInfo(code="rejected", message="worker rejected")
+            if error.code not in NEUTRAL_REJECTIONS:
+                self._peer_outcome(task, ok=False)
+            self._release(task)
+            self._retry(task, error)
+
+    # ============================================================== finals
+
+    def _finish(
+        self,
+        task: Task,
+        status: str,
+        *,
+        output: Any = None,
+        error: ErrorInfo | None = None,
+        run_ms: float | None = None,
+    ) -> None:
+        if self.tasks.pop(task.id, None) is None:
+            return
+        self._queue(task).discard(task)
+        task.state = "final"
+        task.cancel_timers()
+        total_ms = round((time.monotonic() - task.submitted_mono) * 1000, 3)
+        update = self._reply(
+            task, status, output=output, error=error, run_ms=run_ms, node=task.node
+        )
+        self.finished[task.id] = update
+        while len(self.finished) > self.cfg.dedupe_size:
+            self.finished.popitem(last=False)
+        self.store.journal_remove(task.id)
+        self.store.record(
+            {
+                "task_id": task.id,
+                "user": task.user,
+                "capability": task.capability,
+                "node": task.node,
+                "priority": task.submit.priority,
+                "submitted": task.submitted,
+                "queue_ms": task.queue_ms,
+                "run_ms": run_ms,
+                "total_ms": total_ms,
+                "outcome": status,
+                "error_code": error.code if error else None,
+                "attempts": task.attempt,
+                "input_bytes": task.input_bytes,
+                "output_bytes": _size(output),
+            }
+        )
+        self.stats.record(task.capability, status, total_ms)
+        self._dispatch(task.capability)
+
+    def _reply(self, task: Task, status: str, **fields: Any) -> TaskUpdate:
+        task.seq += 1
+        update = TaskUpdate(
+            task_id=task.id,
+            status=status,
+            seq=task.seq,
+            attempt=task.attempt or None,
+            queue_ms=task.queue_ms if status in ("done", "failed", "cancelled") else None,
+            correlation=task.submit.correlation,
+            **fields,
+        )
+        if task.reply_topic:
+            self._send(task.reply_topic, task.correlation, update)
+        return update
+
+    def _send(self, topic: str, correlation: bytes | None, update: TaskUpdate) -> None:
+        self.bus.post(topic, update, correlation_data=correlation)
+
+    # ============================================================== control
+
+    async def _on_control(self, msg: Inbound) -> None:
+        try:
+            cancel = decode(msg.payload, TaskCancel)
+        except MessageError as exc:
+            log.warning("bad control message: %s (%s)", exc, msg.preview())
+            return
+        try:
+            ok = self.cancel(cancel.task_id, cancel.user, cancel.token, cancel.reason)
+        except Refused as exc:
+            log.warning("refused cancel of %s: %s", cancel.task_id, exc)
+            return
+        if not ok:
+            log.info("cancel of unknown or finished task %s", cancel.task_id)
+
+    def cancel(
+        self,
+        task_id: str,
+        user: str | None,
+        token: str | None,
+        reason: str | None,
+        *,
+        sysop: bool = False,
+    ) -> bool:
+        task = self.tasks.get(task_id)
+        if task is None:
+            return False
+        if not sysop:
+            name, role = self._identify(user, token)
+            if role != "sysop" and name != task.user:
+                raise Refused("forbidden", "only the submitter or a sysop may cancel a task")
+        if task.state in ("assigned", "running"):
+            self._abort(task, reason or "cancelled")
+            self._release(task)
+        self._finish(
+            task,
+            "cancelled",
+            error=ErrorInfo(code="cancelled", message=reason or "cancelled"),
+        )
+        return True
+
+    # ================================================================ stats
+
+    async def _stats_loop(self) -> None:
+        topic = topics.ORCH_STATS.build(realm=self.realm)
+        while True:
+            await asyncio.sleep(self.cfg.stats_interval)
+            await self.bus.publish(topic, self.snapshot(), qos=0, retain=True, wait=False)
+
+    def snapshot(self) -> OrchestratorStats:
+        running: Counter[str] = Counter(
+            t.capability for t in self.tasks.values() if t.state in ("assigned", "running")
+        )
+        queues = {cap: len(q) for cap, q in self.queues.items()}
+        peers = {}
+        online = 0
+        for p in self.registry.peers.values():
+            online += p.available
+            peers[p.node_id] = {
+                "online": p.online and not p.stale,
+                "drained": p.drained,
+                "blacklisted": p.blacklisted,
+                "slots": {
+                    name: {
+                        "in_use": s.in_use,
+                        "capacity": s.capacity,
+                        "latency_ms": round(s.latency_ms, 3) if s.latency_ms else None,
+                        "success": round(s.success, 3),
+                        "breaker": s.breaker.state,
+                    }
+                    for name, s in p.slots.items()
+                },
+            }
+        self.stats.gauges(queues, online)
+        return OrchestratorStats(
+            uptime_s=round(time.monotonic() - self.started, 1),
+            peers_online=online,
+            queues=queues,
+            running=dict(running),
+            completed=dict(self.stats.completed),
+            failed=dict(self.stats.failed),
+            throughput_per_s=self.stats.throughput(),
+            latency_ms=self.stats.latency(),
+            peers=peers,
+        )
+
+
+def _has_constraints(c: Constraints) -> bool:
+    return bool(c.accelerator or c.language or c.backend or c.model)
+
+
+def _valid_reply_topic(topic: str) -> bool:
+    return bool(topic) and "+" not in topic and "#" not in topic and len(topic) < 512
+
+
+def _size(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, str | bytes):
+        return len(value)
+    return len(repr(value))

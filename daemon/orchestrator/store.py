@@ -1,0 +1,173 @@
+"""Task history, statistics rows and the active-task journal in SQLite.
+
+All SQLite work happens in a thread (never on the event loop), in batches:
+the loop appends operations to a list and a writer task flushes them every
+``FLUSH_INTERVAL`` or when ``FLUSH_BATCH`` are pending.  WAL mode, bounded
+retention.  Raw inputs (audio, images) are never stored — only sizes.
+
+The ``active`` table is the journal that lets an orchestrator restart without
+losing queued or running tasks: a task is written on submit and deleted when
+it ends; on start-up every row is queued again (at-least-once, deduplicated
+by task id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Final
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL: Final = 0.05
+FLUSH_BATCH: Final = 500
+RETENTION_EVERY: Final = 600.0
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS history (
+    task_id TEXT PRIMARY KEY,
+    user TEXT, capability TEXT, node TEXT, priority TEXT,
+    submitted REAL, queue_ms REAL, run_ms REAL, total_ms REAL,
+    outcome TEXT, error_code TEXT, attempts INTEGER,
+    input_bytes INTEGER, output_bytes INTEGER
+);
+CREATE INDEX IF NOT EXISTS history_submitted ON history (submitted);
+CREATE TABLE IF NOT EXISTS active (
+    task_id TEXT PRIMARY KEY,
+    submitted REAL,
+    doc TEXT
+);
+"""
+
+
+class Store:
+    def __init__(self, path: Path, retention_days: float, max_rows: int) -> None:
+        self.path = path
+        self.retention_s = retention_days * 86400
+        self.max_rows = max_rows
+        self._db: sqlite3.Connection | None = None
+        self._ops: list[tuple[str, tuple[Any, ...]]] = []
+        self._wake = asyncio.Event()
+        self._last_retention = 0.0
+
+    async def open(self) -> None:
+        await asyncio.to_thread(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+        self._db = db
+
+    async def close(self) -> None:
+        await self.flush()
+        if self._db is not None:
+            db, self._db = self._db, None
+            await asyncio.to_thread(db.close)
+
+    # ------------------------------------------------------------- writes
+
+    def _queue(self, sql: str, args: tuple[Any, ...]) -> None:
+        self._ops.append((sql, args))
+        self._wake.set()
+
+    def journal_add(self, task_id: str, submitted: float, doc: dict[str, Any]) -> None:
+        self._queue(
+            "INSERT OR REPLACE INTO active VALUES (?, ?, ?)",
+            (task_id, submitted, json.dumps(doc, separators=(",", ":"))),
+        )
+
+    def journal_remove(self, task_id: str) -> None:
+        self._queue("DELETE FROM active WHERE task_id = ?", (task_id,))
+
+    def record(self, row: dict[str, Any]) -> None:
+        self._queue(
+            "INSERT OR REPLACE INTO history VALUES "
+            "(:task_id, :user, :capability, :node, :priority, :submitted, :queue_ms, :run_ms,"
+            " :total_ms, :outcome, :error_code, :attempts, :input_bytes, :output_bytes)",
+            (row,),
+        )
+
+    async def run(self) -> None:
+        """The writer: flush batches as they come (idle when nothing happens)."""
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(FLUSH_INTERVAL if len(self._ops) < FLUSH_BATCH else 0)
+            await self.flush()
+
+    async def flush(self) -> None:
+        self._wake.clear()
+        if not self._ops or self._db is None:
+            return
+        ops, self._ops = self._ops, []
+        await asyncio.to_thread(self._apply, ops)
+
+    def _apply(self, ops: list[tuple[str, tuple[Any, ...]]]) -> None:
+        db = self._db
+        if db is None:
+            return
+        try:
+            db.execute("BEGIN")
+            for sql, args in ops:
+                if len(args) == 1 and isinstance(args[0], dict):
+                    db.execute(sql, args[0])
+                else:
+                    db.execute(sql, args)
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            log.exception("history write failed (%d operations lost)", len(ops))
+            db.execute("ROLLBACK")
+        now = time.time()
+        if now - self._last_retention > RETENTION_EVERY:
+            self._last_retention = now
+            self._retention(db, now)
+
+    def _retention(self, db: sqlite3.Connection, now: float) -> None:
+        db.execute("DELETE FROM history WHERE submitted < ?", (now - self.retention_s,))
+        (count,) = db.execute("SELECT COUNT(*) FROM history").fetchone()
+        if count > self.max_rows:
+            db.execute(
+                "DELETE FROM history WHERE task_id IN (SELECT task_id FROM history "
+                "ORDER BY submitted LIMIT ?)",
+                (count - self.max_rows,),
+            )
+
+    # -------------------------------------------------------------- reads
+
+    async def load_active(self) -> list[dict[str, Any]]:
+        def read() -> list[dict[str, Any]]:
+            assert self._db is not None
+            rows = self._db.execute("SELECT doc FROM active ORDER BY submitted").fetchall()
+            return [json.loads(r[0]) for r in rows]
+
+        return await asyncio.to_thread(read)
+
+    async def history(
+        self, limit: int = 50, user: str | None = None, capability: str | None = None
+    ) -> list[dict[str, Any]]:
+        await self.flush()
+
+        def read() -> list[dict[str, Any]]:
+            assert self._db is not None
+            sql = "SELECT * FROM history"
+            where, args = [], []
+            if user:
+                where.append("user = ?")
+                args.append(user)
+            if capability:
+                where.append("capability = ?")
+                args.append(capability)
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY submitted DESC LIMIT ?"
+            cur = self._db.execute(sql, (*args, limit))
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+        return await asyncio.to_thread(read)

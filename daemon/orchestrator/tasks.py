@@ -1,0 +1,88 @@
+"""A task as the orchestrator tracks it, and the per-user limits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.orchestrator.config import RoleLimits
+from daemon.protocol.task import PRIORITY_RANK, TaskSubmit
+
+
+@dataclass(eq=False)
+class Task:
+    id: str
+    submit: TaskSubmit
+    user: str
+    role: str
+    deadline: float  # epoch seconds
+    reply_topic: str | None
+    correlation: bytes | None
+    submitted: float = field(default_factory=time.time)
+    submitted_mono: float = field(default_factory=time.monotonic)
+    state: str = "queued"  # queued | assigned | running | final
+    attempt: int = 0
+    node: str | None = None
+    tried: set[str] = field(default_factory=set)
+    seq: int = 0
+    ticket: int | None = None  # set by FairQueue while queued
+    assigned_mono: float | None = None
+    started_mono: float | None = None
+    queue_ms: float | None = None
+    input_bytes: int = 0
+    deadline_timer: asyncio.TimerHandle | None = None
+    ack_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def capability(self) -> str:
+        return self.submit.capability
+
+    @property
+    def rank(self) -> int:
+        return PRIORITY_RANK[self.submit.priority]
+
+    def cancel_timers(self) -> None:
+        for handle in (self.deadline_timer, self.ack_timer):
+            if handle is not None:
+                handle.cancel()
+        self.deadline_timer = self.ack_timer = None
+
+    def journal_doc(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "submit": self.submit.model_dump(mode="json", exclude_none=True),
+            "user": self.user,
+            "role": self.role,
+            "deadline": self.deadline,
+            "reply_topic": self.reply_topic,
+            "correlation": self.correlation.hex() if self.correlation else None,
+            "submitted": self.submitted,
+        }
+
+
+@dataclass
+class TokenBucket:
+    """Rate limit: ``rate`` tokens per second, up to ``burst`` saved."""
+
+    rate: float
+    burst: float
+    tokens: float = -1.0
+    stamp: float = 0.0
+
+    def take(self, now: float) -> bool:
+        if self.rate <= 0:
+            return True
+        if self.tokens < 0:
+            self.tokens, self.stamp = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+def bucket_for(limits: RoleLimits) -> TokenBucket:
+    return TokenBucket(limits.rate_per_s, float(limits.burst))

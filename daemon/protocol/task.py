@@ -1,0 +1,133 @@
+"""The task protocol: submission, progress, assignment, worker reports, cancellation.
+
+Client → orchestrator on ``task/submit`` (MQTT 5 response topic + correlation
+data; MQTT 3.1.1 clients put ``reply_to`` / ``correlation`` in the payload).
+The orchestrator answers on the response topic with :class:`TaskUpdate`
+messages ending in exactly one final one (done / failed / cancelled).
+
+Orchestrator → worker on ``node/<id>/task``: :class:`TaskAssign` and
+:class:`TaskAbort`.  Worker → orchestrator on ``task/worker/<id>``:
+:class:`WorkerReport`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+from pydantic import Field
+
+from daemon.messages import Message, Part, now
+
+Priority = Literal["alarm", "interactive", "batch"]
+PRIORITY_RANK: Final[dict[str, int]] = {"alarm": 0, "interactive": 1, "batch": 2}
+CAPABILITY_RE: Final = r"^[a-z][a-z0-9_.-]{0,63}$"
+TASK_ID_RE: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
+FINAL_STATUSES: Final = frozenset({"done", "failed", "cancelled"})
+
+UpdateStatus = Literal["queued", "assigned", "started", "partial", "done", "failed", "cancelled"]
+
+
+class Constraints(Part):
+    """Where a task may run."""
+
+    node: str | None = Field(default=None, description="Pin to this node id.")
+    prefer_local: bool = Field(default=False, description="Prefer the submitter's own node.")
+    accelerator: bool = Field(default=False, description="Only nodes with an accelerator.")
+    language: str | None = Field(default=None, description="Capability must list it.")
+    backend: str | None = None
+    model: str | None = None
+
+
+class ErrorInfo(Part):
+    code: str
+    message: str
+
+
+class TaskSubmit(Message):
+    TYPE = "task.submit"
+
+    capability: str = Field(pattern=CAPABILITY_RE)
+    input: Any = None
+    task_id: str | None = Field(default=None, pattern=TASK_ID_RE)
+    priority: Priority = "interactive"
+    timeout: float | None = Field(default=None, gt=0, le=86400, description="Seconds.")
+    deadline: float | None = Field(default=None, description="Epoch seconds.")
+    idempotency_key: str | None = Field(default=None, max_length=128)
+    user: str | None = Field(default=None, max_length=64)
+    token: str | None = Field(default=None, max_length=256)
+    origin: str | None = Field(default=None, description="Submitting node id.")
+    constraints: Constraints = Field(default_factory=Constraints)
+    stream: bool = Field(default=True, description="Relay partial output.")
+    progress: bool = Field(default=False, description="Send queued/assigned/started too.")
+    reply_to: str | None = Field(default=None, description="MQTT 3.1.1: reply topic.")
+    correlation: str | None = Field(default=None, max_length=256)
+
+
+class TaskUpdate(Message):
+    TYPE = "task.update"
+
+    task_id: str
+    status: UpdateStatus
+    seq: int = 0
+    position: int | None = None
+    node: str | None = None
+    attempt: int | None = None
+    output: Any = None
+    error: ErrorInfo | None = None
+    queue_ms: float | None = None
+    run_ms: float | None = None
+    correlation: str | None = None
+    ts: float = Field(default_factory=now)
+
+
+class TaskCancel(Message):
+    """Cancel a task: by its submitter or by a sysop (on ``task/control``)."""
+
+    TYPE = "task.cancel"
+
+    task_id: str = Field(pattern=TASK_ID_RE)
+    user: str | None = None
+    token: str | None = None
+    reason: str | None = Field(default=None, max_length=200)
+
+
+class TaskAssign(Message):
+    TYPE = "task.assign"
+
+    task_id: str
+    attempt: int = Field(ge=1)
+    capability: str
+    input: Any = None
+    deadline: float | None = None
+    user: str | None = None
+    stream: bool = True
+    constraints: Constraints = Field(default_factory=Constraints)
+
+
+class TaskAbort(Message):
+    TYPE = "task.abort"
+
+    task_id: str
+    attempt: int | None = None
+    reason: str = "cancelled"
+
+
+WorkerStatus = Literal["started", "partial", "done", "failed", "rejected"]
+
+
+class WorkerReport(Message):
+    """What a worker says about an assignment.
+
+    ``started`` acknowledges it; ``rejected`` hands it back (busy, shutting
+    down, capability gone) so it is assigned elsewhere.
+    """
+
+    TYPE = "task.report"
+
+    task_id: str
+    attempt: int = Field(ge=1)
+    status: WorkerStatus
+    seq: int = 0
+    output: Any = None
+    error: ErrorInfo | None = None
+    run_ms: float | None = None
