@@ -395,7 +395,7 @@ class Bus:
             socket_options.append((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
         connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         connect_props.SessionExpiryInterval = 0
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             ep.host,
             ep.port or 1,  # paho rejects port 0 even for unix sockets, where it is unused
             username=self.config.username,
@@ -415,6 +415,10 @@ class Bus:
             socket_options=socket_options,
             websocket_path=ep.path if ep.transport == "websockets" else None,
         )
+        # aiomqtt warns past 10 pending publishes; our flow control (max_inflight)
+        # is the real bound, so only warn beyond it.
+        client.pending_calls_threshold = self.config.max_inflight + 1
+        return client
 
     def _tls_context(self) -> ssl.SSLContext:
         tls = self.config.tls
@@ -450,8 +454,9 @@ class Bus:
             finally:
                 self._connected.clear()
                 self._client = None
-            delay = min(rc.max_delay, rc.initial_delay * (2**attempt))
+            delay = rc.initial_delay * (2 ** min(attempt, 30))
             delay *= 1 + random.uniform(-rc.jitter, rc.jitter)
+            delay = min(rc.max_delay, delay)  # capped after the jitter: never past max_delay
             attempt += 1
             await asyncio.sleep(delay)
 

@@ -314,10 +314,10 @@ class Orchestrator:
                 return
             live = self.tasks.get(existing_id)
             if live is not None:
-                live.reply_topic = reply_topic or live.reply_topic
-                live.correlation = msg.correlation_data or live.correlation
-                if submit.progress:
-                    self._reply(live, "queued" if live.state == "queued" else "assigned")
+                watcher = (reply_topic, msg.correlation_data, submit.correlation)
+                if reply_topic and watcher[:2] != (live.reply_topic, live.correlation):
+                    if watcher not in live.watchers:
+                        live.watchers.append(watcher)
                 return
         now = time.time()
         timeout = submit.timeout or self.cfg.default_timeout
@@ -695,6 +695,8 @@ class Orchestrator:
         )
         if task.reply_topic:
             self._send(task.reply_topic, task.correlation, update)
+        for topic, correlation, text in task.watchers:
+            self._send(topic, correlation, update.model_copy(update={"correlation": text}))
         return update
 
     def _send(self, topic: str, correlation: bytes | None, update: TaskUpdate) -> None:

@@ -28,6 +28,9 @@ class Task:
     tried: set[str] = field(default_factory=set)
     seq: int = 0
     ticket: int | None = None  # set by FairQueue while queued
+    # Resubmissions (same idempotency key or task id) that wait for this task too:
+    # (reply topic, MQTT 5 correlation data, payload correlation).
+    watchers: list[tuple[str, bytes | None, str | None]] = field(default_factory=list)
     assigned_mono: float | None = None
     started_mono: float | None = None
     queue_ms: float | None = None
