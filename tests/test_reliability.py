@@ -6,6 +6,7 @@ Every task must end with exactly one final result — none lost, none twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 from collections import Counter
@@ -110,10 +111,8 @@ async def test_kill9_workers_while_2000_tasks_run(
             async with sem:
                 h = await client.submit("sleep", {"seconds": 0.005}, timeout=60)
                 ids.append(h.task_id)
-                try:
+                with contextlib.suppress(TaskFailed):
                     await h.result()
-                except TaskFailed:
-                    pass
 
         async def killer() -> None:
             nonlocal kills

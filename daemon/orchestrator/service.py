@@ -314,9 +314,10 @@ class Orchestrator:
                 return
             live = self.tasks.get(existing_id)
             if live is not None:
-                watcher = (reply_topic, msg.correlation_data, submit.correlation)
-                if reply_topic and watcher[:2] != (live.reply_topic, live.correlation):
-                    if watcher not in live.watchers:
+                if reply_topic:
+                    watcher = (reply_topic, msg.correlation_data, submit.correlation)
+                    primary = (live.reply_topic, live.correlation)
+                    if watcher[:2] != primary and watcher not in live.watchers:
                         live.watchers.append(watcher)
                 return
         now = time.time()
