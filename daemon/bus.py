@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import logging
 import random
+import re
 import socket
 import ssl
 from collections import deque
@@ -74,8 +75,12 @@ Handler = Callable[[Inbound], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
 
 
+_SECRET_FIELD = re.compile(r'("(?:token|password|api_key|secret)"\s*:\s*)"[^"]*"?')
+
+
 def truncate(payload: bytes, limit: int = LOG_PAYLOAD_BYTES) -> str:
-    text = payload[:limit].decode("utf-8", errors="replace")
+    """A payload for a log line: cut to ``limit`` bytes, secrets masked."""
+    text = _SECRET_FIELD.sub(r'\1"***"', payload[:limit].decode("utf-8", errors="replace"))
     return text + (f"...(+{len(payload) - limit} bytes)" if len(payload) > limit else "")
 
 

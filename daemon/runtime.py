@@ -246,7 +246,11 @@ class NodeDaemon:
             cmd = decode(msg.payload or b"{}", NodeCommand)
             command = fields["command"]
             if command == "restart":
-                names = [cmd.node] if cmd.node else list(self.hosted)
+                names = (
+                    [cmd.node]
+                    if cmd.node
+                    else [n for n, h in self.hosted.items() if h.node is not None]
+                )
                 for name in names:
                     await self.restart_node(name)
                 log.info("restarted %s on command", ", ".join(names))

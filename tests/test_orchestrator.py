@@ -318,3 +318,25 @@ async def test_worker_loss_requeues_to_another_peer(realm_env: Realm) -> None:
         result = await asyncio.wait_for(h.result(), 15)
         assert result["node"] == "w2"
         assert w2.worker.active == 0
+
+
+async def test_task_ids_are_scoped_to_their_user(realm_env: Realm) -> None:
+    await realm_env.start_orchestrator()
+    await realm_env.start_worker("w1")
+    await realm_env.wait_peers("echo", 1)
+    async with client(realm_env, user="alice") as alice, client(realm_env, user="bob") as bob:
+        assert await asyncio.wait_for(alice.call("echo", "secret", task_id="t-1"), 10) == "secret"
+        with pytest.raises(TaskFailed) as info:
+            await asyncio.wait_for(bob.call("echo", "x", task_id="t-1"), 10)
+        assert info.value.code == "conflict"
+        # alice asking again gets her cached result, not a second run
+        assert await asyncio.wait_for(alice.call("echo", "other", task_id="t-1"), 10) == "secret"
+
+
+async def test_admin_bad_arguments_get_a_reply(realm_env: Realm) -> None:
+    await realm_env.start_orchestrator()
+    token = (Path(realm_env.orch_cfg["state_dir"]) / "sysop.token").read_text().strip()
+    async with client(realm_env, token=token) as sysop:
+        with pytest.raises(Exception, match="bad_request"):
+            await sysop.admin("history", limit="lots")
+        assert await sysop.admin("history", limit=5) == []

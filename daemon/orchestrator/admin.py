@@ -67,6 +67,18 @@ class Admin:
         except AdminError as exc:
             log.warning("admin request refused: %s", exc)
             reply = AdminReply(ok=False, error=str(exc), code=exc.code, correlation=correlation)
+        except (ValueError, TypeError) as exc:
+            reply = AdminReply(
+                ok=False, error=f"bad arguments: {exc}", code="bad_request", correlation=correlation
+            )
+        except Exception as exc:
+            log.exception("admin request failed")
+            reply = AdminReply(
+                ok=False,
+                error=f"internal error: {type(exc).__name__}",
+                code="internal",
+                correlation=correlation,
+            )
         if reply_topic:
             self.orch.bus.post(reply_topic, reply, correlation_data=msg.correlation_data)
 

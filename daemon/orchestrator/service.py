@@ -58,7 +58,7 @@ SWEEP_INTERVAL: Final = 1.0
 # Worker failure codes that say nothing about the peer's health.
 NOT_PEER_FAULTS: Final = frozenset({"bad_input", "cancelled", "unsupported", "too_large"})
 # Worker rejections that hand a task back without counting against the peer.
-NEUTRAL_REJECTIONS: Final = frozenset({"overloaded", "shutting_down"})
+NEUTRAL_REJECTIONS: Final = frozenset({"overloaded", "shutting_down", "timeout"})
 # Tasks a single dispatch pass may set aside because their constraints fit no free peer.
 MAX_PARKED: Final = 64
 
@@ -90,7 +90,7 @@ class Orchestrator:
         self.tasks: dict[str, Task] = {}
         self.by_node: dict[str, set[str]] = {}
         self.idempotency: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self.finished: OrderedDict[str, TaskUpdate] = OrderedDict()
+        self.finished: OrderedDict[str, tuple[str, TaskUpdate]] = OrderedDict()
         self.user_running: Counter[str] = Counter()
         self.buckets: dict[str, TokenBucket] = {}
         self.stats = Stats()
@@ -288,6 +288,10 @@ class Orchestrator:
         task_id = submit.task_id or uuid.uuid4().hex
         try:
             user, role = self._identify(submit.user, submit.token)
+            # A resubmission joins (or gets the result of) the task it repeats;
+            # it is checked before admission so a cached result is never refused.
+            if self._join_existing(submit, user, task_id, reply_topic, msg):
+                return
             self._admit(submit, user, role)
         except Refused as exc:
             update = TaskUpdate(
@@ -300,26 +304,6 @@ class Orchestrator:
             if reply_topic:
                 self._send(reply_topic, msg.correlation_data, update)
             return
-        # Idempotency: a resubmission joins the task it repeats.
-        existing_id = task_id if submit.task_id else None
-        if submit.idempotency_key:
-            existing_id = self.idempotency.get((user, submit.idempotency_key), existing_id)
-        if existing_id is not None:
-            if existing_id in self.finished:
-                final = self.finished[existing_id].model_copy(
-                    update={"correlation": submit.correlation}
-                )
-                if reply_topic:
-                    self._send(reply_topic, msg.correlation_data, final)
-                return
-            live = self.tasks.get(existing_id)
-            if live is not None:
-                if reply_topic:
-                    watcher = (reply_topic, msg.correlation_data, submit.correlation)
-                    primary = (live.reply_topic, live.correlation)
-                    if watcher[:2] != primary and watcher not in live.watchers:
-                        live.watchers.append(watcher)
-                return
         now = time.time()
         timeout = submit.timeout or self.cfg.default_timeout
         deadline = min(submit.deadline or now + timeout, now + timeout)
@@ -344,6 +328,40 @@ class Orchestrator:
         if submit.progress:
             self._reply(task, "queued", position=position)
         self._dispatch(submit.capability)
+
+    def _join_existing(
+        self,
+        submit: TaskSubmit,
+        user: str,
+        task_id: str,
+        reply_topic: str | None,
+        msg: Inbound,
+    ) -> bool:
+        existing_id = task_id if submit.task_id else None
+        if submit.idempotency_key:
+            existing_id = self.idempotency.get((user, submit.idempotency_key), existing_id)
+        if existing_id is None:
+            return False
+        done = self.finished.get(existing_id)
+        if done is not None:
+            owner, final = done
+            if owner != user:
+                raise Refused("conflict", f"task id {existing_id!r} belongs to another user")
+            if reply_topic:
+                final = final.model_copy(update={"correlation": submit.correlation})
+                self._send(reply_topic, msg.correlation_data, final)
+            return True
+        live = self.tasks.get(existing_id)
+        if live is None:
+            return False
+        if live.user != user:
+            raise Refused("conflict", f"task id {existing_id!r} belongs to another user")
+        if reply_topic:
+            watcher = (reply_topic, msg.correlation_data, submit.correlation)
+            primary = (live.reply_topic, live.correlation)
+            if watcher[:2] != primary and watcher not in live.watchers:
+                live.watchers.append(watcher)
+        return True
 
     def _identify(self, name: str | None, token: str | None) -> tuple[str, str]:
         if token:
@@ -658,7 +676,7 @@ class Orchestrator:
         update = self._reply(
             task, status, output=output, error=error, run_ms=run_ms, node=task.node
         )
-        self.finished[task.id] = update
+        self.finished[task.id] = (task.user, update)
         while len(self.finished) > self.cfg.dedupe_size:
             self.finished.popitem(last=False)
         self.store.journal_remove(task.id)
@@ -751,9 +769,11 @@ class Orchestrator:
         topic = topics.ORCH_STATS.build(realm=self.realm)
         while True:
             await asyncio.sleep(self.cfg.stats_interval)
-            await self.bus.publish(topic, self.snapshot(), qos=0, retain=True, wait=False)
+            await self.bus.publish(
+                topic, self.snapshot(periodic=True), qos=0, retain=True, wait=False
+            )
 
-    def snapshot(self) -> OrchestratorStats:
+    def snapshot(self, *, periodic: bool = False) -> OrchestratorStats:
         running: Counter[str] = Counter(
             t.capability for t in self.tasks.values() if t.state in ("assigned", "running")
         )
@@ -785,7 +805,7 @@ class Orchestrator:
             running=dict(running),
             completed=dict(self.stats.completed),
             failed=dict(self.stats.failed),
-            throughput_per_s=self.stats.throughput(),
+            throughput_per_s=self.stats.throughput(reset=periodic),
             latency_ms=self.stats.latency(),
             peers=peers,
         )

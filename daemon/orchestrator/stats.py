@@ -39,14 +39,16 @@ class Stats:
             self._prom["tasks"].labels(capability, outcome).inc()
             self._prom["duration"].labels(capability).observe(total_ms / 1000)
 
-    def throughput(self) -> dict[str, float]:
+    def throughput(self, *, reset: bool = False) -> dict[str, float]:
+        """Completions per second since the last reset (the periodic stats window)."""
         now = time.monotonic()
         dt = max(1e-6, now - self._last_ts)
         out = {
             cap: round((n - self._last_completed[cap]) / dt, 2) for cap, n in self.completed.items()
         }
-        self._last_completed = Counter(self.completed)
-        self._last_ts = now
+        if reset:
+            self._last_completed = Counter(self.completed)
+            self._last_ts = now
         return out
 
     def latency(self) -> dict[str, dict[str, float]]:
