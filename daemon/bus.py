@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 AUTH_FAILURES: Final = frozenset({134, 135, 140, 4, 5})
 # A dispatch queue this deep means handlers cannot keep up; paho drops beyond it.
 MAX_QUEUED_INCOMING: Final = 50_000
+# Messages the MQTT client may queue beyond its in-flight window (Bus.post).
+MAX_QUEUED_OUTGOING: Final = 20_000
 # Payloads in log lines are cut to this many bytes.
 LOG_PAYLOAD_BYTES: Final = 200
 # How long a publish may wait for the broker's acknowledgement before it is retried.
@@ -296,8 +298,12 @@ class Bus:
     ) -> None:
         """Publish from synchronous code (timers, hot paths) without waiting.
 
-        Past ``max_inflight`` the message waits in a backlog that drains, in
-        order, as the broker acknowledges earlier ones.
+        Connected, the message goes straight to the MQTT client's send queue,
+        whose in-flight window is ``max_inflight`` and whose queue is bounded
+        (``MAX_QUEUED_OUTGOING``) — no task per message, which is what the
+        orchestrator's throughput depends on.  Otherwise (offline, or that
+        queue full) it takes the flow-controlled path: a backlog that drains
+        in order, or the outbox while disconnected.
         """
         out = self._outgoing(
             topic,
@@ -308,6 +314,12 @@ class Bus:
             expiry=expiry,
             content_type=content_type,
         )
+        client = self._client
+        if client is not None and self.connected and not self._backlog:
+            paho = client._client  # noqa: SLF001  (aiomqtt has no fire-and-forget publish)
+            info = paho.publish(out.topic, out.payload, out.qos, out.retain, out.properties)
+            if info.rc == 0:
+                return
         if self._inflight_n < self.config.max_inflight and not self._backlog:
             self._inflight_n += 1
             self._start(out)
@@ -415,6 +427,7 @@ class Bus:
             properties=connect_props,
             max_queued_incoming_messages=MAX_QUEUED_INCOMING,
             max_inflight_messages=self.config.max_inflight,
+            max_queued_outgoing_messages=MAX_QUEUED_OUTGOING,
             tls_context=tls_context,
             tls_insecure=self.config.tls.insecure if ep.tls else None,
             socket_options=socket_options,

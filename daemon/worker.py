@@ -98,8 +98,8 @@ class Worker:
             topics.NODE_TASK.build(realm=self.realm, node_id=self.node_id), self._on_message
         )
 
-    async def _report(self, report: WorkerReport, *, wait: bool = False) -> None:
-        await self.bus.publish(self.report_topic, report, qos=1, wait=wait)
+    async def _report(self, report: WorkerReport) -> None:
+        self.bus.post(self.report_topic, report, qos=1)
 
     async def _on_message(self, msg: Inbound) -> None:
         try:
