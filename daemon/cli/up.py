@@ -28,7 +28,7 @@ LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 CHILD_RESTART_DELAY: Final = 2.0
 CHILD_STOP_TIMEOUT: Final = 8.0
 
-# The roles `mtor up` runs; later issues append theirs (orchestrator, ...).
+# The roles `mtor up` runs, each as its own process (as systemd runs them).
 ROLES: list[str] = ["orchestrator", "node"]
 
 
@@ -44,6 +44,8 @@ async def run_child(
 ) -> None:
     """Run ``mtor <role>`` until ``stop``; restart it if it dies on its own."""
     cmd = [sys.executable, "-m", "daemon.cli.main", role, "--broker", broker_url]
+    if role == "node":
+        cmd.append("--auto-nodes")
     for flag in ("config", "realm", "node_id", "log_level"):
         value = getattr(args, flag, None)
         if value:
