@@ -30,7 +30,7 @@ from daemon import __version__, topics
 from daemon.bus import Bus, Inbound
 from daemon.config import Config
 from daemon.errors import MessageError
-from daemon.messages import decode
+from daemon.messages import M, decode
 from daemon.orchestrator import policy
 from daemon.orchestrator.queues import FairQueue
 from daemon.orchestrator.registry import Peer, Registry
@@ -200,42 +200,25 @@ class Orchestrator:
     # ============================================================== registry
 
     async def _on_state(self, msg: Inbound) -> None:
-        fields = topics.NODE_STATE.parse(msg.topic)
-        if fields is None or not msg.payload:
+        got = _node_message(msg, topics.NODE_STATE, NodeState)
+        if got is None:
             return
-        try:
-            state = decode(msg.payload, NodeState)
-        except MessageError as exc:
-            log.warning("bad state from %s: %s", fields["node_id"], exc)
-            return
-        node_id = fields["node_id"]
+        node_id, state = got
         if self.registry.on_state(node_id, state, time.monotonic()):
             log.info("peer %s went offline", node_id)
             self._peer_lost(node_id, "went offline")
         self._dispatch_peer(node_id)
 
     async def _on_info(self, msg: Inbound) -> None:
-        fields = topics.NODE_INFO.parse(msg.topic)
-        if fields is None or not msg.payload:
-            return
-        try:
-            info = decode(msg.payload, NodeInfo)
-        except MessageError as exc:
-            log.warning("bad info from %s: %s", fields["node_id"], exc)
-            return
-        self.registry.on_info(fields["node_id"], info, time.monotonic())
-        self._dispatch_peer(fields["node_id"])
+        got = _node_message(msg, topics.NODE_INFO, NodeInfo)
+        if got is not None:
+            self.registry.on_info(got[0], got[1], time.monotonic())
+            self._dispatch_peer(got[0])
 
     async def _on_health(self, msg: Inbound) -> None:
-        fields = topics.NODE_HEALTH.parse(msg.topic)
-        if fields is None or not msg.payload:
-            return
-        try:
-            health = decode(msg.payload, NodeHealth)
-        except MessageError as exc:
-            log.warning("bad health from %s: %s", fields["node_id"], exc)
-            return
-        self.registry.on_health(fields["node_id"], health, time.monotonic())
+        got = _node_message(msg, topics.NODE_HEALTH, NodeHealth)
+        if got is not None:
+            self.registry.on_health(got[0], got[1], time.monotonic())
 
     def _dispatch_peer(self, node_id: str) -> None:
         peer = self.registry.peers.get(node_id)
@@ -809,6 +792,21 @@ class Orchestrator:
             latency_ms=self.stats.latency(),
             peers=peers,
         )
+
+
+def _node_message(msg: Inbound, pattern: topics.TopicPattern, cls: type[M]) -> tuple[str, M] | None:
+    """(node id, validated message) of a node's retained/periodic topic, or None.
+
+    An empty payload (a cleared retained topic) is ignored; a malformed one is logged.
+    """
+    fields = pattern.parse(msg.topic)
+    if fields is None or not msg.payload:
+        return None
+    try:
+        return fields["node_id"], decode(msg.payload, cls)
+    except MessageError as exc:
+        log.warning("bad %s from %s: %s", cls.TYPE, fields["node_id"], exc)
+        return None
 
 
 def _has_constraints(c: Constraints) -> bool:
