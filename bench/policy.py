@@ -151,18 +151,7 @@ def measure(peers: int, decisions: int) -> dict[str, Any]:
             def score_all() -> None:
                 candidates = []
                 for node_id in free.items:
-                    peer = registry.peers[node_id]
-                    slot = peer.slots["echo"]
-                    candidates.append(
-                        policy.Candidate(
-                            node_id=node_id,
-                            in_use=slot.in_use,
-                            capacity=slot.capacity,
-                            load_per_core=peer.load_per_core,
-                            latency_ms=slot.latency_ms,
-                            success=slot.success,
-                        )
-                    )
+                    candidates.append(registry.peers[node_id].candidate("echo"))
                 policy.choose(candidates)
 
             timed(pick, min(decisions, 2000))  # warm-up

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from daemon.orchestrator.breaker import Breaker
 from daemon.orchestrator.config import BreakerConfig
+from daemon.orchestrator.policy import Candidate
 from daemon.protocol.node import Capability, NodeHealth, NodeInfo, NodeState
 
 # Weight of the newest sample in the latency and success EWMAs.
@@ -115,6 +116,20 @@ class Peer:
     @property
     def has_accelerator(self) -> bool:
         return bool(self.info and self.info.hardware.accelerators)
+
+    def candidate(self, name: str, *, local: bool = False) -> Candidate:
+        """This peer as the assignment policy sees it for capability ``name``."""
+        slot = self.slots[name]
+        return Candidate(
+            node_id=self.node_id,
+            in_use=slot.in_use,
+            capacity=slot.capacity,
+            load_per_core=self.load_per_core,
+            latency_ms=slot.latency_ms,
+            success=slot.success,
+            local=local,
+            probation=slot.breaker.probation,
+        )
 
 
 class Registry:

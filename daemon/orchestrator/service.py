@@ -92,6 +92,7 @@ class Orchestrator:
         self.idempotency: OrderedDict[tuple[str, str], str] = OrderedDict()
         self.finished: OrderedDict[str, tuple[str, TaskUpdate]] = OrderedDict()
         self.user_running: Counter[str] = Counter()
+        self.user_roles: dict[str, str] = {}
         self.buckets: dict[str, TokenBucket] = {}
         self.stats = Stats()
         state_dir = self.cfg.state_dir
@@ -276,6 +277,7 @@ class Orchestrator:
             if self._join_existing(submit, user, task_id, reply_topic, msg):
                 return
             self._admit(submit, user, role)
+            self.user_roles[user] = role
         except Refused as exc:
             update = TaskUpdate(
                 task_id=task_id,
@@ -396,10 +398,8 @@ class Orchestrator:
     # ============================================================ assignment
 
     def _user_ok(self, user: str) -> bool:
-        task_role = None
-        known = self.users.get(user)
-        task_role = known["role"] if known else self.cfg.anonymous_role
-        limits = self.cfg.roles.get(task_role)
+        # The role this user was admitted with (a token's role, not the name's).
+        limits = self.cfg.roles.get(self.user_roles.get(user, self.cfg.anonymous_role))
         return (
             limits is None
             or limits.max_concurrent == 0
@@ -450,18 +450,8 @@ class Orchestrator:
             if not slot.breaker.allows(now):
                 self.registry.refresh(peer, cap, now)
                 continue
-            candidates.append(
-                policy.Candidate(
-                    node_id=node_id,
-                    in_use=slot.in_use,
-                    capacity=slot.capacity,
-                    load_per_core=peer.load_per_core,
-                    latency_ms=slot.latency_ms,
-                    success=slot.success,
-                    local=c.prefer_local and node_id == task.submit.origin,
-                    probation=slot.breaker.probation,
-                )
-            )
+            local = c.prefer_local and node_id == task.submit.origin
+            candidates.append(peer.candidate(cap, local=local))
         best = policy.choose(candidates)
         return self.registry.peers[best.node_id] if best else None
 

@@ -22,7 +22,7 @@ class Task:
     correlation: bytes | None
     submitted: float = field(default_factory=time.time)
     submitted_mono: float = field(default_factory=time.monotonic)
-    state: str = "queued"  # queued | assigned | running | final
+    state: str = "queued"  # queued | assigned | running | released (slot given back) | final
     attempt: int = 0
     node: str | None = None
     tried: set[str] = field(default_factory=set)
