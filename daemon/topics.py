@@ -96,8 +96,10 @@ def _split_template(template: str) -> tuple[str, ...]:
 NODE_STATE: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/state")
 NODE_INFO: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/info")
 NODE_HEALTH: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/health")
+NODE_ANY: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/{kind}")  # state, info, ...
 NODE_CMD: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/cmd/{command}")
 NODE_TASK: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/task")
+EVENT_ROOT: Final = TopicPattern(ROOT + "/{realm}/event")  # + a filter below it
 EVENT: Final = TopicPattern(ROOT + "/{realm}/event/{node_id}/{domain}/{name}")
 MEDIA: Final = TopicPattern(ROOT + "/{realm}/media/{node_id}/{stream...}")
 TASK_SUBMIT: Final = TopicPattern(ROOT + "/{realm}/task/submit")
@@ -106,6 +108,7 @@ TASK_WORKER: Final = TopicPattern(ROOT + "/{realm}/task/worker/{node_id}")
 ORCH_STATE: Final = TopicPattern(ROOT + "/{realm}/orchestrator/state")
 ORCH_STATS: Final = TopicPattern(ROOT + "/{realm}/orchestrator/stats")
 ORCH_ADMIN: Final = TopicPattern(ROOT + "/{realm}/orchestrator/admin")
+CLI_SENTINEL: Final = TopicPattern(ROOT + "/{realm}/cli/{token}")  # see cli.inspect
 REPLY: Final = TopicPattern(ROOT + "/{realm}/reply/{client_id}/{rest...}")
 
 

@@ -26,7 +26,7 @@ async def collect_nodes(config: Config) -> dict[str, dict[str, Any]]:
     """The retained state/info/health of every node in the realm."""
     nodes: dict[str, dict[str, Any]] = {}
     done = asyncio.Event()
-    sentinel = f"{topics.ROOT}/{config.realm}/cli/{uuid.uuid4().hex}"
+    sentinel = topics.CLI_SENTINEL.build(realm=config.realm, token=uuid.uuid4().hex)
 
     async def on_node(msg: Inbound) -> None:
         for pattern, cls, key in (
@@ -46,7 +46,7 @@ async def collect_nodes(config: Config) -> dict[str, dict[str, Any]]:
         done.set()
 
     async with client_bus(config) as bus:
-        await bus.subscribe(f"{topics.ROOT}/{config.realm}/node/+/+", on_node)
+        await bus.subscribe(topics.NODE_ANY.filter(realm=config.realm), on_node)
         await bus.subscribe(sentinel, on_sentinel)
         await bus.publish(sentinel, b"", qos=1)
         async with asyncio.timeout(SENTINEL_TIMEOUT):
@@ -120,7 +120,7 @@ def _num(v: float | int | None) -> str:
 def events_filter(realm: str, spec: str | None) -> str:
     """``None`` → all events; ``NODE`` → that node's; ``a/b/#`` → under event/;
     a full ``mtor/...`` filter is used as given."""
-    base = f"{topics.ROOT}/{realm}/event"
+    base = topics.EVENT_ROOT.build(realm=realm)
     if not spec:
         return base + "/#"
     if spec.startswith(topics.ROOT + "/"):
