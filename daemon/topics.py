@@ -110,6 +110,9 @@ ORCH_STATS: Final = TopicPattern(ROOT + "/{realm}/orchestrator/stats")
 ORCH_ADMIN: Final = TopicPattern(ROOT + "/{realm}/orchestrator/admin")
 CLI_SENTINEL: Final = TopicPattern(ROOT + "/{realm}/cli/{token}")  # see cli.inspect
 REPLY: Final = TopicPattern(ROOT + "/{realm}/reply/{client_id}/{rest...}")
+# Realm state (armed, mode, presence, ...): the retained value, and where to ask to change it.
+STATE: Final = TopicPattern(ROOT + "/{realm}/state/{key}")
+STATE_SET: Final = TopicPattern(ROOT + "/{realm}/state/{key}/set")
 
 
 def shared(group: str, topic_filter: str) -> str:

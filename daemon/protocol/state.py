@@ -1,0 +1,42 @@
+"""Realm state: small named values the whole realm shares (``armed``, ``mode``, ...).
+
+``state/<key>`` carries the current value, retained, so every node and the
+orchestrator learn it on subscribe and keep it while the orchestrator is away
+(a camera keeps honouring ``armed``).  Anyone allowed to change it publishes a
+:class:`StateSet` on ``state/<key>/set``; the orchestrator validates it and
+publishes the new retained :class:`RealmState`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+from pydantic import Field
+
+from daemon.messages import Message, now
+
+STATE_KEY_RE: Final = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+class RealmState(Message):
+    """The current value of one realm state key (retained on ``state/<key>``)."""
+
+    TYPE = "state"
+
+    value: Any = None
+    by: str = Field(default="", description="Who set it: a user, a workflow run or a node.")
+    ts: float = Field(default_factory=now)
+
+
+class StateSet(Message):
+    """A request to change a realm state key (``state/<key>/set``)."""
+
+    TYPE = "state.set"
+
+    value: Any = None
+    by: str = ""
+
+
+def valid_state_key(key: str) -> bool:
+    return STATE_KEY_RE.match(key) is not None
