@@ -5,7 +5,8 @@ A *node daemon* (one MQTT identity, ``node/<node_id>/...``) hosts several
 
 * loads its backends in :meth:`Node.setup` — a backend whose package or model
   is missing fails soft and is simply not advertised;
-* advertises what really works through :meth:`Node.capabilities`;
+* advertises what really works through :meth:`Node.capabilities`, and what
+  dashboards can show and control through :meth:`Node.entities`;
 * does its continuous job (reading sensors, watching a camera) in
   :meth:`Node.run`, supervised: if it raises it is restarted with backoff;
 * executes assigned tasks in :meth:`Node.execute` (see ``daemon.worker``).
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from daemon import topics
 from daemon.bus import Bus
+from daemon.entities import EntitySpec
 from daemon.protocol.node import Capability, Event
 
 if TYPE_CHECKING:
@@ -88,6 +90,10 @@ class Node:
 
     def capabilities(self) -> list[Capability]:
         """What this node can do for the realm right now."""
+        return []
+
+    def entities(self) -> list[EntitySpec]:
+        """What this node shows on dashboards / Home Assistant (see :mod:`daemon.entities`)."""
         return []
 
     async def run(self) -> None:
