@@ -39,6 +39,10 @@ class BreakerConfig(_Strict):
     )
 
 
+def _default_state_values() -> dict[str, list[str | int | float | bool]]:
+    return {"armed": ["disarmed", "armed_home", "armed_away", "armed_night"]}
+
+
 class OrchestratorConfig(_Strict):
     """Task queues, assignment, health, history and users."""
 
@@ -68,4 +72,11 @@ class OrchestratorConfig(_Strict):
     prometheus_host: str = Field(default="127.0.0.1")
     dedupe_size: int = Field(
         default=10_000, ge=100, description="Finished tasks remembered for idempotent resubmits."
+    )
+    state_values: dict[str, list[str | int | float | bool]] = Field(
+        default_factory=_default_state_values,
+        description="Realm state keys whose values are restricted, with their allowed values.",
+    )
+    state_strict: bool = Field(
+        default=False, description="Refuse realm state keys not listed in state_values."
     )

@@ -105,8 +105,12 @@ class Orchestrator:
         self.rng = random.Random()
         self._online = asyncio.Event()
         from daemon.orchestrator.admin import Admin
+        from daemon.orchestrator.state import RealmStateStore
 
         self.admin = Admin(self)
+        self.state = RealmStateStore(
+            self.bus, self.realm, self.cfg.state_values, strict=self.cfg.state_strict
+        )
 
     # ============================================================== lifecycle
 
@@ -123,6 +127,7 @@ class Orchestrator:
         await sub(topics.TASK_CONTROL.build(realm=r), self._on_control)
         await sub(topics.TASK_WORKER.filter(realm=r), self._on_report)
         await sub(topics.ORCH_ADMIN.build(realm=r), self.admin.on_request)
+        await self.state.start()
         self.bus.on_connect(self._announce)
         if self.cfg.prometheus_port:
             self.stats.serve_prometheus(self.cfg.prometheus_host, self.cfg.prometheus_port)

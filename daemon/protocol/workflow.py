@@ -1,0 +1,79 @@
+"""Workflow and realm-state replies: run events, start/list/history requests.
+
+* ``workflow/<name>/event`` carries :class:`WorkflowEvent` for every run of a
+  workflow (``started``, one ``step`` per finished step, ``finished``, and
+  ``skipped`` when a trigger is refused by a limit), so runs can be watched.
+* ``workflows/request`` takes a :class:`WorkflowRequest` (MQTT 5 response
+  topic + correlation data, or ``reply_to`` / ``correlation`` in the payload)
+  and answers with a :class:`WorkflowReply`.
+* A ``state/<key>/set`` request that carries a response topic is answered with
+  a :class:`StateReply` (the applied value, or why it was refused).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from daemon.messages import Message, now
+from daemon.protocol.task import ErrorInfo
+
+RunEventKind = Literal["started", "step", "finished", "skipped"]
+RunStatus = Literal["running", "done", "failed", "skipped", "cancelled"]
+StepStatus = Literal["done", "failed", "skipped"]
+
+
+class WorkflowEvent(Message):
+    """One thing that happened to a workflow run (``workflow/<name>/event``)."""
+
+    TYPE = "workflow.event"
+
+    run_id: str
+    workflow: str
+    kind: RunEventKind
+    status: RunStatus | StepStatus = "running"
+    where: str = Field(default="orchestrator", description="orchestrator, or the node's id.")
+    trigger: str | None = Field(default=None, description="What started it: event, mqtt, ...")
+    step: str | None = Field(default=None, description="Step id (kind step).")
+    step_kind: str | None = None
+    attempts: int | None = None
+    duration_ms: float | None = None
+    error: ErrorInfo | None = None
+    reason: str | None = Field(default=None, description="Why a trigger was skipped.")
+    ts: float = Field(default_factory=now)
+
+
+class WorkflowRequest(Message):
+    """Start a workflow by hand, list workflows or read run history."""
+
+    TYPE = "workflow.request"
+
+    op: Literal["run", "list", "history"]
+    name: str | None = Field(default=None, max_length=128)
+    input: Any = None
+    limit: int = Field(default=20, ge=1, le=1000)
+    user: str | None = Field(default=None, max_length=64)
+    reply_to: str | None = None
+    correlation: str | None = None
+
+
+class WorkflowReply(Message):
+    TYPE = "workflow.reply"
+
+    ok: bool
+    result: Any = None
+    error: str | None = None
+    code: str | None = None
+    correlation: str | None = None
+
+
+class StateReply(Message):
+    """The answer to a ``state/<key>/set`` request that asked for one."""
+
+    TYPE = "state.reply"
+
+    ok: bool
+    key: str
+    value: Any = None
+    error: ErrorInfo | None = None
