@@ -38,6 +38,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from daemon.config import BrokerConfig
 from daemon.errors import BusAuthError, BusError, BusNotConnectedError
 from daemon.messages import Message, encode
+from daemon.mqttprops import FastProperties
+from daemon.mqttprops import install as install_fast_properties
 from daemon.topics import matches, validate_filter
 
 log = logging.getLogger(__name__)
@@ -114,7 +116,7 @@ def publish_properties(
 ) -> Properties | None:
     if not (content_type or response_topic or correlation_data or expiry or user_properties):
         return None
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props = FastProperties(PacketTypes.PUBLISH)
     if content_type:
         props.ContentType = content_type
     if response_topic:
@@ -146,12 +148,14 @@ class Bus:
         will: tuple[str, Payload] | None = None,
         clean_start: bool = True,
     ) -> None:
+        install_fast_properties()  # paho decodes MQTT 5 properties 3x cheaper (idempotent)
         self.config = config
         self.client_id = client_id
         self._password = password
         self._will = will
         self._clean_start = clean_start
         self._client: aiomqtt.Client | None = None
+        self._inbox: asyncio.Queue[aiomqtt.Message] | None = None
         self._connected = asyncio.Event()
         self._subs: dict[str, Subscription] = {}
         self._by_id: dict[int, Subscription] = {}
@@ -219,7 +223,7 @@ class Bus:
                 await client.unsubscribe(topic_filter)
 
     async def _subscribe(self, client: aiomqtt.Client, sub: Subscription) -> None:
-        props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+        props = FastProperties(PacketTypes.SUBSCRIBE)
         props.SubscriptionIdentifier = sub.sub_id
         options = SubscribeOptions(qos=sub.qos, noLocal=sub.no_local)
         granted = await client.subscribe(sub.topic_filter, options=options, properties=props)
@@ -410,8 +414,17 @@ class Bus:
         if ep.transport != "unix":
             # Without TCP_NODELAY a QoS 1 round trip costs 40-90 ms (Nagle + delayed ACK).
             socket_options.append((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
-        connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        connect_props = FastProperties(PacketTypes.CONNECT)
         connect_props.SessionExpiryInterval = 0
+        bus = self
+
+        class Inbox(asyncio.Queue[aiomqtt.Message]):
+            """aiomqtt's incoming queue, kept so a backlog drains without a task per message."""
+
+            def __init__(self, maxsize: int = 0) -> None:
+                super().__init__(maxsize)
+                bus._inbox = self
+
         client = aiomqtt.Client(
             ep.host,
             ep.port or 1,  # paho rejects port 0 even for unix sockets, where it is unused
@@ -426,6 +439,7 @@ class Bus:
             clean_start=self._clean_start,
             properties=connect_props,
             max_queued_incoming_messages=MAX_QUEUED_INCOMING,
+            queue_type=Inbox,
             max_inflight_messages=self.config.max_inflight,
             max_queued_outgoing_messages=MAX_QUEUED_OUTGOING,
             tls_context=tls_context,
@@ -502,8 +516,13 @@ class Bus:
                 raise
             except Exception:
                 log.exception("on-connect hook %s failed", getattr(hook, "__qualname__", hook))
+        inbox = self._inbox
         async for message in client.messages:
             await self._dispatch(message)
+            # aiomqtt's iterator spends a task and an asyncio.wait on every message;
+            # under load, take what has already arrived straight from its queue.
+            while inbox is not None and not inbox.empty():
+                await self._dispatch(inbox.get_nowait())
 
     async def _dispatch(self, message: aiomqtt.Message) -> None:
         props = message.properties
