@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from daemon.errors import ConfigError
 from daemon.orchestrator.config import OrchestratorConfig
+from daemon.workflows.model import WorkflowConfig, check_name
 from nodes.catalog import NodeConfig, node_types
 from nodes.sensors.config import SensorsConfig
 
@@ -173,6 +174,19 @@ class Config(_Strict):
         default_factory=_default_nodes,
         description="Nodes hosted by `mtor node`, by name.",
     )
+    workflows: dict[str, WorkflowConfig] = Field(
+        default_factory=dict, description="Workflows by name (see docs/workflows.md)."
+    )
+    workflows_dir: Path | None = Field(
+        default=None, description="Also load workflows from the *.yaml files in this directory."
+    )
+
+    @field_validator("workflows")
+    @classmethod
+    def _workflow_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name in v:
+            check_name(name)
+        return v
 
     @field_validator("nodes")
     @classmethod
@@ -314,6 +328,8 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     # drop it so the path is the one written in the file.
     if len(loc) > 2 and loc[0] == "nodes" and loc[2] in node_types():
         loc = loc[:2] + loc[3:]
+    # Workflow steps and conditions are tagged "~<key>" (daemon.workflows): not file keys.
+    loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("~")))
     out = ""
     for part in loc:
         if isinstance(part, int):
