@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from daemon.errors import ConfigError
+from daemon.homeassistant.config import HomeAssistantConfig
 from daemon.orchestrator.config import OrchestratorConfig
 from daemon.workflows.model import WorkflowConfig, check_name
 from nodes.catalog import NodeConfig, node_types
@@ -170,6 +171,7 @@ class Config(_Strict):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig)
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     nodes: dict[str, NodeConfig] = Field(
         default_factory=_default_nodes,
         description="Nodes hosted by `mtor node`, by name.",

@@ -9,12 +9,24 @@ other consumers (``mtor status``, a web UI) can use it too.
 State topics carry the realm's JSON messages (an :class:`~daemon.protocol.node.Event`
 has its reading in ``value``): ``value_key`` names the JSON field holding the
 state (default ``value``); ``None`` means the payload is the plain value.
+A dotted key reaches into nested JSON (``load.0`` is the first item of ``load``).
+
+Commands: an entity with ``on_command`` is controllable.  Its commands arrive
+as an :class:`EntityCommand` on ``command_topic`` (by default
+``node/<node_id>/entity/<object_id>/set``); the consumer that routes them
+(the Home Assistant bridge) validates the value for the component (a switch
+gets ``payload_on``/``payload_off``, a number a float in range, a select one of
+``options``, a button ``None``) and awaits ``on_command(value)``.  The node
+then publishes the new state on ``state_topic``: that is the report back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from daemon.messages import Message
 
 Component = Literal[
     "sensor",
@@ -43,6 +55,7 @@ class EntitySpec:
     unit: str | None = None
     state_class: str | None = None  # measurement, total, total_increasing
     diagnostic: bool = False  # health/technical entities (HA entity_category: diagnostic)
+    always_available: bool = False  # True: not tied to the daemon being online (its state)
     icon: str | None = None
     command_topic: str | None = None  # where commands go (switch, button, select, ...)
     payload_on: Any = True  # binary_sensor/switch: the state values meaning on/off
@@ -50,3 +63,17 @@ class EntitySpec:
     options: tuple[str, ...] = ()  # select: the choices
     content_type: str | None = None  # camera/image: e.g. image/jpeg
     extra: dict[str, Any] = field(default_factory=dict)  # anything component-specific
+    # Called with the validated value of a command (see the module docstring).
+    on_command: Callable[[Any], Awaitable[None]] | None = field(default=None, compare=False)
+
+
+class EntityCommand(Message):
+    """A command to a controllable entity (``node/<id>/entity/<object_id>/set``).
+
+    ``value`` is the raw command: ``"ON"``/``"OFF"`` for a switch, a number,
+    an option, text; ``"PRESS"`` (or anything) for a button.
+    """
+
+    TYPE = "entity.command"
+
+    value: float | int | str | bool | None = None

@@ -119,6 +119,9 @@ class NodeDaemon:
         self._tg: asyncio.TaskGroup | None = None
         self._online = asyncio.Event()
         self.worker = Worker(self.bus, config.realm, nid)
+        from daemon.homeassistant.node import node_bridge
+
+        self.homeassistant = node_bridge(self)  # discovery configs follow publish_info
 
     # -------------------------------------------------------------- messages
 
@@ -192,6 +195,7 @@ class NodeDaemon:
                 routes[cap.name] = (node, slots + cap.max_concurrency)
         self.worker.set_routes(routes)
         await self.bus.publish(self.info_topic, info, qos=1, retain=True, wait=False)
+        await self.homeassistant.refresh()
 
     async def publish_health(self) -> None:
         await self.bus.publish(self.health_topic, self.health(), qos=0, retain=True, wait=False)
@@ -313,6 +317,7 @@ class NodeDaemon:
         cmd_filter = topics.NODE_CMD.filter(realm=self.config.realm, node_id=self.node_id)
         await self.bus.subscribe(cmd_filter, self._on_command)
         await self.worker.start()
+        await self.homeassistant.start()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             bus_task = tg.create_task(self.bus.run(), name="bus")

@@ -115,30 +115,6 @@ STATE: Final = TopicPattern(ROOT + "/{realm}/state/{key}")
 STATE_SET: Final = TopicPattern(ROOT + "/{realm}/state/{key}/set")
 # Commands to a node's controllable entity (daemon.entities.EntityCommand).
 ENTITY_SET: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/entity/{object_id}/set")
-# Home Assistant MQTT discovery, under its own prefix (outside the realm's root).
-
-
-def ha_discovery(prefix: str, component: str, node_id: str, object_id: str) -> str:
-    """``<prefix>/<component>/<node_id>/<object_id>/config`` (Home Assistant's layout)."""
-    for name, value in (("component", component), ("node_id", node_id), ("object_id", object_id)):
-        _check_segment(name, value)
-    return f"{prefix}/{component}/{node_id}/{object_id}/config"
-
-
-def ha_discovery_filter(prefix: str, node_id: str) -> str:
-    """Every discovery config of one HA node id: ``<prefix>/+/<node_id>/+/config``."""
-    return f"{prefix}/+/{_check_segment('node_id', node_id)}/+/config"
-
-
-def ha_discovery_parse(prefix: str, topic: str) -> tuple[str, str, str] | None:
-    """``(component, node_id, object_id)`` of a discovery topic under ``prefix``, or None."""
-    head = prefix + "/"
-    if not topic.startswith(head) or not topic.endswith("/config"):
-        return None
-    parts = topic[len(head) : -len("/config")].split("/")
-    if len(parts) != 3 or not all(parts):
-        return None
-    return parts[0], parts[1], parts[2]
 # Workflows: run events of one workflow, and requests (run / list / history) to the engine.
 WORKFLOW_EVENT: Final = TopicPattern(ROOT + "/{realm}/workflow/{name}/event")
 WORKFLOW_REQUEST: Final = TopicPattern(ROOT + "/{realm}/workflows/request")
@@ -198,3 +174,29 @@ def matches(topic_filter: str, topic: str) -> bool:
 def realm_filter(realm: str) -> str:
     """Everything of one realm."""
     return f"{ROOT}/{_check_segment('realm', realm)}/#"
+
+
+# Home Assistant MQTT discovery lives under its own prefix, outside the realm's root.
+
+
+def ha_discovery(prefix: str, component: str, node_id: str, object_id: str) -> str:
+    """``<prefix>/<component>/<node_id>/<object_id>/config`` (Home Assistant's layout)."""
+    for name, value in (("component", component), ("node_id", node_id), ("object_id", object_id)):
+        _check_segment(name, value)
+    return f"{prefix}/{component}/{node_id}/{object_id}/config"
+
+
+def ha_discovery_filter(prefix: str, node_id: str) -> str:
+    """Every discovery config of one HA node id: ``<prefix>/+/<node_id>/+/config``."""
+    return f"{prefix}/+/{_check_segment('node_id', node_id)}/+/config"
+
+
+def ha_discovery_parse(prefix: str, topic: str) -> tuple[str, str, str] | None:
+    """``(component, node_id, object_id)`` of a discovery topic under ``prefix``, or None."""
+    head = prefix + "/"
+    if not topic.startswith(head) or not topic.endswith("/config"):
+        return None
+    parts = topic[len(head) : -len("/config")].split("/")
+    if len(parts) != 3 or not all(parts):
+        return None
+    return parts[0], parts[1], parts[2]

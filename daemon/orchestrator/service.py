@@ -128,6 +128,9 @@ class Orchestrator:
         await sub(topics.TASK_WORKER.filter(realm=r), self._on_report)
         await sub(topics.ORCH_ADMIN.build(realm=r), self.admin.on_request)
         await self.state.start()
+        from daemon.homeassistant.realm import attach as attach_homeassistant
+
+        await attach_homeassistant(self.bus, self.config)  # the realm device: armed panel
         self.bus.on_connect(self._announce)
         if self.cfg.prometheus_port:
             self.stats.serve_prometheus(self.cfg.prometheus_host, self.cfg.prometheus_port)

@@ -76,6 +76,10 @@ class SensorSpec(BaseModel):
     device_class: str | None = Field(
         default=None, description="Home Assistant device class, e.g. temperature."
     )
+    state_class: Literal["measurement", "total", "total_increasing"] | None = Field(
+        default="measurement",
+        description="Home Assistant state class (null: not a measurement, no statistics).",
+    )
     interval: float | None = Field(
         default=None, gt=0, description="Seconds between reads (default: the node's interval)."
     )

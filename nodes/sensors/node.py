@@ -14,6 +14,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from daemon import topics
+from daemon.entities import EntitySpec
 from daemon.node import Node, NodeContext
 from daemon.protocol.node import Capability
 from nodes.base import NodeConfigBase
@@ -70,6 +72,28 @@ class SensorsNode(Node):
 
     def capabilities(self) -> list[Capability]:
         return []  # no tasks: the events are the product
+
+    def entities(self) -> list[EntitySpec]:
+        """One sensor entity per sensor that works here (after setup), on its event topic."""
+        state_classes = {s.name: s.state_class for s in self.cfg.sensors}
+        out = []
+        for sensor in self.sensors:
+            reader = sensor.reader
+            topic = topics.EVENT.build(
+                realm=self.ctx.realm, node_id=self.ctx.node_id, domain=DOMAIN, name=reader.name
+            )
+            out.append(
+                EntitySpec(
+                    component="sensor",
+                    object_id=f"{self.name}_{reader.name}",
+                    name=reader.name.replace("_", " ").capitalize(),
+                    state_topic=topic,
+                    device_class=reader.device_class,
+                    unit=reader.unit,
+                    state_class=state_classes.get(reader.name, "measurement"),
+                )
+            )
+        return out
 
     async def run(self) -> None:
         if not self.sensors:

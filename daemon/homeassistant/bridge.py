@@ -1,0 +1,236 @@
+"""The discovery bridge: keeps one device's entities announced to Home Assistant.
+
+One :class:`Bridge` per process that owns a Home Assistant device (each node
+daemon; the orchestrator for the realm device).  It
+
+* publishes every entity's discovery config, retained, when the entity set
+  changes and again on every (re)connect (``refresh``);
+* publishes them all again when Home Assistant's birth (``online`` on the
+  birth topic) arrives;
+* removes what is no longer configured: it subscribes to its own
+  ``<prefix>/+/<node_id>/+/config``, so the broker's retained configs tell it
+  what an earlier run announced; any config that is not in the current set is
+  cleared with an empty retained payload — but only once the entity set is
+  *settled* (every hosted node finished its setup), so a node that is still
+  loading its models does not lose its entities for a moment;
+* routes commands: an entity with ``on_command`` gets its
+  :class:`~daemon.entities.EntityCommand` from ``node/<id>/entity/<object_id>/set``,
+  validated for its component, then awaited; the node reports the new state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+from daemon import topics
+from daemon.bus import Bus, Inbound
+from daemon.entities import EntityCommand, EntitySpec
+from daemon.errors import MessageError
+from daemon.homeassistant.config import HomeAssistantConfig
+from daemon.homeassistant.discovery import (
+    SWITCH_OFF,
+    SWITCH_ON,
+    Device,
+    discovery_topic,
+    entity_config,
+    safe_id,
+)
+from daemon.messages import decode
+
+log = logging.getLogger(__name__)
+
+# Home Assistant's default limit for a text entity's length.
+TEXT_MAX_DEFAULT = 255
+
+
+class CommandError(ValueError):
+    """A command value that does not fit its entity."""
+
+
+def command_value(spec: EntitySpec, value: Any) -> Any:
+    """The value ``on_command`` gets for a raw command value, or :class:`CommandError`."""
+    comp = spec.component
+    if comp == "button":
+        return None
+    if comp == "switch":
+        if value in (SWITCH_ON, True):
+            return spec.payload_on
+        if value in (SWITCH_OFF, False):
+            return spec.payload_off
+        raise CommandError(f"a switch takes {SWITCH_ON!r} or {SWITCH_OFF!r}, not {value!r}")
+    if comp == "number":
+        try:
+            number = float(value) if not isinstance(value, bool) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise CommandError(f"a number takes a finite number, not {value!r}")
+        low, high = spec.extra.get("min"), spec.extra.get("max")
+        if (low is not None and number < low) or (high is not None and number > high):
+            raise CommandError(f"{number:g} is outside [{low}, {high}]")
+        return number
+    if comp in ("select", "alarm_control_panel"):
+        if not isinstance(value, str) or (spec.options and value not in spec.options):
+            raise CommandError(f"{value!r} is not one of {list(spec.options)}")
+        return value
+    if comp == "text":
+        if not isinstance(value, str):
+            raise CommandError(f"a text takes a string, not {value!r}")
+        limit = int(spec.extra.get("max", TEXT_MAX_DEFAULT))
+        if len(value) > limit:
+            raise CommandError(f"text longer than {limit} characters")
+        return value
+    raise CommandError(f"a {comp} takes no commands")
+
+
+class Bridge:
+    """Announces one device's entities and routes their commands (see the module doc)."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        config: HomeAssistantConfig,
+        device: Device,
+        *,
+        realm: str,
+        node_id: str,
+        entities: Callable[[], list[EntitySpec]],
+        settled: Callable[[], bool] = lambda: True,
+        commands: bool = True,
+    ) -> None:
+        self.bus = bus
+        self.config = config
+        self.device = device
+        self.realm = realm
+        self.node_id = node_id
+        self._entities = entities
+        self._settled = settled
+        self._routes_commands = commands
+        self._lock = asyncio.Lock()
+        self._published: dict[str, bytes] = {}  # topic -> payload announced by this run
+        self._on_broker: set[str] = set()  # retained configs of ours seen on the broker
+        self._commands: dict[str, EntitySpec] = {}  # object_id -> controllable entity
+        self._connects = -1
+        self._duplicates: set[str] = set()
+        self.announcements = 0  # full announcements made (connects, births)
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    @property
+    def own_filter(self) -> str:
+        return topics.ha_discovery_filter(self.config.discovery_prefix, self.device.ha_node_id)
+
+    async def start(self) -> None:
+        """Subscribe to the birth topic, our own configs and our command topic."""
+        if not self.enabled:
+            return
+        await self.bus.subscribe(self.config.birth_topic, self._on_birth)
+        await self.bus.subscribe(self.own_filter, self._on_existing)
+        if not self._routes_commands:
+            return
+        cmd_filter = topics.ENTITY_SET.filter(realm=self.realm, node_id=self.node_id)
+        await self.bus.subscribe(cmd_filter, self._on_command)
+
+    # ------------------------------------------------------------- announcing
+
+    def desired(self) -> dict[str, bytes]:
+        """Every current entity's discovery topic and payload."""
+        out: dict[str, bytes] = {}
+        commands: dict[str, EntitySpec] = {}
+        try:
+            specs = self._entities()
+        except Exception:
+            log.exception("listing entities for Home Assistant failed")
+            specs = []
+        prefix, nid = self.config.discovery_prefix, self.node_id
+        seen: set[str] = set()
+        for spec in specs:
+            object_id, cfg = entity_config(spec, self.device, realm=self.realm, node_id=nid)
+            topic = discovery_topic(prefix, spec.component, self.device, object_id)
+            if object_id in seen:
+                if object_id not in self._duplicates:
+                    self._duplicates.add(object_id)
+                    log.warning("two entities share the object id %r; keeping the first", object_id)
+                continue
+            seen.add(object_id)
+            out[topic] = json.dumps(cfg, separators=(",", ":"), sort_keys=True).encode()
+            if spec.on_command is not None and spec.command_topic is None:
+                commands[spec.object_id] = spec
+        self._commands = commands
+        return out
+
+    async def refresh(self, *, force: bool = False) -> None:
+        """Publish new or changed configs (all of them after a reconnect or with ``force``)
+        and clear the ones no longer wanted once the entity set is settled."""
+        if not self.enabled:
+            return
+        async with self._lock:
+            if self.bus.connects != self._connects:
+                self._connects = self.bus.connects
+                force = True
+            desired = self.desired()
+            if force:
+                self.announcements += 1
+            for topic, payload in desired.items():
+                if force or self._published.get(topic) != payload:
+                    await self.bus.publish(topic, payload, qos=1, retain=True, wait=False)
+                    self._published[topic] = payload
+            if self._settled():
+                stale = (set(self._published) | self._on_broker) - set(desired)
+                for topic in sorted(stale):
+                    await self._clear(topic)
+
+    async def _clear(self, topic: str) -> None:
+        log.info("removing Home Assistant entity %s (no longer configured)", topic)
+        await self.bus.publish(topic, b"", qos=1, retain=True, wait=False)
+        self._published.pop(topic, None)
+        self._on_broker.discard(topic)
+
+    async def _on_birth(self, msg: Inbound) -> None:
+        if msg.payload.strip() == b"online":
+            log.info("Home Assistant is online: announcing discovery again")
+            await self.refresh(force=True)
+
+    async def _on_existing(self, msg: Inbound) -> None:
+        """A retained config of ours on the broker: forget it or clear it if stale."""
+        if not msg.payload:
+            self._on_broker.discard(msg.topic)
+            return
+        if msg.topic in self._published:
+            return
+        self._on_broker.add(msg.topic)
+        await self.refresh()
+
+    # --------------------------------------------------------------- commands
+
+    async def _on_command(self, msg: Inbound) -> None:
+        fields = topics.ENTITY_SET.parse(msg.topic)
+        if fields is None:
+            return
+        spec = self._commands.get(fields["object_id"])
+        if spec is None or spec.on_command is None:
+            log.warning("command for unknown entity %s (payload %s)", msg.topic, msg.preview())
+            return
+        try:
+            cmd = decode(msg.payload, EntityCommand)
+            value = command_value(spec, cmd.value)
+        except (MessageError, CommandError) as exc:
+            log.warning("bad command on %s: %s (payload %s)", msg.topic, exc, msg.preview())
+            return
+        log.info("command %s -> %r", spec.object_id, value)
+        try:
+            await spec.on_command(value)
+        except Exception:
+            log.exception("entity %s failed to carry out its command", spec.object_id)
+
+
+def device_id(realm: str, node_id: str) -> str:
+    """The stable device identifier of a node daemon (or ``realm`` for the realm device)."""
+    return safe_id(f"mtor_{realm}_{node_id}")

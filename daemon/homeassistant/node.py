@@ -1,0 +1,134 @@
+"""The node daemon's Home Assistant device: its own entities plus its nodes' entities.
+
+The daemon itself shows as one device (identifiers ``mtor_<realm>_<node_id>``)
+with: a connectivity binary sensor bound to ``node/<id>/state`` (always
+available, so it reads *off* when the daemon is gone), a restart button that
+publishes a :class:`~daemon.protocol.node.NodeCommand` on
+``node/<id>/cmd/restart``, and diagnostic sensors read from the retained
+``node/<id>/health`` (CPU %, temperature, load, memory — each only when this
+host can measure it).  Every hosted node that finished its setup adds
+:meth:`~daemon.node.Node.entities`; a node whose setup failed adds nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+from daemon import hostinfo, topics
+from daemon.entities import EntitySpec
+from daemon.homeassistant.bridge import Bridge, device_id
+from daemon.homeassistant.discovery import Device
+from daemon.messages import encode
+from daemon.protocol.node import NodeCommand
+
+if TYPE_CHECKING:
+    from daemon.runtime import NodeDaemon
+
+log = logging.getLogger(__name__)
+
+
+def daemon_entities(daemon: NodeDaemon) -> list[EntitySpec]:
+    """The daemon's own entities (online state, restart, health)."""
+    realm, nid = daemon.config.realm, daemon.node_id
+    out = [
+        EntitySpec(
+            component="binary_sensor",
+            object_id="online",
+            name="Online",
+            state_topic=daemon.state_topic,
+            value_key="state",
+            device_class="connectivity",
+            payload_on="online",
+            payload_off="offline",
+            diagnostic=True,
+            always_available=True,
+        ),
+        EntitySpec(
+            component="button",
+            object_id="restart",
+            name="Restart nodes",
+            command_topic=topics.NODE_CMD.build(realm=realm, node_id=nid, command="restart"),
+            device_class="restart",
+            extra={"payload_press": encode(NodeCommand()).decode(), "entity_category": "config"},
+        ),
+    ]
+    if not daemon.config.homeassistant.health_entities:
+        return out
+    health = daemon.health_topic
+
+    def diag(object_id: str, name: str, key: str, unit: str | None, icon: str = "") -> EntitySpec:
+        return EntitySpec(
+            component="sensor",
+            object_id=object_id,
+            name=name,
+            state_topic=health,
+            value_key=key,
+            unit=unit,
+            state_class="measurement",
+            diagnostic=True,
+            icon=icon or None,
+        )
+
+    out.append(diag("health_cpu", "CPU", "cpu_percent", "%", icon="mdi:cpu-64-bit"))
+    if hostinfo.cpu_temperature() is not None:
+        temp = diag("health_temperature", "CPU temperature", "temperature_c", "°C")
+        out.append(dataclasses.replace(temp, device_class="temperature"))
+    if hostinfo.load() is not None:
+        out.append(diag("health_load", "Load (1 min)", "load.0", None, icon="mdi:gauge"))
+    if hostinfo.memory():
+        out.append(diag("health_memory", "Memory used", "mem_percent", "%", icon="mdi:memory"))
+    return out
+
+
+class NodeEntities:
+    """What the bridge announces for one daemon, and whether that set is final yet."""
+
+    def __init__(self, daemon: NodeDaemon) -> None:
+        self.daemon = daemon
+        self._own = daemon_entities(daemon)
+
+    def __call__(self) -> list[EntitySpec]:
+        specs = list(self._own)
+        for hosted in self.daemon.hosted.values():
+            if not hosted.ready or hosted.node is None:
+                continue
+            try:
+                specs.extend(hosted.node.entities())
+            except Exception:
+                log.exception("node %s failed to list its entities", hosted.name)
+        return specs
+
+    def settled(self) -> bool:
+        """Every hosted node finished its setup (ready, or failed for good)."""
+        return all(
+            h.node is None or h.ready or h.job.status == "failed"
+            for h in self.daemon.hosted.values()
+        )
+
+
+def node_bridge(daemon: NodeDaemon) -> Bridge:
+    """The bridge of a node daemon (started by :class:`~daemon.runtime.NodeDaemon`)."""
+    cfg = daemon.config
+    ha = cfg.homeassistant
+    hw = daemon.hardware
+    device = Device(
+        ha_node_id=device_id(cfg.realm, daemon.node_id),
+        identifier=device_id(cfg.realm, daemon.node_id),
+        name=ha.device_name or daemon.node_id,
+        model=f"M-TOR node ({hw.board or hw.arch})",
+        area=cfg.area,
+        availability_topic=daemon.state_topic,
+        support_url=ha.support_url,
+    )
+    source = NodeEntities(daemon)
+    return Bridge(
+        daemon.bus,
+        ha,
+        device,
+        realm=cfg.realm,
+        node_id=daemon.node_id,
+        entities=source,
+        settled=source.settled,
+    )
