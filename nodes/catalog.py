@@ -13,20 +13,29 @@ from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
+from nodes.camera.config import CameraConfig
 from nodes.chat.config import ChatConfig
 from nodes.reference.config import ReferenceConfig
 from nodes.sensors.config import SensorsConfig
+from nodes.vision.config import VisionConfig
+from nodes.voice.config import VoiceConfig
 
 if TYPE_CHECKING:
     from daemon.node import Node
 
-NodeConfig = Annotated[SensorsConfig | ReferenceConfig | ChatConfig, Field(discriminator="type")]
+NodeConfig = Annotated[
+    SensorsConfig | ReferenceConfig | ChatConfig | VoiceConfig | CameraConfig | VisionConfig,
+    Field(discriminator="type"),
+]
 
 # type -> "module:Class"
 _IMPLEMENTATIONS: dict[str, str] = {
     "sensors": "nodes.sensors.node:SensorsNode",
     "reference": "nodes.reference.node:ReferenceNode",
     "chat": "nodes.chat.node:ChatNode",
+    "camera": "nodes.camera.node:CameraNode",
+    "vision": "nodes.vision.node:VisionNode",
+    "voice": "nodes.voice.node:VoiceNode",
 }
 
 

@@ -1,0 +1,1 @@
+"""The voice satellite: wake word → voice activity → speech-to-text → intent → answer → speech."""

@@ -1,0 +1,184 @@
+"""Configuration of the voice node: audio in/out, wake word, VAD, STT, TTS and intents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from nodes.base import NodeConfigBase
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Strict):
+    """Where the node hears: 16 kHz mono 16-bit frames from one of these."""
+
+    type: Literal["none", "mic", "file", "stdin", "mqtt"] = Field(
+        default="none", description="none: serve stt/tts only; mic, file, stdin or mqtt."
+    )
+    device: str | int | None = Field(default=None, description="sounddevice input device.")
+    path: Path | None = Field(default=None, description="WAV file (type file).")
+    realtime: bool = Field(
+        default=False, description="file: pace frames at real time instead of as fast as possible."
+    )
+    topic: str | None = Field(
+        default=None, description="mqtt: the media topic carrying audio/L16 chunks."
+    )
+
+
+class SinkConfig(_Strict):
+    """Where the node speaks."""
+
+    type: Literal["none", "speaker", "aplay", "file", "mqtt"] = Field(
+        default="none", description="speaker (sounddevice), aplay, a WAV file, or mqtt media."
+    )
+    device: str | int | None = Field(default=None, description="sounddevice output device.")
+    path: Path | None = Field(default=None, description="WAV file the answers are written to.")
+    stream: str = Field(default="voice/answer", description="mqtt: media stream name.")
+
+
+class WakeConfig(_Strict):
+    """Wake word detection."""
+
+    engine: Literal["micro", "open", "phrase", "none"] = Field(
+        default="micro",
+        description="micro: pymicro-wakeword; open: pyopen-wakeword; phrase: VAD + STT "
+        "verification of a custom phrase; none: always listening (push-to-talk, tests).",
+    )
+    model: str = Field(
+        default="okay_nabu", description="Built-in model (okay_nabu, hey_jarvis, alexa, ...)."
+    )
+    phrase: str | None = Field(
+        default=None, description="engine phrase: the phrase to verify (e.g. 'hey hal')."
+    )
+    threshold: float | None = Field(
+        default=None, ge=0, le=1, description="Detection probability (None: the model's own)."
+    )
+    refractory_s: float = Field(
+        default=2.0, ge=0, description="Seconds after a detection during which no other counts."
+    )
+
+
+class VadConfig(_Strict):
+    """Voice activity: when a command starts and ends."""
+
+    threshold: float = Field(default=0.5, ge=0, le=1, description="Speech probability cutoff.")
+    silence_s: float = Field(
+        default=0.6, gt=0, description="Silence after speech that ends the command."
+    )
+    max_command_s: float = Field(
+        default=10.0, gt=0, le=30, description="Longest command heard (seconds)."
+    )
+    no_speech_s: float = Field(
+        default=5.0, gt=0, description="Give up listening when nobody speaks for this long."
+    )
+
+
+class SttConfig(_Strict):
+    """Speech-to-text."""
+
+    backend: Literal["faster_whisper", "vosk"] = Field(
+        default="faster_whisper", description="The local engine."
+    )
+    model: str | None = Field(
+        default=None,
+        description="Model name in models/manifest.yaml (default: whisper-tiny-en for "
+        "faster_whisper, vosk-model-small-en-us for vosk).",
+    )
+    model_path: Path | None = Field(default=None, description="A model folder to use instead.")
+    language: str | None = Field(default=None, description="Language code (whisper).")
+    initial_prompt: str | None = Field(
+        default=None, description="Whisper initial prompt: names, the wake phrase, device names."
+    )
+    grammar: list[str] | None = Field(
+        default=None, description="Vosk: restrict recognition to these phrases/words."
+    )
+    routing: Literal["local", "remote", "auto"] = Field(
+        default="local",
+        description="local; remote: the realm's best stt peer; auto: whichever was faster.",
+    )
+    serve: bool = Field(default=True, description="Advertise the stt capability to the realm.")
+
+
+class TtsConfig(_Strict):
+    """Text-to-speech."""
+
+    backend: Literal["piper", "espeak"] = Field(default="piper", description="The engine.")
+    model: str = Field(default="piper-en-us-joe-medium", description="Piper voice (manifest).")
+    model_path: Path | None = Field(default=None, description="A piper .onnx to use instead.")
+    voice: str = Field(default="en-us", description="espeak-ng voice.")
+    length_scale: float | None = Field(default=None, gt=0, description="Piper speed (<1 faster).")
+    serve: bool = Field(default=True, description="Advertise the tts capability to the realm.")
+
+
+class Device(_Strict):
+    """A thing voice can switch: an MQTT command topic and its payloads."""
+
+    name: str = Field(description="Spoken name, e.g. 'light' or 'ceiling fan'.")
+    area: str | None = Field(default=None, description="Spoken area, e.g. 'kitchen'.")
+    command_topic: str = Field(
+        description="Where commands go, e.g. zigbee2mqtt/kitchen_light/set or a Home "
+        "Assistant MQTT entity's command topic."
+    )
+    payload_on: str = Field(default='{"state":"ON"}', description="Payload for 'turn on'.")
+    payload_off: str = Field(default='{"state":"OFF"}', description="Payload for 'turn off'.")
+    payload_set: str = Field(
+        default='{"brightness":{value}}',
+        description="Payload for 'set <device> to <value>' ({value} is replaced).",
+    )
+    retain: bool = Field(default=False, description="Retain the command.")
+
+
+class Scene(_Strict):
+    """A named scene: 'activate <name>' / '<name> scene' publishes one payload."""
+
+    name: str = Field(description="Spoken name, e.g. 'movie night'.")
+    command_topic: str = Field(description="Where the scene command goes.")
+    payload: str = Field(default="ON", description="What is published.")
+
+
+class IntentConfig(_Strict):
+    """Local intents (templates) and the realm fallback."""
+
+    devices: list[Device] = Field(default_factory=list, description="Switchable devices.")
+    scenes: list[Scene] = Field(default_factory=list, description="Scenes.")
+    time: bool = Field(default=True, description="Answer 'what time is it' locally.")
+    chat_fallback: bool = Field(
+        default=True, description="Ask the realm's chat capability when no template matches."
+    )
+    chat_timeout_s: float = Field(default=20.0, gt=0, description="Bound on the chat fallback.")
+
+
+class VoiceConfig(NodeConfigBase):
+    """A voice satellite and/or an stt/tts server."""
+
+    type: Literal["voice"]
+    source: SourceConfig = Field(default_factory=SourceConfig, description="Audio input.")
+    sink: SinkConfig = Field(default_factory=SinkConfig, description="Audio output.")
+    wake: WakeConfig = Field(default_factory=WakeConfig, description="Wake word.")
+    vad: VadConfig = Field(default_factory=VadConfig, description="Voice activity.")
+    stt: SttConfig = Field(default_factory=SttConfig, description="Speech-to-text.")
+    tts: TtsConfig = Field(default_factory=TtsConfig, description="Text-to-speech.")
+    intents: IntentConfig = Field(default_factory=IntentConfig, description="Intents.")
+    stop_words: list[str] = Field(
+        default_factory=lambda: ["stop", "cancel", "never mind"],
+        description="A transcript that is only one of these ends the conversation quietly.",
+    )
+    follow_up_s: float = Field(
+        default=0.0, ge=0, description="Listen again without the wake word for N seconds."
+    )
+    barge_in: bool = Field(
+        default=True, description="A wake word while answering stops the answer and listens."
+    )
+    arbitration_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=2,
+        description="Window in which satellites hearing the same wake word elect one to "
+        "answer (0: no arbitration).",
+    )
+    models_dir: Path | None = Field(default=None, description="Models directory override.")

@@ -1,0 +1,473 @@
+"""The voice node: a satellite (wake word → … → answer) and the ``stt`` / ``tts`` capabilities.
+
+Task shapes (docs/voice.md):
+
+* ``stt``: input ``{"media_topic": "<realm media topic>", "language": null}``.  The
+  audio (``audio/L16;rate=16000;channels=1``, at most ``MAX_STT_S`` seconds) is
+  a *retained* message on that media topic, published by the requester before
+  it submits (the task protocol carries JSON only; binary stays on media
+  topics) and cleared by it afterwards.  Output ``{"text", "language",
+  "backend", "model", "audio_s", "run_ms"}``.
+* ``tts``: input ``{"text": "...", "play": false}``.  The audio streams,
+  sentence by sentence, as ``audio/L16`` chunks on ``media/<node>/tts/<task_id>``
+  (subscribe to ``media/+/tts/<task_id>`` before submitting with your own task
+  id); ``play`` also plays it on this node's sink.  Output ``{"media_topic",
+  "content_type", "sample_rate", "chunks", "bytes", "first_audio_ms", "played"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from daemon import topics
+from daemon.bus import Inbound
+from daemon.entities import EntitySpec
+from daemon.errors import MessageError, MtorError, TaskError
+from daemon.messages import decode
+from daemon.modelstore import ModelError, ModelStore
+from daemon.node import Node, NodeContext
+from daemon.protocol.node import Capability, Event
+from daemon.worker import TaskRun
+from nodes.voice import audio
+from nodes.voice.arbitration import Arbiter
+from nodes.voice.config import VoiceConfig
+from nodes.voice.intent import Action, IntentRecognizer
+from nodes.voice.pipeline import Hooks, Pipeline, SttStream
+from nodes.voice.realm import RealmVoice
+from nodes.voice.stt import DEFAULT_MODELS, SttBackend, SttUnavailable, Transcript, make_stt
+from nodes.voice.tts import MAX_TEXT, TtsBackend, TtsUnavailable, make_tts, stream
+from nodes.voice.vad import Endpointer, VadUnavailable, load_silero
+from nodes.voice.wake import WakeDetector, WakeUnavailable, make_wake
+
+MAX_STT_S: Final = 30.0
+MAX_STT_BYTES: Final = int(MAX_STT_S * audio.RATE * audio.WIDTH)
+MEDIA_WAIT: Final = 5.0  # seconds an stt task waits for its retained audio
+STATES: Final = ("idle", "listening", "processing", "responding")
+
+
+class SttInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    media_topic: str = Field(min_length=1, max_length=512)
+    language: str | None = Field(default=None, max_length=16)
+
+
+class TtsInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
+    play: bool = False
+
+
+class _LocalStt:
+    """A pipeline STT stream on the local backend."""
+
+    def __init__(self, backend: SttBackend) -> None:
+        self.session = backend.session()
+
+    def feed(self, pcm: bytes) -> None:
+        self.session.feed(pcm)
+
+    async def finish(self) -> Transcript:
+        return await asyncio.to_thread(self.session.finish)
+
+
+class _RemoteStt:
+    """Collects the command and sends it to the realm's stt capability."""
+
+    def __init__(self, node: VoiceNode) -> None:
+        self.node = node
+        self.chunks: list[bytes] = []
+
+    def feed(self, pcm: bytes) -> None:
+        self.chunks.append(pcm)
+
+    async def finish(self) -> Transcript:
+        pcm = b"".join(self.chunks)
+        try:
+            return await self.node.remote_transcribe(pcm)
+        except (MtorError, TimeoutError) as exc:
+            local = self.node.stt
+            if local is None:
+                raise
+            self.node.log.warning("remote stt failed (%s): transcribing locally", exc)
+            self.node.latency["remote"] = float("inf")
+            return await asyncio.to_thread(local.transcribe, pcm)
+
+
+class VoiceNode(Node):
+    type_name = "voice"
+    config: VoiceConfig
+
+    def __init__(self, name: str, config: VoiceConfig, ctx: NodeContext) -> None:
+        super().__init__(name, config, ctx)
+        self.stt: SttBackend | None = None
+        self.tts: TtsBackend | None = None
+        self.wake: WakeDetector | None = None
+        self.vad: Any = None
+        self.problems: dict[str, str] = {}
+        self.tts_lock = threading.Lock()
+        self.pipeline: Pipeline | None = None
+        self.realm = RealmVoice(ctx, config)
+        self.arbiter = Arbiter(f"{ctx.node_id}/{name}", config.arbitration_s)
+        self.latency: dict[str, float] = {}  # auto routing: seconds per audio second
+        # Extra observers of every voice event (``mtor listen`` prints them).
+        self.listeners: list[Callable[[str, Any, dict[str, Any]], None]] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _store(self) -> ModelStore:
+        return ModelStore.default(self.config.models_dir, dict(os.environ))
+
+    async def setup(self) -> None:
+        await asyncio.to_thread(self._load)
+        for what, why in self.problems.items():
+            self.log.warning("voice %s unavailable: %s", what, why)
+        if self.stt is None and self.tts is None:
+            raise MtorError("no voice backend could start: " + "; ".join(self.problems.values()))
+
+    def _load(self) -> None:
+        cfg = self.config
+        store = self._store()
+        try:
+            name = cfg.stt.model or DEFAULT_MODELS[cfg.stt.backend]
+            path = cfg.stt.model_path or store.path(name)
+            self.stt = make_stt(cfg.stt, path, name)
+        except (SttUnavailable, ModelError, OSError) as exc:
+            self.problems["stt"] = str(exc)
+        try:
+            tts_path = cfg.tts.model_path
+            if cfg.tts.backend == "piper" and tts_path is None:
+                tts_path = store.path(cfg.tts.model)
+            self.tts = make_tts(cfg.tts, tts_path)
+        except (TtsUnavailable, ModelError, OSError) as exc:
+            self.problems["tts"] = str(exc)
+        if cfg.source.type == "none":
+            return
+        try:
+            self.wake = make_wake(cfg.wake)
+        except (WakeUnavailable, OSError, ValueError) as exc:
+            self.problems["wake"] = str(exc)
+        try:
+            self.vad = load_silero()
+        except (VadUnavailable, OSError) as exc:
+            self.problems["vad"] = str(exc)
+
+    def capabilities(self) -> list[Capability]:
+        caps: list[Capability] = []
+        if self.stt is not None and self.config.stt.serve:
+            caps.append(
+                Capability(
+                    name="stt",
+                    node=self.name,
+                    backend=self.stt.type_name,
+                    model=self.stt.model,
+                    languages=self.stt.languages,
+                    attrs={"max_audio_s": MAX_STT_S, "content_type": audio.CONTENT_TYPE},
+                )
+            )
+        if self.tts is not None and self.config.tts.serve:
+            caps.append(
+                Capability(
+                    name="tts",
+                    node=self.name,
+                    backend=self.tts.type_name,
+                    model=self.tts.model,
+                    languages=self.tts.languages,
+                    streaming=True,
+                    attrs={"content_type": audio.CONTENT_TYPE, "sample_rate": audio.RATE},
+                )
+            )
+        return caps
+
+    def entities(self) -> list[EntitySpec]:
+        if self.config.source.type == "none":
+            return []
+
+        def topic(name: str) -> str:
+            return topics.EVENT.build(
+                realm=self.ctx.realm, node_id=self.ctx.node_id, domain="voice", name=name
+            )
+
+        return [
+            EntitySpec(
+                component="sensor",
+                object_id=f"{self.name}_voice_state",
+                name=f"{self.name} voice state",
+                state_topic=topic("state"),
+                device_class="enum",
+                options=STATES,
+                icon="mdi:microphone-message",
+            ),
+            EntitySpec(
+                component="sensor",
+                object_id=f"{self.name}_last_transcript",
+                name=f"{self.name} last transcript",
+                state_topic=topic("transcript"),
+                icon="mdi:text-recognition",
+            ),
+        ]
+
+    async def run(self) -> None:
+        await self.realm.start()
+        if self.config.arbitration_s > 0:
+            await self.ctx.bus.subscribe(
+                topics.EVENT.filter(realm=self.ctx.realm, domain="voice", name="wake"),
+                self._on_wake_event,
+            )
+        if self.config.source.type == "none":
+            await asyncio.Event().wait()
+        pipeline = self.make_pipeline()
+        if pipeline is None:
+            await asyncio.Event().wait()
+            return
+        self.pipeline = pipeline
+        live = self.config.source.type != "file" or self.config.source.realtime
+        await pipeline.run(await self._source(), live=live)
+        await asyncio.Event().wait()  # a finished file: idle until stopped
+
+    def make_pipeline(self, sink: audio.Sink | None = None) -> Pipeline | None:
+        """The conversation loop on this node's models (None when a part is missing)."""
+        cfg = self.config
+        if self.vad is None or (self.stt is None and cfg.stt.routing == "local"):
+            self.log.error("voice satellite cannot run: %s", self.problems)
+            return None
+        if self.wake is None and cfg.wake.engine in ("micro", "open"):
+            self.log.error("voice satellite cannot run: %s", self.problems.get("wake"))
+            return None
+        hooks = Hooks(
+            emit=self._emit,
+            act=self._act,
+            stt=self._stt_stream,
+            ask=self.realm.ask if cfg.intents.chat_fallback else None,
+            arbitrate=self.arbiter.decide if cfg.arbitration_s > 0 else None,
+        )
+        return Pipeline(
+            cfg,
+            hooks,
+            wake=self.wake,
+            endpointer=Endpointer(cfg.vad, self.vad),
+            tts=self.tts,
+            tts_lock=self.tts_lock,
+            sink=sink or self._sink(),
+            recognizer=IntentRecognizer(cfg.intents),
+        )
+
+    async def _source(self) -> AsyncIterator[bytes]:
+        src = self.config.source
+        if src.type == "file":
+            if src.path is None:
+                raise MtorError("voice source 'file' needs a path")
+            return audio.file_source(src.path, realtime=src.realtime)
+        if src.type == "stdin":
+            return audio.stdin_source()
+        if src.type == "mic":
+            return audio.mic_source(src.device)
+        if not src.topic:
+            raise MtorError("voice source 'mqtt' needs a topic")
+        queue = audio.QueueSource()
+
+        async def on_audio(msg: Inbound) -> None:
+            if msg.content_type and not msg.content_type.startswith("audio/L16"):
+                self.log.warning("ignoring %s audio on %s", msg.content_type, msg.topic)
+                return
+            queue.push(msg.payload)
+
+        await self.ctx.bus.subscribe(src.topic, on_audio, qos=0)
+        return queue.__aiter__()
+
+    def _sink(self) -> audio.Sink:
+        sink = self.config.sink
+        if sink.type == "file" and sink.path is not None:
+            return audio.WavSink(sink.path)
+        if sink.type == "aplay":
+            return audio.AplaySink()
+        if sink.type == "speaker":
+            return audio.SpeakerSink(sink.device)
+        if sink.type == "mqtt":
+
+            async def publish(pcm: bytes) -> None:
+                await self.ctx.publish_media(sink.stream, pcm, audio.CONTENT_TYPE)
+
+            return audio.MqttSink(publish)
+        return audio.NullSink()
+
+    async def close(self) -> None:
+        self.stt = self.tts = self.wake = self.vad = None
+
+    # ------------------------------------------------------------ pipeline hooks
+
+    async def _emit(self, name: str, value: Any, attrs: dict[str, Any]) -> None:
+        retain = name in ("state", "transcript")  # dashboards show the latest on connect
+        for listener in self.listeners:
+            listener(name, value, attrs)
+        await self.ctx.publish_event(
+            "voice", name, value, attrs={**attrs, "satellite": self.name}, retain=retain
+        )
+
+    async def _act(self, action: Action) -> None:
+        self.log.info("intent action: %s <- %s", action.topic, action.payload[:200])
+        await self.ctx.bus.publish(action.topic, action.payload, qos=1, retain=action.retain)
+
+    def _stt_stream(self) -> SttStream:
+        routing = self.config.stt.routing
+        if routing == "auto" and self.stt is not None:
+            local = self.latency.get("local")
+            remote = self.latency.get("remote")
+            # Try each route once, then keep the faster (re-measured as it is used).
+            if remote is None and self.realm.orchestrator_online:
+                return _RemoteStt(self)
+            if remote is not None and (local is None or remote < local):
+                return _RemoteStt(self)
+            return _TimedLocal(self, self.stt)
+        if routing == "remote" or self.stt is None:
+            return _RemoteStt(self)
+        return _LocalStt(self.stt)
+
+    async def _on_wake_event(self, msg: Inbound) -> None:
+        try:
+            event = decode(msg.payload, Event)
+        except MessageError as exc:
+            self.log.warning("bad wake event on %s: %s", msg.topic, exc)
+            return
+        fields = topics.EVENT.parse(msg.topic) or {}
+        sat = f"{fields.get('node_id', '?')}/{event.attrs.get('satellite', '?')}"
+        try:
+            score = float(event.attrs.get("score", 0.0))
+            energy = float(event.attrs.get("energy_dbfs", -120.0))
+        except (TypeError, ValueError):
+            return
+        self.arbiter.heard(sat, str(event.value), score, energy)
+
+    # ------------------------------------------------------------ remote stt
+
+    async def remote_transcribe(self, pcm: bytes) -> Transcript:
+        started = time.perf_counter()
+        pcm = pcm[:MAX_STT_BYTES]
+        media = topics.MEDIA.build(
+            realm=self.ctx.realm, node_id=self.ctx.node_id, stream=f"stt/{uuid.uuid4().hex[:12]}"
+        )
+        await self.ctx.bus.publish(
+            media, pcm, qos=1, retain=True, content_type=audio.CONTENT_TYPE, wait=True
+        )
+        try:
+            out = await self.realm.call("stt", {"media_topic": media}, timeout=MEDIA_WAIT + 30)
+        finally:
+            await self.ctx.bus.publish(media, b"", qos=1, retain=True)  # clear the retained audio
+        self.measured("remote", started, len(pcm))
+        return Transcript(str(out.get("text", "")), out.get("language"))
+
+    def measured(self, route: str, started: float, nbytes: int) -> None:
+        """Auto routing: remember seconds of transcription per second of audio."""
+        per_s = (time.perf_counter() - started) / max(nbytes / (audio.RATE * audio.WIDTH), 0.5)
+        old = self.latency.get(route)
+        self.latency[route] = per_s if old is None else 0.7 * old + 0.3 * per_s
+
+    # ------------------------------------------------------------ tasks
+
+    async def execute(self, task: TaskRun) -> Any:
+        if task.capability == "stt":
+            return await self._execute_stt(task)
+        if task.capability == "tts":
+            return await self._execute_tts(task)
+        raise TaskError("unavailable", f"voice node {self.name} has no {task.capability!r}")
+
+    async def _execute_stt(self, task: TaskRun) -> Any:
+        if self.stt is None:
+            raise TaskError("unavailable", "no speech-to-text backend here")
+        try:
+            inp = SttInput.model_validate(task.input)
+        except ValidationError as exc:
+            raise TaskError("bad_input", f"invalid stt input: {exc.errors()[0]['msg']}") from exc
+        fields = topics.MEDIA.parse(inp.media_topic)
+        if fields is None or fields["realm"] != self.ctx.realm:
+            raise TaskError("bad_input", "media_topic must be a media topic of this realm")
+        got: asyncio.Future[Inbound] = asyncio.get_running_loop().create_future()
+
+        async def on_media(msg: Inbound) -> None:
+            if msg.payload and not got.done():
+                got.set_result(msg)
+
+        await self.ctx.bus.subscribe(inp.media_topic, on_media)
+        try:
+            async with asyncio.timeout(MEDIA_WAIT):
+                msg = await got
+        except TimeoutError as exc:
+            raise TaskError("bad_input", f"no audio on {inp.media_topic}") from exc
+        finally:
+            await self.ctx.bus.unsubscribe(inp.media_topic)
+        if msg.content_type and not msg.content_type.startswith("audio/L16"):
+            raise TaskError("bad_input", f"expected audio/L16, got {msg.content_type}")
+        if len(msg.payload) > MAX_STT_BYTES:
+            raise TaskError("bad_input", f"audio longer than {MAX_STT_S:g} s")
+        started = time.perf_counter()
+        stt = self.stt
+        result = await asyncio.to_thread(stt.transcribe, msg.payload)
+        return {
+            "text": result.text,
+            "language": result.language,
+            "backend": stt.type_name,
+            "model": stt.model,
+            "audio_s": round(len(msg.payload) / (audio.RATE * audio.WIDTH), 3),
+            "run_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+
+    async def _execute_tts(self, task: TaskRun) -> Any:
+        if self.tts is None:
+            raise TaskError("unavailable", "no text-to-speech backend here")
+        try:
+            inp = TtsInput.model_validate(task.input)
+        except ValidationError as exc:
+            raise TaskError("bad_input", f"invalid tts input: {exc.errors()[0]['msg']}") from exc
+        stream_name = f"tts/{task.task_id}"
+        media = topics.MEDIA.build(
+            realm=self.ctx.realm, node_id=self.ctx.node_id, stream=stream_name
+        )
+        sink = self._sink() if inp.play else audio.NullSink()
+        started = time.perf_counter()
+        first: float | None = None
+        chunks = total = 0
+        await sink.start()
+        async for pcm in stream(self.tts, inp.text, self.tts_lock, task.cancel_flag):
+            if first is None:
+                first = time.perf_counter()
+            await self.ctx.publish_media(stream_name, pcm, audio.CONTENT_TYPE)
+            await sink.write(pcm)
+            chunks += 1
+            total += len(pcm)
+            await task.partial({"chunk": chunks, "bytes": len(pcm)})
+        await sink.finish()
+        return {
+            "media_topic": media,
+            "content_type": audio.CONTENT_TYPE,
+            "sample_rate": audio.RATE,
+            "chunks": chunks,
+            "bytes": total,
+            "first_audio_ms": round((first - started) * 1000, 1) if first else None,
+            "played": inp.play and self.config.sink.type != "none",
+        }
+
+
+class _TimedLocal(_LocalStt):
+    def __init__(self, node: VoiceNode, backend: SttBackend) -> None:
+        super().__init__(backend)
+        self.node = node
+        self.bytes = 0
+
+    def feed(self, pcm: bytes) -> None:
+        self.bytes += len(pcm)
+        super().feed(pcm)
+
+    async def finish(self) -> Transcript:
+        started = time.perf_counter()
+        result = await super().finish()
+        self.node.measured("local", started, self.bytes)
+        return result

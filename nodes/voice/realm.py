@@ -1,0 +1,126 @@
+"""What a voice satellite asks of the realm: the ``chat`` capability and remote ``stt``.
+
+The chat fallback is two steps: a JSON-schema intent extraction (the reply
+names a configured device or scene → the same MQTT action a template would
+publish), then, when it found none, a free-form answer.  With no orchestrator
+online, or no answer in time, the satellite says so instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final
+
+from daemon import topics
+from daemon.bus import Inbound
+from daemon.client import RealmClient, TaskFailed
+from daemon.errors import MessageError, MtorError
+from daemon.messages import decode
+from daemon.node import NodeContext
+from daemon.protocol.admin import OrchestratorState
+from nodes.voice.config import VoiceConfig
+from nodes.voice.intent import Action, IntentRecognizer
+
+log = logging.getLogger(__name__)
+
+NO_REALM: Final = "I can't reach the realm's assistant right now."
+NO_CHAT: Final = "Sorry, no assistant in the realm could answer that."
+ANSWER_SYSTEM: Final = (
+    "You are a voice assistant. Answer in one or two short spoken sentences, no markdown."
+)
+INTENT_SCHEMA: Final = {
+    "type": "object",
+    "properties": {
+        "intent": {"enum": ["turn_on", "turn_off", "set", "scene", "none"]},
+        "device": {"type": "string"},
+        "area": {"type": "string"},
+        "value": {"type": "string"},
+    },
+    "required": ["intent"],
+}
+
+
+class RealmVoice:
+    def __init__(self, ctx: NodeContext, cfg: VoiceConfig) -> None:
+        self.ctx = ctx
+        self.cfg = cfg
+        self.client = RealmClient(ctx.bus, ctx.realm, origin=ctx.node_id)
+        self.orchestrator_online = False
+        self._started = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        await self.client.start()
+        await self.ctx.bus.subscribe(topics.ORCH_STATE.build(realm=self.ctx.realm), self._on_orch)
+
+    async def _on_orch(self, msg: Inbound) -> None:
+        try:
+            state = decode(msg.payload, OrchestratorState)
+        except MessageError:
+            self.orchestrator_online = False
+            return
+        self.orchestrator_online = state.state == "online"
+
+    async def call(self, capability: str, inp: Any, timeout: float) -> Any:
+        if not self.orchestrator_online:
+            raise MtorError("no orchestrator online")
+        async with asyncio.timeout(timeout):
+            return await self.client.call(capability, inp, timeout=timeout)
+
+    async def ask(self, text: str) -> tuple[str, list[Action]]:
+        """The answer to speak and the actions to take for an unmatched transcript."""
+        timeout = self.cfg.intents.chat_timeout_s
+        try:
+            if self.cfg.intents.devices or self.cfg.intents.scenes:
+                actions = await self._extract(text, timeout)
+                if actions is not None:
+                    return actions
+            out = await self.call(
+                "chat", {"prompt": text, "system": ANSWER_SYSTEM, "max_tokens": 96}, timeout
+            )
+        except TaskFailed as exc:
+            log.warning("chat fallback failed: %s", exc)
+            return NO_CHAT, []
+        except (MtorError, TimeoutError) as exc:
+            log.warning("chat fallback unavailable: %s", exc or "timeout")
+            return NO_REALM, []
+        answer = str(out.get("text", "")).strip() if isinstance(out, dict) else ""
+        return answer or NO_CHAT, []
+
+    async def _extract(self, text: str, timeout: float) -> tuple[str, list[Action]] | None:
+        devices = ", ".join(
+            f"{d.area} {d.name}" if d.area else d.name for d in self.cfg.intents.devices
+        )
+        scenes = ", ".join(s.name for s in self.cfg.intents.scenes)
+        system = (
+            "Extract the home automation intent of the user's request. "
+            f"Devices: {devices or 'none'}. Scenes: {scenes or 'none'}. "
+            "Use intent none when the request is not about them."
+        )
+        try:
+            out = await self.call(
+                "chat",
+                {"prompt": text, "system": system, "json_schema": INTENT_SCHEMA, "max_tokens": 64},
+                timeout,
+            )
+        except TaskFailed as exc:  # e.g. the model's reply was not JSON: answer free-form
+            log.info("intent extraction failed: %s", exc)
+            return None
+        data = out.get("json") if isinstance(out, dict) else None
+        if not isinstance(data, dict) or data.get("intent") in (None, "none"):
+            return None
+        # Re-use the template recogniser on a canonical sentence: same validation, same actions.
+        sentence = {
+            "turn_on": "turn on the {area} {device}",
+            "turn_off": "turn off the {area} {device}",
+            "set": "set the {area} {device} to {value}",
+            "scene": "activate {device}",
+        }.get(str(data["intent"]), "")
+        fields = {k: str(data.get(k) or "") for k in ("area", "device", "value")}
+        intent = IntentRecognizer(self.cfg.intents).recognize(sentence.format(**fields))
+        if intent is None:
+            return None
+        return intent.speech, intent.actions

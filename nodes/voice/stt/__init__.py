@@ -1,0 +1,60 @@
+"""Speech-to-text backends: a Protocol, a registry, lazy imports.
+
+A backend opens a :class:`SttSession` per utterance: ``feed`` takes PCM as
+it is heard (vosk decodes while the user speaks; whisper only collects) and
+``finish`` returns the transcript.  All calls are blocking: callers run them
+off the event loop, one lock per loaded model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from nodes.voice.config import SttConfig
+
+DEFAULT_MODELS = {"faster_whisper": "whisper-tiny-en", "vosk": "vosk-model-small-en-us"}
+
+
+class SttUnavailable(Exception):
+    """The backend's package or model is missing."""
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    language: str | None = None
+
+
+class SttSession(Protocol):
+    def feed(self, pcm: bytes) -> None: ...
+
+    def finish(self) -> Transcript: ...
+
+
+class SttBackend(Protocol):
+    type_name: str
+    model: str
+    languages: list[str]
+
+    def session(self) -> SttSession: ...
+
+    def transcribe(self, pcm: bytes) -> Transcript: ...
+
+
+_BACKENDS = {
+    "faster_whisper": "nodes.voice.stt.whisper:WhisperStt",
+    "vosk": "nodes.voice.stt.vosk:VoskStt",
+}
+
+
+def make_stt(cfg: SttConfig, model_dir: Path, model_name: str) -> SttBackend:
+    module_name, _, cls_name = _BACKENDS[cfg.backend].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SttUnavailable(f"{cfg.backend}: {exc}") from exc
+    backend: SttBackend = getattr(module, cls_name)(cfg, model_dir, model_name)
+    return backend
