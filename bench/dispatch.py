@@ -6,7 +6,11 @@ one ``mtor orchestrator``.  From this process, each path is driven with 1
 and with 16 requests in flight:
 
 * ``orchestrated``: ``RealmClient.call("echo", payload)`` — submit, queue,
-  assign, worker, report, final update back to the client;
+  assign, worker; the worker sends ``done`` straight to the client
+  (``TaskSubmit.direct``, RealmClient's default) and reports to the
+  orchestrator;
+* ``orchestrated_relayed``: the same with ``direct=False`` — the final update
+  relayed by the orchestrator (what a plain MQTT client gets by default);
 * ``direct``: the worker's own protocol with no orchestrator running — a
   ``TaskAssign`` published to ``node/<id>/task`` and its ``WorkerReport``
   awaited on ``task/worker/<id>`` (same worker process, same client bus);
@@ -89,6 +93,12 @@ async def measure(broker: PrivateBroker, args: argparse.Namespace) -> dict[str, 
                 return await realm.call("echo", PAYLOAD)
 
             out["orchestrated"] = await _phase("orchestrated", orch_call, realm, args)
+
+            # 4. the same without the direct reply: every update relayed by the orchestrator
+            async def strict_call(_i: int) -> Any:
+                return await realm.call("echo", PAYLOAD, direct=False)
+
+            out["orchestrated_relayed"] = await _phase("relayed", strict_call, realm, args)
     return out
 
 
@@ -101,6 +111,10 @@ def verdict(out: dict[str, Any], inflight: int) -> dict[str, Any]:
         "p50_ratio_inflight_1": round(ratio_1, 2),
         f"p50_ratio_{key}": round(ratio_n, 2),
         "orchestrated_per_s": orch[key]["per_s"],
+        "relayed_p50_ratio_inflight_1": round(
+            out["orchestrated_relayed"]["inflight_1"]["p50_ms"] / direct["inflight_1"]["p50_ms"], 2
+        ),
+        "relayed_per_s": out["orchestrated_relayed"][key]["per_s"],
         "targets": {"p50_ratio": TARGET_P50_RATIO, "per_s": TARGET_PER_S},
         "pass": {
             "p50_ratio": ratio_1 <= TARGET_P50_RATIO,

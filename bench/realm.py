@@ -246,8 +246,8 @@ class Realm:
                 else:
                     return
 
-    async def call(self, capability: str, payload: Any) -> Any:
-        return await self.client.call(capability, payload)
+    async def call(self, capability: str, payload: Any, *, direct: bool = True) -> Any:
+        return await self.client.call(capability, payload, direct=direct)
 
 
 class DirectWorker:

@@ -139,7 +139,10 @@ class RealmClient:
         constraints: Constraints | None = None,
         idempotency_key: str | None = None,
         task_id: str | None = None,
+        direct: bool = True,
     ) -> TaskHandle:
+        """Submit a task.  ``direct``: the worker may answer ``done`` itself (one hop
+        less); a rare second final for the same task is dropped here."""
         submit = TaskSubmit(
             capability=capability,
             input=input,
@@ -148,6 +151,7 @@ class RealmClient:
             timeout=timeout,
             progress=progress,
             stream=stream,
+            direct=direct,
             constraints=constraints or Constraints(),
             idempotency_key=idempotency_key,
             user=self.user,

@@ -18,7 +18,14 @@ from daemon import topics
 from daemon.bus import Bus, Inbound
 from daemon.errors import MessageError, TaskError
 from daemon.messages import decode_any
-from daemon.protocol.task import ErrorInfo, TaskAbort, TaskAssign, WorkerReport
+from daemon.protocol.task import (
+    DirectReply,
+    ErrorInfo,
+    TaskAbort,
+    TaskAssign,
+    TaskUpdate,
+    WorkerReport,
+)
 
 if TYPE_CHECKING:
     from daemon.node import Node
@@ -51,8 +58,11 @@ class TaskRun:
     emit_partial: Callable[[Any], Awaitable[None]] = _discard
     cancel_flag: threading.Event = field(default_factory=threading.Event)
     attempt: int = 1
+    reply: DirectReply | None = None  # where to send 'done' directly (orchestrator's choice)
+    partials: int = 0  # partial outputs emitted so far
 
     async def partial(self, chunk: Any) -> None:
+        self.partials += 1
         await self.emit_partial(chunk)
 
     def remaining(self) -> float | None:
@@ -167,6 +177,7 @@ class Worker:
             constraints=assign.constraints.model_dump(exclude_none=True),
             emit_partial=emit,
             attempt=assign.attempt,
+            reply=assign.reply,
         )
         self.load[assign.capability] = self.load.get(assign.capability, 0) + 1
         task = asyncio.create_task(self._execute(route[0], run), name=f"task:{key}")
@@ -175,13 +186,8 @@ class Worker:
     async def _execute(self, node: Node, run: TaskRun) -> None:
         started = time.perf_counter()
 
-        async def ack_later() -> None:
-            await asyncio.sleep(ACK_DELAY)
-            await self._report(
-                WorkerReport(task_id=run.task_id, attempt=run.attempt, status="started")
-            )
-
-        acker = asyncio.create_task(ack_later())  # the result acks fast tasks itself
+        # The result acks fast tasks itself; a timer (not a task) keeps that cheap.
+        acker = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack, run)
         report: WorkerReport
         try:
             remaining = run.remaining()
@@ -213,7 +219,32 @@ class Worker:
             self.running.pop(run.task_id, None)
             self.load[run.capability] -= 1
         report.run_ms = round((time.perf_counter() - started) * 1000, 3)
+        if report.status == "done" and run.reply is not None and not run.partials:
+            # Partials travel through the orchestrator: a direct final could overtake them.
+            self._reply_direct(run.reply, run, report)
         await self._report(report)
+
+    def _reply_direct(self, reply: DirectReply, run: TaskRun, report: WorkerReport) -> None:
+        """Send the final ``done`` straight to the submitter (``TaskSubmit.direct``)."""
+        report.seq = reply.seq + 1
+        report.replied = True
+        update = TaskUpdate(
+            task_id=run.task_id,
+            status="done",
+            seq=report.seq,
+            node=self.node_id,
+            attempt=run.attempt,
+            output=report.output,
+            queue_ms=reply.queue_ms,
+            run_ms=report.run_ms,
+            correlation=reply.correlation,
+        )
+        correlation = bytes.fromhex(reply.correlation_data) if reply.correlation_data else None
+        self.bus.post(reply.topic, update, qos=1, correlation_data=correlation)
+
+    def _ack(self, run: TaskRun) -> None:
+        report = WorkerReport(task_id=run.task_id, attempt=run.attempt, status="started")
+        self.bus.post(self.report_topic, report, qos=1)
 
     @staticmethod
     def _failed(run: TaskRun, code: str, message: str) -> WorkerReport:

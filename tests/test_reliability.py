@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import random
+import signal
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,9 @@ async def test_kill9_workers_while_2000_tasks_run(
 
         async def one(i: int) -> None:
             async with sem:
-                h = await client.submit("sleep", {"seconds": 0.005}, timeout=60)
+                # direct=False: the orchestrator's own exactly-once guarantee, counted
+                # on the wire (direct replies may repeat in a race; RealmClient drops those)
+                h = await client.submit("sleep", {"seconds": 0.005}, timeout=60, direct=False)
                 ids.append(h.task_id)
                 with contextlib.suppress(TaskFailed):
                     await h.result()
@@ -154,7 +157,10 @@ async def test_orchestrator_restart_loses_nothing(
         counter = FinalCounter()
         await bus.subscribe(client.reply_topic, counter)
         await wait_for_peers(client, 1)
-        handles = [await client.submit("sleep", {"seconds": 0.2}, timeout=60) for _ in range(30)]
+        handles = [
+            await client.submit("sleep", {"seconds": 0.2}, timeout=60, direct=False)
+            for _ in range(30)
+        ]
         await asyncio.sleep(0.6)  # some done, some running, most queued
         orch.kill9()
         await asyncio.sleep(0.3)
@@ -165,3 +171,38 @@ async def test_orchestrator_restart_loses_nothing(
         await asyncio.sleep(0.5)
     assert all(isinstance(r, dict) and r["node"] == "w0" for r in results), results
     assert all(counter.finals[h.task_id] == 1 for h in handles), counter.finals
+
+
+@pytest.mark.parametrize("direct", [True, False])
+async def test_direct_reply_comes_from_the_worker(
+    broker: PrivateBroker, realm: str, tmp_path: Path, processes: list[MtorProcess], direct: bool
+) -> None:
+    """With ``direct`` the worker answers ``done`` itself: it arrives while the
+    orchestrator is frozen (SIGSTOP).  Without it, only once the orchestrator runs."""
+    orch = orchestrator(broker, realm, tmp_path)
+    processes.append(orch)
+    processes.append(worker(broker, realm, tmp_path, "w0", 4))
+    async with running_bus(make_config(broker.url, realm)) as bus:
+        client = RealmClient(bus, realm, user="u")
+        await client.start()
+        counter = FinalCounter()
+        await bus.subscribe(client.reply_topic, counter)
+        await wait_for_peers(client, 1)
+        handle = await client.submit("sleep", {"seconds": 0.4}, timeout=30, direct=direct)
+        result = asyncio.ensure_future(handle.result())
+        await asyncio.sleep(0.2)  # assigned and running on w0
+        os.kill(orch.proc.pid, signal.SIGSTOP)
+        try:
+            done, _ = await asyncio.wait({result}, timeout=5 if direct else 1.0)
+        finally:
+            os.kill(orch.proc.pid, signal.SIGCONT)
+        assert bool(done) == direct  # without direct, the answer waits for the orchestrator
+        assert (await asyncio.wait_for(result, 10))["node"] == "w0"
+        assert handle.final is not None
+        assert (handle.final.seq, handle.final.node) == (1, "w0")
+        assert handle.final.queue_ms is not None
+        assert handle.final.run_ms is not None
+        # The orchestrator learnt of the end too (slot free, one final on the wire).
+        assert await asyncio.wait_for(client.call("echo", "after", timeout=5), 10) == "after"
+        await asyncio.sleep(0.3)
+    assert counter.finals[handle.task_id] == 1

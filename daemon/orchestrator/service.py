@@ -42,6 +42,7 @@ from daemon.protocol.admin import OrchestratorState, OrchestratorStats
 from daemon.protocol.node import NodeHealth, NodeInfo, NodeState
 from daemon.protocol.task import (
     Constraints,
+    DirectReply,
     ErrorInfo,
     TaskAbort,
     TaskAssign,
@@ -496,6 +497,7 @@ class Orchestrator:
             user=task.user,
             stream=task.submit.stream,
             constraints=task.submit.constraints,
+            reply=self._direct_reply(task),
         )
         topic = topics.NODE_TASK.build(realm=self.realm, node_id=peer.node_id)
         expiry = max(1.0, task.deadline - time.time())
@@ -506,6 +508,22 @@ class Orchestrator:
         )
         if task.submit.progress:
             self._reply(task, "assigned", node=peer.node_id)
+
+    def _direct_reply(self, task: Task) -> DirectReply | None:
+        """Where the worker may send ``done`` itself: only the first attempt of a task
+        whose submitter asked for it and gets no other update from us in between."""
+        submit = task.submit
+        if not (submit.direct and task.reply_topic) or task.attempt != 1 or task.watchers:
+            return None
+        if submit.progress:
+            return None  # 'started' would come from us, numbered after the worker's final
+        return DirectReply(
+            topic=task.reply_topic,
+            correlation_data=task.correlation.hex() if task.correlation else None,
+            correlation=submit.correlation,
+            seq=task.seq,
+            queue_ms=task.queue_ms,
+        )
 
     def _release(self, task: Task) -> None:
         """Give back the slot an assigned task holds."""
@@ -608,7 +626,9 @@ class Orchestrator:
             # A result from an earlier attempt (or from before a restart) still
             # counts if nobody else finished first; other reports are stale.
             if status == "done" and task.state in ("queued", "released"):
-                self._finish(task, "done", output=report.output, run_ms=report.run_ms)
+                self._finish(
+                    task, "done", output=report.output, run_ms=report.run_ms, sent=report.replied
+                )
             return
         if status in ("started", "partial") and task.state == "assigned":
             task.state = "running"
@@ -624,7 +644,11 @@ class Orchestrator:
         elif status == "done":
             self._peer_outcome(task, ok=True, run_ms=report.run_ms)
             self._release(task)
-            self._finish(task, "done", output=report.output, run_ms=report.run_ms)
+            if report.replied:  # the worker numbered its final after every relayed partial
+                task.seq = max(task.seq, report.seq - 1)
+            self._finish(
+                task, "done", output=report.output, run_ms=report.run_ms, sent=report.replied
+            )
         elif status == "failed":
             error = report.error or ErrorInfo(code="internal", message="worker failed")
             self._peer_outcome(task, ok=error.code in NOT_PEER_FAULTS)
@@ -647,7 +671,10 @@ class Orchestrator:
         output: Any = None,
         error: ErrorInfo | None = None,
         run_ms: float | None = None,
+        sent: bool = False,
     ) -> None:
+        """Make a task final: answer the submitter (unless the worker already
+        did: ``sent``), remember the answer for duplicates, record history."""
         if self.tasks.pop(task.id, None) is None:
             return
         self._queue(task).discard(task)
@@ -655,7 +682,7 @@ class Orchestrator:
         task.cancel_timers()
         total_ms = round((time.monotonic() - task.submitted_mono) * 1000, 3)
         update = self._reply(
-            task, status, output=output, error=error, run_ms=run_ms, node=task.node
+            task, status, output=output, error=error, run_ms=run_ms, node=task.node, send=not sent
         )
         self.finished[task.id] = (task.user, update)
         while len(self.finished) > self.cfg.dedupe_size:
@@ -682,7 +709,7 @@ class Orchestrator:
         self.stats.record(task.capability, status, total_ms)
         self._dispatch(task.capability)
 
-    def _reply(self, task: Task, status: str, **fields: Any) -> TaskUpdate:
+    def _reply(self, task: Task, status: str, *, send: bool = True, **fields: Any) -> TaskUpdate:
         task.seq += 1
         update = TaskUpdate(
             task_id=task.id,
@@ -693,7 +720,7 @@ class Orchestrator:
             correlation=task.submit.correlation,
             **fields,
         )
-        if task.reply_topic:
+        if task.reply_topic and send:
             self._send(task.reply_topic, task.correlation, update)
         for topic, correlation, text in task.watchers:
             self._send(topic, correlation, update.model_copy(update={"correlation": text}))

@@ -59,6 +59,14 @@ class TaskSubmit(Message):
     constraints: Constraints = Field(default_factory=Constraints)
     stream: bool = Field(default=True, description="Relay partial output.")
     progress: bool = Field(default=False, description="Send queued/assigned/started too.")
+    direct: bool = Field(
+        default=False,
+        description=(
+            "Let the worker send a non-streamed 'done' straight to the reply topic (one hop "
+            "less). In a rare race (cancel, deadline or reassignment just as the task ends) "
+            "a second final may follow for the same task id: the first one counts."
+        ),
+    )
     reply_to: str | None = Field(default=None, description="MQTT 3.1.1: reply topic.")
     correlation: str | None = Field(default=None, max_length=256)
 
@@ -91,6 +99,16 @@ class TaskCancel(Message):
     reason: str | None = Field(default=None, max_length=200)
 
 
+class DirectReply(Part):
+    """Where a worker sends the final ``done`` itself (see ``TaskSubmit.direct``)."""
+
+    topic: str
+    correlation_data: str | None = Field(default=None, description="MQTT 5 correlation, hex.")
+    correlation: str | None = None  # TaskUpdate.correlation (MQTT 3.1.1 clients)
+    seq: int = Field(ge=0, description="The task's last update seq; the final is seq + 1.")
+    queue_ms: float | None = None
+
+
 class TaskAssign(Message):
     TYPE = "task.assign"
 
@@ -102,6 +120,7 @@ class TaskAssign(Message):
     user: str | None = None
     stream: bool = True
     constraints: Constraints = Field(default_factory=Constraints)
+    reply: DirectReply | None = None
 
 
 class TaskAbort(Message):
@@ -131,3 +150,4 @@ class WorkerReport(Message):
     output: Any = None
     error: ErrorInfo | None = None
     run_ms: float | None = None
+    replied: bool = Field(default=False, description="'done' already sent to the submitter.")
