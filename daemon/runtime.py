@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from daemon import __version__, hostinfo, topics
 from daemon.bus import Bus, Inbound
@@ -36,6 +36,9 @@ from daemon.sdnotify import Notifier
 from daemon.supervisor import Supervised, supervise
 from daemon.worker import Worker
 from nodes.catalog import node_class
+
+if TYPE_CHECKING:
+    from daemon.workflows.local import LocalWorkflows
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,7 @@ class NodeDaemon:
         )
         self._tg: asyncio.TaskGroup | None = None
         self._online = asyncio.Event()
+        self.workflows: LocalWorkflows | None = None
         self.worker = Worker(self.bus, config.realm, nid)
         from daemon.homeassistant.node import node_bridge
 
@@ -317,6 +321,9 @@ class NodeDaemon:
         cmd_filter = topics.NODE_CMD.filter(realm=self.config.realm, node_id=self.node_id)
         await self.bus.subscribe(cmd_filter, self._on_command)
         await self.worker.start()
+        from daemon.workflows.local import start_local_workflows
+
+        self.workflows = await start_local_workflows(self)
         await self.homeassistant.start()
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
@@ -340,6 +347,8 @@ class NodeDaemon:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.1, budget - OFFLINE_PUBLISH_TIMEOUT - 0.5)):
                 await self.worker.stop()
+        if self.workflows is not None:
+            await self.workflows.stop()
         for task in background:
             task.cancel()
         node_tasks = [h.task for h in self.hosted.values() if h.task is not None]

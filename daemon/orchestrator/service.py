@@ -112,6 +112,9 @@ class Orchestrator:
         self.state = RealmStateStore(
             self.bus, self.realm, self.cfg.state_values, strict=self.cfg.state_strict
         )
+        from daemon.workflows.realm import RealmWorkflows
+
+        self.workflows = RealmWorkflows(self)
 
     # ============================================================== lifecycle
 
@@ -129,6 +132,7 @@ class Orchestrator:
         await sub(topics.TASK_WORKER.filter(realm=r), self._on_report)
         await sub(topics.ORCH_ADMIN.build(realm=r), self.admin.on_request)
         await self.state.start()
+        await self.workflows.start()
         from daemon.homeassistant.realm import attach as attach_homeassistant
 
         await attach_homeassistant(self.bus, self.config)  # the realm device: armed panel
@@ -150,6 +154,7 @@ class Orchestrator:
                 log.info("orchestrator shutting down (%d active tasks journalled)", len(self.tasks))
                 for t in background:
                     t.cancel()
+                await self.workflows.stop()
                 offline = OrchestratorState(
                     state="offline", boot_id=self.boot_id, version=__version__
                 )
