@@ -41,6 +41,14 @@ CREATE TABLE IF NOT EXISTS active (
     submitted REAL,
     doc TEXT
 );
+CREATE TABLE IF NOT EXISTS workflow_runs (
+    run_id TEXT PRIMARY KEY,
+    workflow TEXT, where_ TEXT, trigger TEXT,
+    started REAL, duration_ms REAL,
+    outcome TEXT, error_code TEXT, error TEXT,
+    steps TEXT
+);
+CREATE INDEX IF NOT EXISTS workflow_runs_started ON workflow_runs (started);
 """
 
 
@@ -94,6 +102,15 @@ class Store:
             (row,),
         )
 
+    def record_run(self, row: dict[str, Any]) -> None:
+        """One finished workflow run (steps as JSON; see daemon.workflows.engine)."""
+        self._queue(
+            "INSERT OR REPLACE INTO workflow_runs VALUES "
+            "(:run_id, :workflow, :where_, :trigger, :started, :duration_ms, :outcome,"
+            " :error_code, :error, :steps)",
+            (row,),
+        )
+
     async def run(self) -> None:
         """The writer: flush batches as they come (idle when nothing happens)."""
         while True:
@@ -130,6 +147,7 @@ class Store:
 
     def _retention(self, db: sqlite3.Connection, now: float) -> None:
         db.execute("DELETE FROM history WHERE submitted < ?", (now - self.retention_s,))
+        db.execute("DELETE FROM workflow_runs WHERE started < ?", (now - self.retention_s,))
         (count,) = db.execute("SELECT COUNT(*) FROM history").fetchone()
         if count > self.max_rows:
             db.execute(
@@ -169,5 +187,28 @@ class Store:
             cur = self._db.execute(sql, (*args, limit))
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+        return await asyncio.to_thread(read)
+
+    async def workflow_runs(
+        self, limit: int = 20, workflow: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Finished workflow runs, newest first (``steps`` decoded)."""
+        await self.flush()
+
+        def read() -> list[dict[str, Any]]:
+            assert self._db is not None
+            sql = "SELECT * FROM workflow_runs"
+            args: list[Any] = []
+            if workflow:
+                sql += " WHERE workflow = ?"
+                args.append(workflow)
+            cur = self._db.execute(sql + " ORDER BY started DESC LIMIT ?", (*args, limit))
+            names = [d[0] for d in cur.description]
+            rows = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+            for r in rows:
+                r["where"] = r.pop("where_")
+                r["steps"] = json.loads(r["steps"] or "[]")
+            return rows
 
         return await asyncio.to_thread(read)

@@ -1,0 +1,135 @@
+"""Workflows in the orchestrator: realm-wide ports, requests and history.
+
+Tasks go through the realm like any client's (a :class:`RealmClient` on the
+orchestrator's own bus, as user ``workflows``); ``set_state`` goes through the
+realm state store's validation; ``capability`` conditions read the registry.
+Requests on ``workflows/request`` (``run`` / ``list`` / ``history``) are
+answered with a :class:`~daemon.protocol.workflow.WorkflowReply`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from daemon import topics
+from daemon.bus import Inbound
+from daemon.client import RealmClient, TaskFailed
+from daemon.errors import MessageError
+from daemon.messages import decode
+from daemon.orchestrator.state import StateError
+from daemon.protocol.task import Constraints
+from daemon.protocol.workflow import WorkflowReply, WorkflowRequest
+from daemon.workflows.engine import Engine, EngineError
+from daemon.workflows.loader import load_workflows
+from daemon.workflows.runner import StepFailed
+
+if TYPE_CHECKING:
+    from daemon.orchestrator.service import Orchestrator
+
+log = logging.getLogger(__name__)
+
+WORKFLOW_USER: Final = "workflows"
+
+
+class RealmPorts:
+    """What an orchestrator-side run may do."""
+
+    def __init__(self, orch: Orchestrator, client: RealmClient) -> None:
+        self.orch = orch
+        self.client = client
+        self.realm = orch.realm
+
+    async def run_task(
+        self, capability: str, input: Any, *, timeout: float | None, priority: str, node: str | None
+    ) -> Any:
+        handle = await self.client.submit(
+            capability,
+            input,
+            timeout=timeout,
+            priority=priority,
+            stream=False,
+            constraints=Constraints(node=node),
+        )
+        try:
+            return await handle.result()
+        except TaskFailed as exc:
+            raise StepFailed(exc.code, str(exc)) from exc
+        except asyncio.CancelledError:
+            await handle.cancel("workflow step cancelled")
+            raise
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
+        await self.orch.bus.publish(topic, payload, qos=qos, retain=retain, wait=False)
+
+    async def set_state(self, key: str, value: Any, by: str) -> None:
+        try:
+            await self.orch.state.set(key, value, by)
+        except StateError as exc:
+            raise StepFailed(exc.code, str(exc)) from exc
+
+    def state(self) -> Mapping[str, Any]:
+        return self.orch.state.snapshot()
+
+    def has_capability(self, name: str) -> bool:
+        return self.orch.registry.capable_online(name)
+
+
+class RealmWorkflows:
+    """The orchestrator's workflow engine (non-local workflows of its config)."""
+
+    def __init__(self, orch: Orchestrator) -> None:
+        self.orch = orch
+        every = load_workflows(orch.config)  # a bad workflows_dir file stops the start-up
+        flows = {n: w for n, w in every.items() if not w.local}
+        self.local_names = {n for n, w in every.items() if w.local}  # answered by their node
+        self.client = RealmClient(orch.bus, orch.realm, user=WORKFLOW_USER)
+        self.engine = Engine(
+            orch.bus,
+            orch.realm,
+            flows,
+            RealmPorts(orch, self.client),
+            orch.state,
+            where="orchestrator",
+            record=orch.store.record_run,
+        )
+
+    async def start(self) -> None:
+        await self.client.start()
+        await self.engine.start()
+        await self.orch.bus.subscribe(
+            topics.WORKFLOW_REQUEST.build(realm=self.orch.realm), self.on_request
+        )
+
+    async def stop(self) -> None:
+        await self.engine.stop()
+
+    async def on_request(self, msg: Inbound) -> None:
+        reply_topic = msg.response_topic
+        correlation = None
+        try:
+            req = decode(msg.payload, WorkflowRequest)
+            correlation = req.correlation
+            reply_topic = reply_topic or req.reply_to
+            if req.op == "run" and req.name in self.local_names:
+                return
+            if req.op == "run":
+                if req.name is None:
+                    raise EngineError("bad_request", "run needs a workflow name")
+                run_id = self.engine.start_manual(req.name, req.input, req.user)
+                result: Any = {"run_id": run_id, "workflow": req.name}
+            elif req.op == "list":
+                result = self.engine.summary()
+            else:
+                result = await self.orch.store.workflow_runs(req.limit, req.name)
+            reply = WorkflowReply(ok=True, result=result, correlation=correlation)
+        except MessageError as exc:
+            log.warning("bad workflow request: %s (%s)", exc, msg.preview())
+            reply = WorkflowReply(ok=False, error=str(exc), code=exc.code)
+        except EngineError as exc:
+            log.info("workflow request refused: %s", exc)
+            reply = WorkflowReply(ok=False, error=str(exc), code=exc.code, correlation=correlation)
+        if reply_topic and "+" not in reply_topic and "#" not in reply_topic:
+            self.orch.bus.post(reply_topic, reply, correlation_data=msg.correlation_data)

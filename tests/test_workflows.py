@@ -1,0 +1,296 @@
+"""Workflows end to end: a real broker, a real orchestrator and reference workers in process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.broker import PrivateBroker
+from daemon.bus import Bus
+from daemon.config import Config
+from daemon.messages import decode, encode
+from daemon.orchestrator.service import Orchestrator
+from daemon.protocol.node import Event
+from daemon.protocol.workflow import WorkflowEvent, WorkflowReply, WorkflowRequest
+from daemon.runtime import NodeDaemon
+from tests.conftest import Collector, make_config, running_bus
+
+ALERT: dict[str, Any] = {
+    "triggers": [{"type": "event", "topic": "+/vision/object", "match": {"attrs.label": "person"}}],
+    "conditions": [{"state": "armed", "value": "armed_away"}],
+    "steps": [
+        {
+            "parallel": [
+                [{"id": "a", "task": "echo", "input": {"who": "{{ trigger.attrs.label }}"}}],
+                [{"id": "b", "task": "sleep", "input": {"seconds": 0.05}}],
+            ]
+        },
+        {
+            "publish": "~/out/alert",
+            "payload": {
+                "who": "{{ steps.a.output.who }}",
+                "slept": "{{ steps.b.output.slept }}",
+                "cam": "{{ trigger.node }}",
+            },
+        },
+        {"set_state": "last_alert", "value": "{{ trigger.node }}"},
+    ],
+}
+FAILS: dict[str, Any] = {
+    "triggers": [{"type": "manual"}],
+    "steps": [
+        {"id": "s1", "task": "sleep", "input": {"fail": "boom"}},
+        {"publish": "~/out/never"},
+    ],
+}
+CONTINUES: dict[str, Any] = {
+    "steps": [
+        {"id": "s1", "task": "sleep", "input": {"fail": "boom"}, "continue_on_error": True},
+        {"publish": "~/out/cont", "payload": "{{ steps.s1.error.code }}"},
+    ],
+}
+
+
+class Env:
+    def __init__(self, broker: PrivateBroker, realm: str, tmp: Path) -> None:
+        self.broker = broker
+        self.realm = realm
+        self.tmp = tmp
+        self.tasks: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    def config(self, workflows: dict[str, Any] | None = None, **extra: Any) -> Config:
+        return make_config(
+            self.broker.url,
+            self.realm,
+            orchestrator={"state_dir": str(self.tmp / "orch")},
+            workflows=workflows or {},
+            **extra,
+        )
+
+    async def orchestrator(self, workflows: dict[str, Any]) -> Orchestrator:
+        orch = Orchestrator(self.config(workflows))
+        self._run(orch.run)
+        await asyncio.wait_for(orch._online.wait(), 10)
+        return orch
+
+    async def worker(
+        self, node_id: str, workflows: dict[str, Any] | None = None, **ref: Any
+    ) -> NodeDaemon:
+        cfg = self.config(workflows, node_id=node_id, nodes={"ref": {"type": "reference", **ref}})
+        daemon = NodeDaemon(cfg)
+        self._run(daemon.run)
+        await asyncio.wait_for(daemon._online.wait(), 10)
+        return daemon
+
+    def _run(self, fn: Any) -> asyncio.Event:
+        stop = asyncio.Event()
+        self.tasks.append((stop, asyncio.create_task(fn(stop))))
+        return stop
+
+    async def stop_first(self) -> None:
+        stop, task = self.tasks.pop(0)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+    async def close(self) -> None:
+        for stop, _ in reversed(self.tasks):
+            stop.set()
+        for _, task in reversed(self.tasks):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def env(broker: PrivateBroker, realm: str, tmp_path: Path) -> AsyncIterator[Env]:
+    e = Env(broker, realm, tmp_path)
+    try:
+        yield e
+    finally:
+        await e.close()
+
+
+async def wait_peers(orch: Orchestrator, capability: str) -> None:
+    async with asyncio.timeout(10):
+        while not orch.registry.capable_online(capability):
+            await asyncio.sleep(0.01)
+
+
+async def event(bus: Bus, realm: str, node: str, domain: str, name: str, **kw: Any) -> None:
+    await bus.publish(f"mtor/{realm}/event/{node}/{domain}/{name}", Event(**kw))
+
+
+def wf_events(got: Collector, name: str | None = None) -> list[WorkflowEvent]:
+    out = [decode(m.payload, WorkflowEvent) for m in got.messages]
+    return [e for e in out if name is None or e.workflow == name]
+
+
+async def request(bus: Bus, realm: str, **fields: Any) -> WorkflowReply:
+    reply_topic = f"mtor/{realm}/reply/test-{uuid.uuid4().hex[:6]}/wf"
+    got = Collector()
+    await bus.subscribe(reply_topic, got)
+    await bus.publish(
+        f"mtor/{realm}/workflows/request",
+        encode(WorkflowRequest(**fields)),
+        response_topic=reply_topic,
+        correlation_data=b"1",
+    )
+    msg = await got.wait_for(lambda m: True, timeout=5)
+    return decode(msg.payload, WorkflowReply)
+
+
+def finished(got: Collector, name: str) -> Any:
+    return lambda m: (
+        (e := decode(m.payload, WorkflowEvent)).workflow == name and e.kind == "finished"
+    )
+
+
+async def test_event_condition_parallel_tasks_publish_and_history(env: Env) -> None:
+    orch = await env.orchestrator({"alert": ALERT, "fails": FAILS, "cont": CONTINUES})
+    await env.worker("w1")
+    await wait_peers(orch, "sleep")
+    r = env.realm
+    async with running_bus(env.config()) as bus:
+        out, runs = Collector(), Collector()
+        await bus.subscribe(f"mtor/{r}/out/#", out)
+        await bus.subscribe(f"mtor/{r}/workflow/+/event", runs)
+
+        # Disarmed: the condition is false, nothing runs.
+        await orch.state.set("armed", "disarmed")
+        await event(bus, r, "porch", "vision", "object", attrs={"label": "person"})
+        flow = orch.workflows.engine.flows["alert"]
+        async with asyncio.timeout(5):
+            while flow.counts["conditions_false"] < 1:
+                await asyncio.sleep(0.01)
+
+        await orch.state.set("armed", "armed_away")
+        await event(bus, r, "porch", "vision", "object", attrs={"label": "cat"})  # no match
+        await event(bus, r, "porch", "vision", "object", attrs={"label": "person"})
+        msg = await out.wait_for(lambda m: m.topic.endswith("/out/alert"))
+        assert json.loads(msg.payload) == {"who": "person", "slept": 0.05, "cam": "porch"}
+        done = await runs.wait_for(finished(runs, "alert"))
+        ev = decode(done.payload, WorkflowEvent)
+        assert ev.status == "done" and ev.trigger == "event"
+        assert orch.state.get("last_alert") == "porch"
+        assert flow.counts["triggered"] == 2  # the cat never matched the trigger
+        kinds = [(e.kind, e.step) for e in wf_events(runs, "alert")]
+        assert kinds[0] == ("started", None)
+        assert {("step", "a"), ("step", "b")} <= set(kinds)
+        assert kinds[-1][0] == "finished"
+
+        # A failing step fails the run with its error; continue_on_error goes on.
+        reply = await request(bus, r, op="run", name="fails")
+        assert reply.ok
+        run_id = reply.result["run_id"]
+        m = await runs.wait_for(finished(runs, "fails"))
+        ev = decode(m.payload, WorkflowEvent)
+        assert (ev.run_id, ev.status, ev.step) == (run_id, "failed", "s1")
+        assert ev.error is not None and ev.error.code == "boom"
+        reply = await request(bus, r, op="run", name="cont", input={"x": 1})
+        assert reply.ok
+        m = await out.wait_for(lambda m: m.topic.endswith("/out/cont"))
+        assert m.payload == b"boom"
+        m = await runs.wait_for(finished(runs, "cont"))
+        assert decode(m.payload, WorkflowEvent).status == "done"
+        assert not any(m.topic.endswith("/out/never") for m in out.messages)
+
+        unknown = await request(bus, r, op="run", name="nope")
+        assert not unknown.ok and unknown.code == "not_found"
+
+        hist = await request(bus, r, op="history", limit=10)
+        assert hist.ok
+        by_name = {row["workflow"]: row for row in hist.result}
+        assert by_name["alert"]["outcome"] == "done"
+        assert [s["id"] for s in by_name["alert"]["steps"]][-1] == "steps[2]"
+        assert {s["id"] for s in by_name["alert"]["steps"]} >= {"a", "b"}
+        assert by_name["fails"]["outcome"] == "failed"
+        assert by_name["fails"]["error_code"] == "boom"
+        assert by_name["cont"]["outcome"] == "done"
+
+
+async def test_concurrency_limit_and_cooldown(env: Env) -> None:
+    flows = {
+        "slow": {
+            "triggers": [{"type": "mqtt", "topic": f"test/{env.realm}/slow"}],
+            "max_concurrent": 1,
+            "steps": [{"task": "sleep", "input": {"seconds": 0.5}}],
+        },
+        "queued": {
+            "triggers": [{"type": "mqtt", "topic": f"test/{env.realm}/queued"}],
+            "max_concurrent": 1,
+            "overflow": "queue",
+            "queue_size": 1,
+            "steps": [{"task": "sleep", "input": {"seconds": 0.3}}],
+        },
+        "cool": {
+            "triggers": [
+                {"type": "mqtt", "topic": f"test/{env.realm}/cool", "match": {"payload.go": True}}
+            ],
+            "cooldown": 60,
+            "steps": [{"publish": "~/out/cool", "payload": "{{ trigger.payload.n }}"}],
+        },
+    }
+    orch = await env.orchestrator(flows)
+    await env.worker("w1")
+    await wait_peers(orch, "sleep")
+    engine = orch.workflows.engine
+    async with running_bus(env.config()) as bus:
+        runs, out = Collector(), Collector()
+        await bus.subscribe(f"mtor/{env.realm}/workflow/+/event", runs)
+        await bus.subscribe(f"mtor/{env.realm}/out/#", out)
+        for _ in range(3):
+            await bus.publish(f"test/{env.realm}/slow", b"{}")
+            await bus.publish(f"test/{env.realm}/queued", b"{}")
+        await runs.wait_for(finished(runs, "slow"))
+        async with asyncio.timeout(5):
+            while engine.flows["queued"].counts["done"] < 2:
+                await asyncio.sleep(0.02)
+        slow = engine.flows["slow"].counts
+        assert (slow["started"], slow["max_concurrent"]) == (1, 2)
+        queued = engine.flows["queued"].counts
+        assert (queued["started"], queued["queued"], queued["queue_full"]) == (2, 1, 1)
+        skipped = [e for e in wf_events(runs, "slow") if e.kind == "skipped"]
+        assert [e.reason for e in skipped] == ["max_concurrent", "max_concurrent"]
+
+        await bus.publish(f"test/{env.realm}/cool", b'{"go": false, "n": 0}')  # no match
+        for n in (1, 2, 3):
+            await bus.publish(f"test/{env.realm}/cool", json.dumps({"go": True, "n": n}))
+        async with asyncio.timeout(5):
+            while engine.flows["cool"].counts["cooldown"] < 2:
+                await asyncio.sleep(0.02)
+        await runs.wait_for(finished(runs, "cool"))
+        assert [m.payload for m in out.messages if m.topic.endswith("/out/cool")] == [b"1"]
+        assert engine.flows["cool"].counts["started"] == 1
+
+
+async def test_local_workflow_runs_without_the_orchestrator(env: Env) -> None:
+    local = {
+        "hot": {
+            "local": True,
+            "triggers": [{"type": "event", "topic": "+/sensor/temp"}],
+            "conditions": [{"field": "trigger.value", "op": ">", "value": 30}],
+            "steps": [
+                {"id": "e", "task": "echo", "input": {"t": "{{ trigger.value }}"}},
+                {"publish": "~/out/hot", "payload": {"t": "{{ steps.e.output.t }}"}},
+            ],
+        },
+    }
+    # No orchestrator at all: the node daemon runs its local workflow by itself.
+    daemon = await env.worker("w1", workflows=local)
+    assert daemon.workflows is not None
+    async with running_bus(env.config()) as bus:
+        out = Collector()
+        await bus.subscribe(f"mtor/{env.realm}/out/#", out)
+        await event(bus, env.realm, "w1", "sensor", "temp", value=20)
+        await event(bus, env.realm, "w1", "sensor", "temp", value=35)
+        msg = await out.wait_for(lambda m: m.topic.endswith("/out/hot"))
+        assert json.loads(msg.payload) == {"t": 35}
+        assert len(out.messages) == 1
+        reply = await request(bus, env.realm, op="run", name="hot")  # answered by the node
+        assert reply.ok
