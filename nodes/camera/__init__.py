@@ -1,0 +1,1 @@
+"""Cameras: capture, motion, tracked object events, snapshots and the armed alarm rule."""

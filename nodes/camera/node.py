@@ -1,0 +1,295 @@
+"""The camera node: watches cameras, publishes motion / object / alarm events.
+
+* Each camera runs its own loop (:mod:`nodes.camera.camera`).
+* Detection is local (a detector loaded here) or through the realm
+  (``vision.detect`` tasks on the best peer, bounded by the camera's
+  ``max_inflight``; stale frames dropped).
+* The realm's retained ``state/armed`` is honoured even when the
+  orchestrator is away: the broker keeps it retained and this node keeps
+  the last value it saw.
+* Task ``camera.snapshot`` publishes the current frame of a camera.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from daemon import topics
+from daemon.bus import Inbound
+from daemon.entities import EntitySpec
+from daemon.errors import MessageError, MtorError, TaskError
+from daemon.messages import decode
+from daemon.modelstore import ModelStore
+from daemon.node import Node, NodeContext
+from daemon.protocol.node import Capability
+from daemon.protocol.state import RealmState
+from daemon.protocol.task import Constraints
+from daemon.worker import TaskRun
+from nodes.camera.camera import Camera, slug
+from nodes.camera.config import CameraConfig, VerifyConfig
+from nodes.camera.snapshots import SnapshotStore
+from nodes.camera.tracker import Track
+from nodes.vision.detect import Detector, DetectorEnv, DetectorUnavailable, load_detector
+from nodes.vision.images import Image, encode_jpeg_b64
+
+ARMED_KEY = "armed"
+DISARMED_VALUES = frozenset({"disarmed", "off", "false", "0", ""})
+
+
+class SnapshotInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    camera: str
+
+
+class CameraNode(Node):
+    type_name = "camera"
+    config: CameraConfig
+
+    def __init__(self, name: str, config: CameraConfig, ctx: NodeContext) -> None:
+        super().__init__(name, config, ctx)
+        self.cameras = {n: Camera(n, spec, self) for n, spec in config.cameras.items()}
+        self.armed_value: Any = config.armed_default
+        self.client: Any = None  # daemon.client.RealmClient when a camera uses the realm
+        self.alarms_fired = 0
+        self.alarms_suppressed = 0
+        self.remote_failures = 0
+        self._stores: dict[str, SnapshotStore] = {}
+
+    @property
+    def armed(self) -> bool:
+        value = self.armed_value
+        if value is None or value is False:
+            return False
+        return str(value).strip().lower() not in DISARMED_VALUES
+
+    async def setup(self) -> None:
+        configured = self.config.models_dir or _models_dir(self.ctx)
+        env = DetectorEnv(store=ModelStore.default(configured, dict(os.environ)))
+        shared: dict[str, Detector] = {}
+        for cam in self.cameras.values():
+            d = cam.spec.detect
+            if d.where != "local":
+                continue
+            key = d.backend.model_dump_json()
+            if key not in shared:
+                try:
+                    shared[key] = await asyncio.to_thread(load_detector, d.backend, env)
+                except DetectorUnavailable as exc:
+                    self.log.warning("camera %s: detection off: %s", cam.name, exc)
+                    continue
+            cam.detector = shared[key]
+        needs_realm = any(
+            c.spec.detect.where == "realm" or (c.spec.alarm and c.spec.alarm.verify)
+            for c in self.cameras.values()
+        )
+        if needs_realm:
+            from daemon.client import RealmClient
+
+            self.client = RealmClient(
+                self.ctx.bus, self.ctx.realm, user=self.ctx.node_id, origin=self.ctx.node_id
+            )
+            await self.client.start()
+        armed = topics.STATE.build(realm=self.ctx.realm, key=ARMED_KEY)
+        await self.ctx.bus.subscribe(armed, self._on_armed)
+
+    async def _on_armed(self, msg: Inbound) -> None:
+        if not msg.payload:  # retained state cleared
+            self.armed_value = self.config.armed_default
+            return
+        try:
+            state = decode(msg.payload, RealmState)
+        except MessageError as exc:
+            self.log.warning("bad armed state on %s: %s (%s)", msg.topic, exc, msg.preview())
+            return
+        if state.value != self.armed_value:
+            self.log.info("armed state: %s (by %s)", state.value, state.by or "?")
+        self.armed_value = state.value
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            for cam in self.cameras.values():
+                tg.create_task(cam.run(), name=f"camera:{cam.name}")
+
+    def capabilities(self) -> list[Capability]:
+        return [
+            Capability(
+                name="camera.snapshot",
+                node=self.name,
+                max_concurrency=4,
+                attrs={
+                    "cameras": {
+                        c.name: {
+                            "detect": c.spec.detect.where if c.detecting else "off",
+                            "labels": c.labels(),
+                            "zones": sorted(c.spec.zones),
+                        }
+                        for c in self.cameras.values()
+                    }
+                },
+            )
+        ]
+
+    def entities(self) -> list[EntitySpec]:
+        out: list[EntitySpec] = []
+        for cam in self.cameras.values():
+            n = cam.name
+            out.append(
+                EntitySpec(
+                    "binary_sensor",
+                    f"{n}_motion",
+                    f"{n} motion",
+                    state_topic=cam.state_topic("motion"),
+                    device_class="motion",
+                )
+            )
+            for zone in cam.spec.zones:
+                out.append(
+                    EntitySpec(
+                        "binary_sensor",
+                        f"{n}_{zone}_motion",
+                        f"{n} {zone} motion",
+                        state_topic=cam.state_topic(f"motion_{zone}"),
+                        device_class="motion",
+                    )
+                )
+            for label in cam.labels():
+                out.append(
+                    EntitySpec(
+                        "sensor",
+                        f"{n}_{slug(label)}_count",
+                        f"{n} {label} count",
+                        state_topic=cam.state_topic(slug(label)),
+                        state_class="measurement",
+                        icon="mdi:counter",
+                    )
+                )
+            out.append(
+                EntitySpec(
+                    "camera",
+                    f"{n}_snapshot",
+                    f"{n} snapshot",
+                    state_topic=cam.media_topic("snapshot"),
+                    value_key=None,
+                    content_type="image/jpeg",
+                )
+            )
+            out.append(
+                EntitySpec(
+                    "binary_sensor",
+                    f"{n}_connected",
+                    f"{n} connected",
+                    state_topic=cam.state_topic("connected"),
+                    device_class="connectivity",
+                    diagnostic=True,
+                )
+            )
+        return out
+
+    async def execute(self, task: TaskRun) -> Any:
+        if task.capability != "camera.snapshot":
+            raise TaskError("unavailable", f"{self.name} does not do {task.capability!r}")
+        try:
+            inp = SnapshotInput.model_validate(task.input)
+        except ValueError as exc:
+            raise TaskError("bad_input", 'give {"camera": NAME}') from exc
+        cam = self.cameras.get(inp.camera)
+        if cam is None:
+            raise TaskError("not_found", f"no camera {inp.camera!r} here")
+        try:
+            return await cam.snapshot_now()
+        except MtorError as exc:
+            raise TaskError("unavailable", str(exc)) from exc
+
+    # ------------------------------------------------------------ helpers
+
+    def snapshot_store(self, cam: Camera) -> SnapshotStore | None:
+        cfg = cam.spec.snapshots
+        if cfg.dir is None:
+            return None
+        key = str(cfg.dir)
+        if key not in self._stores:
+            self._stores[key] = SnapshotStore(cfg.dir, cfg.max_bytes)
+        return self._stores[key]
+
+    async def _call_detect(
+        self, image: str, constraints: Constraints, timeout: float, min_score: float | None
+    ) -> dict[str, Any]:
+        from daemon.client import TaskFailed
+
+        assert self.client is not None
+        inp: dict[str, Any] = {"image": image}
+        if min_score is not None:
+            inp["min_score"] = min_score
+        handle = await self.client.submit(
+            "vision.detect",
+            inp,
+            priority="alarm",
+            timeout=timeout,
+            stream=False,
+            constraints=constraints,
+        )
+        try:
+            async with asyncio.timeout(timeout + 1.0):
+                out: dict[str, Any] = await handle.result()
+                return out
+        except TimeoutError:
+            await handle.cancel("camera gave up waiting")
+            raise
+        except TaskFailed:
+            raise
+
+    async def remote_detect(
+        self, cam: Camera, crop: Image
+    ) -> list[tuple[str, float, tuple[float, float, float, float]]]:
+        """Detection of ``crop`` by a ``vision.detect`` peer (boxes in crop pixels)."""
+        from daemon.client import TaskFailed
+
+        d = cam.spec.detect
+        b64 = await asyncio.to_thread(encode_jpeg_b64, crop)
+        try:
+            out = await self._call_detect(
+                b64, Constraints(backend=d.realm_backend), d.timeout, d.min_score
+            )
+        except (TaskFailed, TimeoutError, MtorError) as exc:
+            self.remote_failures += 1
+            self.log.warning("camera %s: realm detection failed: %s", cam.name, exc)
+            return []
+        # The peer saw the image we sent: it may have been downscaled to fit.
+        sx = crop.shape[1] / max(1, int(out.get("width") or crop.shape[1]))
+        sy = crop.shape[0] / max(1, int(out.get("height") or crop.shape[0]))
+        found = []
+        for det in out.get("detections", []):
+            x1, y1, x2, y2 = (float(v) for v in det["box"])
+            found.append(
+                (str(det["label"]), float(det["score"]), (x1 * sx, y1 * sy, x2 * sx, y2 * sy))
+            )
+        return found
+
+    async def verify(
+        self, cam: Camera, track: Track, frame: Image, cfg: VerifyConfig
+    ) -> bool | None:
+        """Second pass by a stronger peer: True seen, False not seen, None no verdict."""
+        from daemon.client import TaskFailed
+
+        if self.client is None:
+            return None
+        b64 = await asyncio.to_thread(cam.encode_region, frame, track.box)
+        constraints = Constraints(backend=cfg.backend, model=cfg.model, node=cfg.node)
+        try:
+            out = await self._call_detect(b64, constraints, cfg.timeout, cfg.min_score)
+        except (TaskFailed, TimeoutError, MtorError) as exc:
+            self.log.warning("camera %s: alarm verification failed: %s", cam.name, exc)
+            return None
+        return any(d.get("label") == track.label for d in out.get("detections", []))
+
+
+def _models_dir(ctx: NodeContext) -> Path | None:
+    section = getattr(ctx.config, "models", None)
+    value = getattr(section, "dir", None)
+    return Path(value) if value else None

@@ -1,0 +1,1 @@
+"""Vision: object detection (YOLO ONNX, HOG), faces, image description and generation."""
