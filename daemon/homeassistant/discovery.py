@@ -43,6 +43,11 @@ def jinja_str(value: Any) -> str:
     return "None" if value is None else str(value)
 
 
+def _literal(text: str) -> str:
+    """A Jinja string literal (subscripts, not ``.x``: ``value_json.values`` is a method)."""
+    return f"'{text}'" if "'" not in text and "\\" not in text else json.dumps(text)
+
+
 def value_template(key: str | None) -> str | None:
     """``{{ value_json['a'][0] ... }}`` for ``a.0``; ``None`` when the payload is the value.
 
@@ -52,8 +57,8 @@ def value_template(key: str | None) -> str | None:
     if key is None:
         return None
     parts = key.split(".")
-    first = f"value_json[{json.dumps(parts[0])}]"
-    rest = "".join(f"[{p}]" if p.isdigit() else f"[{json.dumps(p)}]" for p in parts[1:])
+    first = f"value_json[{_literal(parts[0])}]"
+    rest = "".join(f"[{p}]" if p.isdigit() else f"[{_literal(p)}]" for p in parts[1:])
     return "{{ " + f"{first}{rest} if {first} is defined else None" + " }}"
 
 
