@@ -276,8 +276,14 @@ async def test_switch_command_round_trip(broker: PrivateBroker, realm: str, pref
 
     spec = EntitySpec("switch", "detect", "Detection", state_topic, on_command=switch)
     device = Device("mtor_x_pi", "mtor_x_pi", "pi", "test", availability_topic=None)
+    broken = EntitySpec("switch", "broken", "No command", state_topic)  # HA would refuse it
     bridge = Bridge(
-        node_bus, cfg.homeassistant, device, realm=realm, node_id="pi", entities=lambda: [spec]
+        node_bus,
+        cfg.homeassistant,
+        device,
+        realm=realm,
+        node_id="pi",
+        entities=lambda: [broken, spec],
     )
     bus_task = asyncio.create_task(node_bus.run())
     try:
@@ -291,6 +297,7 @@ async def test_switch_command_round_trip(broker: PrivateBroker, realm: str, pref
             topic = f"{prefix}/switch/mtor_x_pi/detect/config"
             sw = (await disc.wait_topics({topic}))[topic]
             assert schema.problems("switch", sw) == []
+            assert not any("broken" in m.topic for m in disc.messages)  # published in order
             bad = render(sw["command_template"], "", value="maybe")
             await ha.publish(sw["command_topic"], bad)  # refused, logged
             await ha.publish(sw["command_topic"], b"not json")  # refused, logged

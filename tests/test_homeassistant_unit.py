@@ -164,3 +164,17 @@ def test_armed_panel_payload_and_command_template() -> None:
 def test_safe_ids() -> None:
     assert safe_id("pi.kitchen-1") == "pi_kitchen-1"
     assert schema.valid_ids(safe_id("a.b"), safe_id("c d"))
+
+
+def test_incomplete_entities_are_detected() -> None:
+    from daemon.homeassistant.discovery import missing
+
+    _, cfg = entity_config(EntitySpec("switch", "s", "S", STATE), DEVICE, realm="h", node_id="p")
+    assert missing("switch", cfg) == ["command_topic"]
+    _, cfg = entity_config(
+        EntitySpec("select", "o", "O", on_command=_noop), DEVICE, realm="h", node_id="p"
+    )
+    assert missing("select", cfg) == ["options"]
+    for spec in SPECS:
+        _, cfg = entity_config(spec, DEVICE, realm="h", node_id="p")
+        assert missing(spec.component, cfg) == []

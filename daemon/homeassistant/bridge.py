@@ -38,6 +38,7 @@ from daemon.homeassistant.discovery import (
     Device,
     discovery_topic,
     entity_config,
+    missing,
     safe_id,
 )
 from daemon.messages import decode
@@ -116,7 +117,7 @@ class Bridge:
         self._on_broker: set[str] = set()  # retained configs of ours seen on the broker
         self._commands: dict[str, EntitySpec] = {}  # object_id -> controllable entity
         self._connects = -1
-        self._duplicates: set[str] = set()
+        self._duplicates: set[str] = set()  # object ids already warned about
         self.announcements = 0  # full announcements made (connects, births)
 
     @property
@@ -154,6 +155,12 @@ class Bridge:
         for spec in specs:
             object_id, cfg = entity_config(spec, self.device, realm=self.realm, node_id=nid)
             topic = discovery_topic(prefix, spec.component, self.device, object_id)
+            lacks = missing(spec.component, cfg)
+            if lacks:
+                if object_id not in self._duplicates:
+                    self._duplicates.add(object_id)
+                    log.warning("entity %s not announced: it has no %s", object_id, lacks)
+                continue
             if object_id in seen:
                 if object_id not in self._duplicates:
                     self._duplicates.add(object_id)

@@ -192,5 +192,25 @@ def entity_config(
     return object_id, cfg
 
 
+# What Home Assistant refuses a config without (per component).
+REQUIRED: Final[dict[str, tuple[str, ...]]] = {
+    "sensor": ("state_topic",),
+    "binary_sensor": ("state_topic",),
+    "switch": ("command_topic",),
+    "button": ("command_topic",),
+    "select": ("command_topic", "options"),
+    "number": ("command_topic",),
+    "text": ("command_topic",),
+    "camera": ("topic",),
+    "image": ("image_topic",),
+    "alarm_control_panel": ("command_topic", "state_topic"),
+}
+
+
+def missing(component: str, cfg: dict[str, Any]) -> list[str]:
+    """Keys Home Assistant requires that ``cfg`` lacks (an entity it would refuse)."""
+    return [key for key in REQUIRED.get(component, ()) if not cfg.get(key)]
+
+
 def discovery_topic(prefix: str, component: str, device: Device, object_id: str) -> str:
     return topics.ha_discovery(prefix, component, device.ha_node_id, object_id)
