@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from daemon.broker import PrivateBroker
 from daemon.bus import Bus
@@ -20,7 +22,7 @@ from daemon.orchestrator.service import Orchestrator
 from daemon.protocol.node import Event
 from daemon.protocol.workflow import WorkflowEvent, WorkflowReply, WorkflowRequest
 from daemon.runtime import NodeDaemon
-from tests.conftest import Collector, make_config, running_bus
+from tests.conftest import Collector, make_config, mtor_env, running_bus
 
 ALERT: dict[str, Any] = {
     "triggers": [{"type": "event", "topic": "+/vision/object", "match": {"attrs.label": "person"}}],
@@ -294,3 +296,33 @@ async def test_local_workflow_runs_without_the_orchestrator(env: Env) -> None:
         assert len(out.messages) == 1
         reply = await request(bus, env.realm, op="run", name="hot")  # answered by the node
         assert reply.ok
+
+
+async def mtor(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "daemon.cli.main",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=mtor_env(),
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode()
+
+
+async def test_cli_validate_run_wait_and_history(env: Env, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"w": {"steps": [{"task": "echo", "input": "{{ lipsum }}"}]}}))
+    code, out = await mtor("workflows", "validate", str(bad))
+    assert code == 78 and "w.steps[0]" in out and "lipsum" in out, out
+    orch = await env.orchestrator({"cont": CONTINUES})
+    await env.worker("w1")
+    await wait_peers(orch, "sleep")
+    realm = ["--broker", env.broker.url, "--realm", env.realm]
+    code, out = await mtor(*realm, "workflows", "run", "cont", "--wait")
+    assert code == 0 and "done in" in out, out
+    code, out = await mtor(*realm, "workflows", "history", "cont", "--json")
+    assert code == 0, out
+    assert json.loads(out)[0]["outcome"] == "done"

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 EXTENSION_MODULES: list[str] = [
     "daemon.cli.models_cmd",
     "daemon.cli.tasks_cmd",
+    "daemon.cli.workflows_cmd",
     "daemon.cli.vision_cmd",
     "daemon.cli.voice_cmd",
 ]

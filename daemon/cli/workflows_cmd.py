@@ -1,0 +1,197 @@
+"""``mtor workflows list | validate [FILE] | run NAME | history [NAME]``.
+
+``list`` and ``validate`` read the configuration (no broker needed);
+``run`` and ``history`` talk to the engine over ``workflows/request``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from daemon.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    Command,
+    client_bus,
+)
+from daemon.config import Config
+from daemon.errors import ConfigError
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command]:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "workflows", help="list, validate, run workflows and read their history", parents=[common]
+    )
+    wsub = p.add_subparsers(dest="wf_command", metavar="ACTION", required=True)
+    ls = wsub.add_parser("list", help="workflows of the config (and live counters with --live)")
+    ls.add_argument("--live", action="store_true", help="ask the orchestrator for its counters")
+    ls.add_argument("--json", action="store_true")
+    val = wsub.add_parser("validate", help="check the config's workflows or a workflows file")
+    val.add_argument("file", nargs="?", help="a workflows file (name -> definition)")
+    run = wsub.add_parser("run", help="start a workflow by hand")
+    run.add_argument("name")
+    run.add_argument("--input", help="JSON input (the run's `input`)")
+    run.add_argument("--wait", action="store_true", help="wait for the run to finish")
+    run.add_argument("--timeout", type=float, default=600.0)
+    hist = wsub.add_parser("history", help="finished runs, newest first (from the orchestrator)")
+    hist.add_argument("name", nargs="?")
+    hist.add_argument("--limit", type=int, default=20)
+    hist.add_argument("--json", action="store_true")
+    return {"workflows": cmd_workflows}
+
+
+def cmd_workflows(args: argparse.Namespace, config: Config) -> int:
+    from daemon.workflows.loader import load_workflows, parse_file
+
+    if args.wf_command == "validate":
+        try:
+            flows = parse_file(Path(args.file)) if args.file else load_workflows(config)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return EXIT_CONFIG
+        print(f"{args.file or 'config'}: {len(flows)} workflow(s) OK")
+        return EXIT_OK
+    if args.wf_command == "list" and not args.live:
+        try:
+            flows = load_workflows(config)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return EXIT_CONFIG
+        rows = [
+            {
+                "name": n,
+                "where": "node" if w.local else "orchestrator",
+                "enabled": w.enabled,
+                "triggers": [t.type for t in w.triggers] or ["manual"],
+                "steps": len(w.steps),
+                "description": w.description,
+            }
+            for n, w in flows.items()
+        ]
+        _print_rows(
+            rows, args.json, ["name", "where", "enabled", "triggers", "steps", "description"]
+        )
+        return EXIT_OK
+    from daemon.cli.main import run_async
+
+    return run_async(_remote(args, config))
+
+
+async def _remote(args: argparse.Namespace, config: Config) -> int:
+    from daemon import topics
+    from daemon.bus import Inbound
+    from daemon.messages import decode
+    from daemon.protocol.workflow import WorkflowEvent, WorkflowReply, WorkflowRequest
+
+    async with client_bus(config, "workflows") as bus:
+        reply_topic = topics.REPLY.build(realm=config.realm, client_id=bus.client_id, rest="wf")
+        replies: asyncio.Queue[WorkflowReply] = asyncio.Queue()
+        events: asyncio.Queue[WorkflowEvent] = asyncio.Queue()
+
+        async def on_reply(msg: Inbound) -> None:
+            replies.put_nowait(decode(msg.payload, WorkflowReply))
+
+        async def on_event(msg: Inbound) -> None:
+            events.put_nowait(decode(msg.payload, WorkflowEvent))
+
+        await bus.subscribe(reply_topic, on_reply)
+        if args.wf_command == "run" and args.wait:
+            flt = topics.WORKFLOW_EVENT.build(realm=config.realm, name=args.name)
+            await bus.subscribe(flt, on_event)
+        if args.wf_command == "run":
+            req = WorkflowRequest(
+                op="run", name=args.name, input=json.loads(args.input) if args.input else None
+            )
+        elif args.wf_command == "history":
+            req = WorkflowRequest(op="history", name=args.name, limit=args.limit)
+        else:
+            req = WorkflowRequest(op="list")
+        await bus.publish(
+            topics.WORKFLOW_REQUEST.build(realm=config.realm),
+            req,
+            response_topic=reply_topic,
+            correlation_data=uuid.uuid4().hex.encode(),
+        )
+        try:
+            async with asyncio.timeout(5):
+                reply = await replies.get()
+        except TimeoutError:
+            print(
+                "mtor: no answer from the workflow engine (is the orchestrator running?)",
+                file=sys.stderr,
+            )
+            return EXIT_UNAVAILABLE
+        if not reply.ok:
+            print(f"mtor: {reply.code}: {reply.error}", file=sys.stderr)
+            return EXIT_FAILURE
+        if args.wf_command == "history":
+            rows = [
+                {**r, "steps": len(r["steps"]), "error": r.get("error_code") or ""}
+                for r in reply.result
+            ]
+            if args.json:
+                print(json.dumps(reply.result, indent=2))
+            else:
+                cols = [
+                    "run_id",
+                    "workflow",
+                    "where",
+                    "trigger",
+                    "outcome",
+                    "duration_ms",
+                    "steps",
+                    "error",
+                ]
+                _print_rows(rows, False, cols)
+            return EXIT_OK
+        if args.wf_command == "list":
+            _print_rows(reply.result, args.json, ["name", "where", "enabled", "running", "counts"])
+            return EXIT_OK
+        run_id = reply.result["run_id"]
+        print(run_id)
+        if not args.wait:
+            return EXIT_OK
+        return await _follow(events, run_id, args.timeout)
+
+
+async def _follow(events: asyncio.Queue[Any], run_id: str, timeout: float) -> int:
+    """Print a run's step events until it finishes; the exit code is its outcome."""
+    async with asyncio.timeout(timeout):
+        while True:
+            ev = await events.get()
+            if ev.run_id != run_id:
+                continue
+            err = f" {ev.error.code}: {ev.error.message}" if ev.error else ""
+            if ev.kind == "step":
+                line = f"  {ev.step} ({ev.step_kind}) {ev.status} {ev.duration_ms} ms{err}"
+                print(line, file=sys.stderr)
+            if ev.kind == "finished":
+                print(f"{ev.status} in {ev.duration_ms} ms{err}")
+                return EXIT_OK if ev.status == "done" else EXIT_FAILURE
+
+
+def _print_rows(rows: list[dict[str, Any]], as_json: bool, cols: list[str]) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in table]) for i, c in enumerate(cols)]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v)
+    if isinstance(v, dict):
+        return " ".join(f"{k}={x}" for k, x in v.items())
+    return "" if v is None else str(v)
