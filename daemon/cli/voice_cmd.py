@@ -55,10 +55,12 @@ def cmd_say(args: argparse.Namespace, config: Config) -> int:
             await client.start()
             task_id = uuid.uuid4().hex
             chunks: list[bytes] = []
+            arrived = asyncio.Event()
             media = topics.MEDIA.filter(realm=config.realm, stream=f"tts/{task_id}")
 
             async def on_chunk(msg: Inbound) -> None:
                 chunks.append(msg.payload)
+                arrived.set()
 
             await bus.subscribe(media, on_chunk)
             try:
@@ -73,7 +75,8 @@ def cmd_say(args: argparse.Namespace, config: Config) -> int:
                     out = await handle.result()
                     async with asyncio.timeout(CHUNK_WAIT):
                         while len(chunks) < int(out.get("chunks", 0)):
-                            await asyncio.sleep(0.02)
+                            arrived.clear()
+                            await arrived.wait()
             except TaskFailed as exc:
                 print(f"mtor say: {exc}", file=sys.stderr)
                 return EXIT_FAILURE

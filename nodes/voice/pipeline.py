@@ -182,6 +182,8 @@ class Pipeline:
 
     async def _on_wake(self, detection: Detection) -> None:
         energy = round(rms_dbfs(b"".join(self._recent)), 2)
+        if self.wake is not None:  # its window still holds the wake word: start afresh
+            await asyncio.to_thread(self.wake.reset)
         if self.state == "responding":  # barge-in: cut the answer short
             await self._stop_turn()
         await self.hooks.emit(

@@ -9,10 +9,10 @@ pipeline itself (VAD + STT verification, see :mod:`nodes.voice.pipeline`).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from nodes.voice.audio import RATE, WIDTH
 from nodes.voice.config import WakeConfig
 
 
@@ -36,17 +36,24 @@ class WakeDetector(Protocol):
 
 
 class _Refractory:
-    """No second detection within ``refractory_s`` of the last one."""
+    """No second detection within ``refractory_s`` of the last one.
+
+    Time is audio time (samples seen), so a file run faster than real time
+    behaves like a live microphone.
+    """
 
     def __init__(self, refractory_s: float) -> None:
         self.refractory_s = refractory_s
+        self.audio_s = 0.0
         self._last = -1e9
 
+    def advance(self, pcm: bytes) -> None:
+        self.audio_s += len(pcm) / (RATE * WIDTH)
+
     def allow(self) -> bool:
-        now = time.monotonic()
-        if now - self._last < self.refractory_s:
+        if self.audio_s - self._last < self.refractory_s:
             return False
-        self._last = now
+        self._last = self.audio_s
         return True
 
 
@@ -72,6 +79,7 @@ class MicroWake:
         self._refractory = _Refractory(cfg.refractory_s)
 
     def process(self, pcm: bytes) -> Detection | None:
+        self._refractory.advance(pcm)
         best: float | None = None
         for features in self._features.process_streaming(pcm):
             prob = self._model.process_streaming_prob(features)
@@ -82,6 +90,7 @@ class MicroWake:
         return None
 
     def reset(self) -> None:
+        """Forget the stream so far (after a detection: the next one needs new audio)."""
         self._model.reset()
         self._features.reset()
 
@@ -108,6 +117,7 @@ class OpenWake:
         self._refractory = _Refractory(cfg.refractory_s)
 
     def process(self, pcm: bytes) -> Detection | None:
+        self._refractory.advance(pcm)
         best: float | None = None
         for embeddings in self._features.process_streaming(pcm):
             for prob in self._model.process_streaming(embeddings):
@@ -118,6 +128,7 @@ class OpenWake:
         return None
 
     def reset(self) -> None:
+        """Forget the stream so far (after a detection: the next one needs new audio)."""
         self._model.reset()
         self._features.reset()
 

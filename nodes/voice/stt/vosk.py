@@ -28,7 +28,9 @@ class VoskStt:
         self.cfg = cfg
         self.languages = [cfg.language] if cfg.language else []
         self._model: Any = vosk.Model(str(model_dir))
-        self._grammar = json.dumps([*cfg.grammar, "[unk]"]) if cfg.grammar else None
+        self._grammar = (
+            json.dumps([*cfg.grammar, "[unk]"], ensure_ascii=False) if cfg.grammar else None
+        )
         self._lock = threading.Lock()  # the model is shared; recognisers are per session
 
     def recognizer(self) -> Any:

