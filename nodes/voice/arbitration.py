@@ -32,8 +32,9 @@ class Heard:
 
 
 def rank(h: Heard) -> tuple[float, float, str]:
-    # Sorting key, best first when sorted ascending: higher score, louder, smaller id.
-    return (-round(h.score, 2), -round(h.energy, 1), h.satellite)
+    # Best first when sorted ascending: higher score (to 0.1: detectors jitter in the
+    # second digit), then louder, then the smaller id.
+    return (-round(h.score, 1), -round(h.energy, 1), h.satellite)
 
 
 class Arbiter:
