@@ -29,6 +29,7 @@ class LatestSlot(Generic[J]):
         self.started = 0
         self.dropped = 0
         self.failed = 0
+        self.peak_inflight = 0
 
     @property
     def inflight(self) -> int:
@@ -52,6 +53,7 @@ class LatestSlot(Generic[J]):
         self.started += 1
         task = asyncio.create_task(self._wrap(job))
         self._tasks.add(task)
+        self.peak_inflight = max(self.peak_inflight, len(self._tasks))
 
     async def _wrap(self, job: J) -> None:
         try:
@@ -84,4 +86,5 @@ class LatestSlot(Generic[J]):
             "dropped": self.dropped,
             "failed": self.failed,
             "inflight": self.inflight,
+            "peak_inflight": self.peak_inflight,
         }

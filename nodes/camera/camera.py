@@ -265,8 +265,9 @@ class Camera:
         self, events: list[tuple[EventKind, Track]], job: Job | None
     ) -> None:
         for kind, track in events:
+            # The first snapshot when the object is announced, then each better frame.
             best = track.score >= track.top_score and track.score > track.snapshot_score
-            if job is not None and kind != "end" and best:
+            if job is not None and (kind == "new" or (kind == "update" and best)):
                 await self._snapshot(track, job.frame)
             attrs: dict[str, Any] = {
                 "event": kind,
