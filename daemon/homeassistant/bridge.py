@@ -117,7 +117,7 @@ class Bridge:
         self._on_broker: set[str] = set()  # retained configs of ours seen on the broker
         self._commands: dict[str, EntitySpec] = {}  # object_id -> controllable entity
         self._connects = -1
-        self._duplicates: set[str] = set()  # object ids already warned about
+        self._warned: set[str] = set()  # object ids already warned about
         self.announcements = 0  # full announcements made (connects, births)
 
     @property
@@ -157,13 +157,13 @@ class Bridge:
             topic = discovery_topic(prefix, spec.component, self.device, object_id)
             lacks = missing(spec.component, cfg)
             if lacks:
-                if object_id not in self._duplicates:
-                    self._duplicates.add(object_id)
+                if object_id not in self._warned:
+                    self._warned.add(object_id)
                     log.warning("entity %s not announced: it has no %s", object_id, lacks)
                 continue
             if object_id in seen:
-                if object_id not in self._duplicates:
-                    self._duplicates.add(object_id)
+                if object_id not in self._warned:
+                    self._warned.add(object_id)
                     log.warning("two entities share the object id %r; keeping the first", object_id)
                 continue
             seen.add(object_id)
@@ -179,6 +179,9 @@ class Bridge:
         if not self.enabled:
             return
         async with self._lock:
+            if not self.bus.connected:
+                self.desired()  # routes commands; the connect will announce
+                return
             if self.bus.connects != self._connects:
                 self._connects = self.bus.connects
                 force = True
