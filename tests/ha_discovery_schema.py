@@ -12,8 +12,11 @@ publishes full key names only.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
+
+import jinja2
 
 # MQTT_BASE_SCHEMA
 _BASE = {"qos", "encoding", "group"}
@@ -261,3 +264,15 @@ def _device_problems(payload: dict[str, Any]) -> list[str]:
 def valid_ids(topic_node_id: str, object_id: str) -> bool:
     """Home Assistant only discovers ``<node_id>``/``<object_id>`` of these characters."""
     return bool(_ID.match(topic_node_id) and _ID.match(object_id))
+
+
+def render(template: str, payload: bytes | str, **variables: Any) -> str:
+    """Render like Home Assistant: ``value`` is the payload, ``value_json`` its JSON."""
+    text = payload.decode() if isinstance(payload, bytes) else payload
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    context = {"value": text, "value_json": parsed, **variables}
+    return env.from_string(template).render(**context)

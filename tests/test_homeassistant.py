@@ -33,7 +33,7 @@ from daemon.protocol.node import Event, NodeInfo
 from daemon.runtime import NodeDaemon
 from tests import ha_discovery_schema as schema
 from tests.conftest import Collector, MtorProcess, make_config, running_bus, write_config
-from tests.test_homeassistant_unit import render
+from tests.ha_discovery_schema import render
 
 
 @pytest.fixture

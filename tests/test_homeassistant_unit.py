@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import jinja2
 import pytest
 
 from daemon.entities import EntityCommand, EntitySpec
@@ -23,6 +21,7 @@ from daemon.protocol.node import Event, NodeHealth, NodeState
 from daemon.protocol.state import RealmState, StateSet
 from tests import ha_discovery_schema as schema
 from tests.conftest import make_config
+from tests.ha_discovery_schema import render
 
 DEVICE = Device(
     ha_node_id="mtor_home_pi",
@@ -37,18 +36,6 @@ STATE = "mtor/home/event/pi/sensor/x"
 
 async def _noop(_value: Any) -> None:
     return None
-
-
-def render(template: str, payload: bytes | str, **variables: Any) -> str:
-    """Render like Home Assistant: ``value`` is the payload, ``value_json`` its JSON."""
-    text = payload.decode() if isinstance(payload, bytes) else payload
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined)
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
-    context = {"value": text, "value_json": parsed, **variables}
-    return env.from_string(template).render(**context)
 
 
 SPECS = [
