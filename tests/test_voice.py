@@ -56,7 +56,8 @@ def espeak() -> TtsBackend:
 
 @pytest.fixture(scope="module")
 def whisper(store: ModelStore) -> SttBackend:
-    cfg = SttConfig(initial_prompt="kitchen light, movie night, okay nabu")
+    # The node adds a custom wake phrase to the prompt itself (see VoiceNode._load).
+    cfg = SttConfig(initial_prompt="hey hal, kitchen light, movie night, okay nabu")
     return make_stt(cfg, store.path("whisper-tiny-en"), "whisper-tiny-en")
 
 
@@ -272,7 +273,7 @@ def _pipeline(
     return Pipeline(
         cfg,
         hooks,
-        wake=MicroWake(cfg.wake),
+        wake=MicroWake(cfg.wake) if cfg.wake.engine == "micro" else None,
         endpointer=Endpointer(cfg.vad, load_silero()),
         tts=tts,
         tts_lock=threading.Lock(),
@@ -369,3 +370,31 @@ async def test_barge_in_cuts_the_answer(
     answered = sum(len(c) for c in written) / 32000
     assert answered < 10  # the six sentences take ~12 s to play
     assert words(rec.values("transcript")[-1]) == "turn on the kitchen light"
+
+
+async def test_custom_wake_phrase_by_vad_and_stt(
+    tmp_path: Path, piper: TtsBackend, whisper: SttBackend
+) -> None:
+    """No model for "hey hal": each utterance is transcribed and checked for the phrase."""
+    cfg = VoiceConfig(
+        type="voice", intents=INTENTS, wake=WakeConfig(engine="phrase", phrase="hey hal")
+    )
+    rec = Recorder()
+    pcm = say(piper, "Turn on the fan.", "Hey Hal.", "Turn on the kitchen light.", gap=1.0)
+    pcm += say(piper, "Hey Hal, turn off the fan.", gap=1.0)
+    await _pipeline(cfg, rec, whisper, piper, audio.NullSink()).run(_frames(pcm), live=False)
+    assert rec.values("wake") == ["hey hal", "hey hal"]  # whisper may hear "hey help"
+    # The first "turn on the fan" had no wake phrase: nothing happened.
+    assert rec.actions == [
+        ("zigbee2mqtt/kitchen_light/set", '{"state":"ON"}'),
+        ("homeassistant/fan/ceiling/set", "OFF"),
+    ]
+
+
+def test_wake_phrase_matching() -> None:
+    from nodes.voice.pipeline import match_phrase
+
+    assert match_phrase("hey hal", "hey hal turn on the light") == (1.0, "turn on the light")
+    assert match_phrase("hey hal", "hey help")[0] >= 0.75
+    assert match_phrase("hey hal", "hey there how are you")[0] < 0.75
+    assert match_phrase("computer", "turn on the computer")[0] < 0.75

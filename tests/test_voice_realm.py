@@ -204,6 +204,29 @@ async def test_stt_and_tts_capabilities_and_mtor_say(
             await client.call("stt", {"media_topic": "not/a/media/topic"}, timeout=10)
         with pytest.raises(Exception, match="bad_input"):
             await client.call("tts", {"text": ""}, timeout=10)
+    # A satellite that sends its commands to the realm's stt (routing: remote).
+    mic = topics.MEDIA.build(realm=harness.realm, node_id="mic-r", stream="audio")
+    await harness.voice_daemon(
+        "remote-sat",
+        source={"type": "mqtt", "topic": mic},
+        wake={"engine": "none"},
+        stt={"routing": "remote", "serve": False},
+        tts={"serve": False},
+        intents={"devices": DEVICES, "chat_fallback": False},
+    )
+    async with running_bus(cfg) as bus:
+        seen = Collector()
+        await bus.subscribe(topics.EVENT.filter(realm=harness.realm, node_id="remote-sat"), seen)
+        await seen.wait_for(lambda m: m.topic.endswith("/state"), timeout=30)
+        said = SILENCE + b"".join(piper.synthesize("Turn on the kitchen light.")) + SILENCE * 3
+        for i in range(0, len(said), audio.FRAME_BYTES):
+            await bus.publish(mic, said[i : i + audio.FRAME_BYTES], qos=0)
+            await asyncio.sleep(0.004)
+        msg = await seen.wait_for(lambda m: m.topic.endswith("/transcript"), timeout=30)
+    transcript = decode(msg.payload, Event)
+    assert words(str(transcript.value)) == "turn on the kitchen light"
+    assert transcript.attrs["route"] == "remote"
+
     # mtor say --out: the chunks streamed on media/<node>/tts/<task id> become a WAV.
     path = write_config(tmp_path, {"realm": harness.realm, "broker": {"url": harness.broker.url}})
     wav = tmp_path / "said.wav"

@@ -58,6 +58,13 @@ class WakeConfig(_Strict):
     threshold: float | None = Field(
         default=None, ge=0, le=1, description="Detection probability (None: the model's own)."
     )
+    phrase_match: float = Field(
+        default=0.75,
+        ge=0.5,
+        le=1,
+        description="engine phrase: how close the transcript's first words must be to the "
+        "phrase (1: exact; lower accepts 'hey help' for 'hey hal' but more false wakes).",
+    )
     refractory_s: float = Field(
         default=2.0, ge=0, description="Seconds after a detection during which no other counts."
     )

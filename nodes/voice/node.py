@@ -137,10 +137,16 @@ class VoiceNode(Node):
     def _load(self) -> None:
         cfg = self.config
         store = self._store()
+        stt_cfg = cfg.stt
+        phrase = cfg.wake.phrase if cfg.wake.engine == "phrase" else None
+        if phrase and phrase.lower() not in (stt_cfg.initial_prompt or "").lower():
+            # Whisper hears "hey hal" as "hey, help" unless the prompt names it.
+            prompt = ", ".join(p for p in (phrase, stt_cfg.initial_prompt) if p)
+            stt_cfg = stt_cfg.model_copy(update={"initial_prompt": prompt})
         try:
-            name = cfg.stt.model or DEFAULT_MODELS[cfg.stt.backend]
-            path = cfg.stt.model_path or store.path(name)
-            self.stt = make_stt(cfg.stt, path, name)
+            name = stt_cfg.model or DEFAULT_MODELS[stt_cfg.backend]
+            path = stt_cfg.model_path or store.path(name)
+            self.stt = make_stt(stt_cfg, path, name)
         except (SttUnavailable, ModelError, OSError) as exc:
             self.problems["stt"] = str(exc)
         try:
@@ -363,7 +369,7 @@ class VoiceNode(Node):
         finally:
             await self.ctx.bus.publish(media, b"", qos=1, retain=True)  # clear the retained audio
         self.measured("remote", started, len(pcm))
-        return Transcript(str(out.get("text", "")), out.get("language"))
+        return Transcript(str(out.get("text", "")), out.get("language"), route="remote")
 
     def measured(self, route: str, started: float, nbytes: int) -> None:
         """Auto routing: remember seconds of transcription per second of audio."""

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from difflib import SequenceMatcher
 from typing import Any, Literal, Protocol
 
 from nodes.voice.audio import FRAME_SAMPLES, RATE, Sink, rms_dbfs
@@ -42,6 +43,20 @@ log = logging.getLogger(__name__)
 State = Literal["idle", "listening", "processing", "responding"]
 ENERGY_WINDOW_FRAMES = 12  # ~1 s of audio before a detection measures how near the speaker is
 NO_ANSWER = "Sorry, I can't help with that."
+
+
+def match_phrase(phrase: str, text: str) -> tuple[float, str]:
+    """How well the start of ``text`` matches ``phrase`` (0-1), and the words after it."""
+    words = text.split()
+    n = len(phrase.split())
+    best, rest = 0.0, ""
+    for k in (n - 1, n, n + 1):  # whisper may merge or split a word of the phrase
+        if k < 1 or k > len(words):
+            continue
+        score = SequenceMatcher(None, phrase, " ".join(words[:k])).ratio()
+        if score > best:
+            best, rest = score, " ".join(words[k:])
+    return best, rest
 
 
 class SttStream(Protocol):
@@ -206,13 +221,16 @@ class Pipeline:
         if verdict == "timeout":
             return
         transcript = await stt.finish()
-        text = normalise(transcript.text)
-        if not self._phrase or not text.startswith(self._phrase):
+        score, rest = match_phrase(self._phrase, normalise(transcript.text))
+        log.debug("wake phrase check: %r (%.2f)", transcript.text, score)
+        if score < self.cfg.wake.phrase_match:
             return
-        detection = Detection(self.cfg.wake.phrase or "", 1.0)
-        rest = text[len(self._phrase) :].strip()
+        detection = Detection(self.cfg.wake.phrase or "", round(score, 3))
         if rest:  # "hey hal turn on the light" in one breath: the command is already heard
-            await self.hooks.emit("wake", detection.name, {"score": 1.0, "energy_dbfs": 0.0})
+            energy = round(rms_dbfs(b"".join(self._recent)), 2)
+            await self.hooks.emit(
+                "wake", detection.name, {"score": detection.score, "energy_dbfs": energy}
+            )
             times = TurnTimes(end_of_speech=time.perf_counter())
             self.turns.append(times)
             await self._set_state("processing")
@@ -261,7 +279,10 @@ class Pipeline:
         await self.hooks.emit(
             "transcript",
             text,
-            {"stt_ms": round((times.transcript - times.end_of_speech) * 1000, 1)},
+            {
+                "stt_ms": round((times.transcript - times.end_of_speech) * 1000, 1),
+                "route": transcript.route,
+            },
         )
         if not text:
             await self._after_turn(spoke=False)

@@ -26,6 +26,7 @@ class SttUnavailable(Exception):
 class Transcript:
     text: str
     language: str | None = None
+    route: str = "local"  # local, or remote (transcribed by another node of the realm)
 
 
 class SttSession(Protocol):
