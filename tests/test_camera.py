@@ -10,7 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -21,8 +21,10 @@ from skimage import data as skdata
 from daemon import topics
 from daemon.broker import PrivateBroker
 from daemon.bus import Bus, Inbound
-from daemon.config import Config
-from daemon.messages import decode
+from daemon.client import RealmClient, TaskFailed
+from daemon.config import Config, build_config
+from daemon.messages import decode, encode
+from daemon.node import NodeContext
 from daemon.orchestrator.service import Orchestrator
 from daemon.protocol.node import Event
 from daemon.protocol.state import RealmState
@@ -189,6 +191,33 @@ def test_config_validation() -> None:
     ):
         with pytest.raises(ValidationError, match=msg):
             CameraConfig.model_validate(bad)
+
+
+async def test_armed_state_values_and_bad_payloads(tmp_path: Path) -> None:
+    async def announce() -> None:
+        return None
+
+    ctx = NodeContext("cam1", build_config({"nodes": {}}), cast(Any, None), tmp_path, announce)
+    node = CameraNode("c", CameraConfig.model_validate({"cameras": {"door": {"source": "0"}}}), ctx)
+    topic = "mtor/r/state/armed"
+    assert not node.armed  # armed_default: disarmed
+    for value, armed in (
+        ("armed_away", True),
+        ("disarmed", False),
+        ("armed_home", True),
+        ("off", False),
+        (None, False),
+        (True, True),
+        ("", False),
+    ):
+        await node._on_armed(Inbound(topic, encode(RealmState(value=value)), retain=True))
+        assert node.armed is armed, value
+    await node._on_armed(Inbound(topic, encode(RealmState(value="armed_night"))))
+    await node._on_armed(Inbound(topic, b"{not json"))  # logged, the last value stays
+    await node._on_armed(Inbound(topic, b'{"type": "event", "v": 1}'))  # wrong message type
+    assert node.armed and node.armed_value == "armed_night"
+    await node._on_armed(Inbound(topic, b"", retain=True))  # retained state cleared
+    assert not node.armed
 
 
 # -------------------------------------------------------------- component
@@ -420,9 +449,18 @@ async def test_realm_detection_with_backpressure_and_verified_alarm(
             await watch.start()
             async with camera_daemon(config) as daemon:
                 await watch.events.wait_for(watch.is_event("vision", "alarm"), 60)
+                client = RealmClient(bus, realm, user="tester")
+                await client.start()
+                shot = await client.call("camera.snapshot", {"camera": "door"}, timeout=10)
+                with pytest.raises(TaskFailed) as failed:
+                    await client.call("camera.snapshot", {"camera": "garage"}, timeout=10)
+                assert failed.value.code == "not_found"
                 await watch.events.wait_for(watch.is_event("vision", "object", event="end"), 60)
                 cam = node_of(daemon).cameras["door"]
                 stats = cam.slot.stats()
+        assert (shot["width"], shot["height"]) == (W, H)
+        fresh = await watch.media.wait_for(lambda m: m.topic == shot["media_topic"], 5)
+        assert cv2.imdecode(np.frombuffer(fresh.payload, np.uint8), cv2.IMREAD_COLOR) is not None
         (alarm,) = watch.of("vision", "alarm")
         assert alarm.attrs["verified"] is True
         assert stats["peak_inflight"] == 1 and stats["dropped"] > 0, stats
