@@ -152,8 +152,11 @@ async def _phases(bus: Bus, client: RealmClient, realm: str, n: int, burst: int)
     t0 = time.perf_counter()
     for i in range(burst):
         await bus.publish(topic, Event(value=i), wait=False)
-    await asyncio.wait_for(all_done, 120)
-    runs_per_s = burst / (time.perf_counter() - t0)
+    try:
+        await asyncio.wait_for(all_done, 60)
+    except TimeoutError:
+        print(f"burst: only {done} of {burst} runs finished", file=sys.stderr)
+    runs_per_s = done / (time.perf_counter() - t0)
     raw_s, fin_s = _pct(raw), _pct(to_finish)
     overhead = round(fin_s["p50_ms"] - raw_s["p50_ms"], 3)
     return {
@@ -164,8 +167,9 @@ async def _phases(bus: Bus, client: RealmClient, realm: str, n: int, burst: int)
         "runs_per_s": round(runs_per_s, 1),
         "n": n,
         "burst": burst,
+        "burst_finished": done,
         "target_overhead_ms": TARGET_OVERHEAD_MS,
-        "pass": overhead <= TARGET_OVERHEAD_MS,
+        "pass": overhead <= TARGET_OVERHEAD_MS and done == burst,
     }
 
 
