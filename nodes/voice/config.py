@@ -119,6 +119,12 @@ class TtsConfig(_Strict):
     model_path: Path | None = Field(default=None, description="A piper .onnx to use instead.")
     voice: str = Field(default="en-us", description="espeak-ng voice.")
     length_scale: float | None = Field(default=None, gt=0, description="Piper speed (<1 faster).")
+    noise_scale: float | None = Field(
+        default=None, ge=0, description="Piper generator noise (None: the voice's; 0: repeatable)."
+    )
+    noise_w_scale: float | None = Field(
+        default=None, ge=0, description="Piper phoneme-length noise (None: the voice's)."
+    )
     serve: bool = Field(default=True, description="Advertise the tts capability to the realm.")
 
 

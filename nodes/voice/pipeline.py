@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from typing import Any, Literal, Protocol
@@ -71,13 +71,26 @@ Emit = Callable[[str, Any, dict[str, Any]], Awaitable[None]]
 
 
 @dataclass
+class Reply:
+    """An answer from elsewhere: actions, and text that may still be arriving.
+
+    ``sentences`` (when given) yields the answer sentence by sentence as a
+    language model streams it, so speech starts after the first sentence.
+    """
+
+    text: str = ""
+    actions: list[Action] = field(default_factory=list)
+    sentences: AsyncIterator[str] | None = None
+
+
+@dataclass
 class Hooks:
     """What the pipeline needs from its node (and tests give it directly)."""
 
     emit: Emit  # (event name, value, attrs) -> event/<node>/voice/<name>
     act: Callable[[Action], Awaitable[None]]  # publish an intent's MQTT command
     stt: Callable[[], SttStream]
-    ask: Callable[[str], Awaitable[tuple[str, list[Action]]]] | None = None  # realm chat
+    ask: Callable[[str], Awaitable[Reply]] | None = None  # the realm's chat
     arbitrate: Callable[[Detection, float], Coroutine[Any, Any, bool]] | None = None
 
 
@@ -294,12 +307,14 @@ class Pipeline:
         intent = self.recognizer.recognize(text)
         source = "local"
         actions: list[Action] = []
+        speech: str | AsyncIterator[str]
         if intent is not None:
             speech, actions = intent.speech, intent.actions
             await self.hooks.emit("intent", intent.name, {"slots": intent.slots})
         elif self.hooks.ask is not None and self.cfg.intents.chat_fallback:
             source = "chat"
-            speech, actions = await self.hooks.ask(text)
+            reply = await self.hooks.ask(text)
+            speech, actions = reply.sentences or reply.text, reply.actions
         else:
             source = "none"
             speech = NO_ANSWER
@@ -308,23 +323,32 @@ class Pipeline:
         await self._respond(speech, times, source)
         await self._after_turn(spoke=True)
 
-    async def _respond(self, speech: str, times: TurnTimes, source: str) -> None:
+    async def _respond(
+        self, speech: str | AsyncIterator[str], times: TurnTimes, source: str
+    ) -> None:
         await self._set_state("responding")
         self._cancel_tts = threading.Event()
         spoken = False
+        said: list[str] = []
+        pieces = _one(speech) if isinstance(speech, str) else speech
         if self.tts is not None:
             await self.sink.start()
-            async for chunk in stream(self.tts, speech, self.tts_lock, self._cancel_tts):
+        async for piece in pieces:
+            said.append(piece)
+            if self.tts is None:
+                continue
+            async for chunk in stream(self.tts, piece, self.tts_lock, self._cancel_tts):
                 if not spoken:
                     times.first_audio = time.perf_counter()
                     spoken = True
                 await self.sink.write(chunk)
+        if self.tts is not None:
             await self.sink.finish()
         times.done = time.perf_counter()
         latency = (times.first_audio - times.end_of_speech) * 1000 if spoken else None
         await self.hooks.emit(
             "answer",
-            speech,
+            " ".join(said),
             {"source": source, "first_audio_ms": round(latency, 1) if latency else None},
         )
 
@@ -335,3 +359,7 @@ class Pipeline:
             await self._start_listening()
         else:
             await self._set_state("idle")
+
+
+async def _one(text: str) -> AsyncIterator[str]:
+    yield text

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 from daemon import topics
 from daemon.bus import Inbound
-from daemon.client import RealmClient, TaskFailed
+from daemon.client import RealmClient, TaskFailed, TaskHandle
 from daemon.errors import MessageError, MtorError
 from daemon.messages import decode
 from daemon.node import NodeContext
 from daemon.protocol.admin import OrchestratorState
 from nodes.voice.config import VoiceConfig
 from nodes.voice.intent import Action, IntentRecognizer
+from nodes.voice.pipeline import Reply
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ NO_CHAT: Final = "Sorry, no assistant in the realm could answer that."
 ANSWER_SYSTEM: Final = (
     "You are a voice assistant. Answer in one or two short spoken sentences, no markdown."
 )
+ANSWER_TOKENS: Final = 96
+_SENTENCE_END: Final = re.compile(r"(?<=[.!?])\s+")
 INTENT_SCHEMA: Final = {
     "type": "object",
     "properties": {
@@ -70,25 +75,54 @@ class RealmVoice:
         async with asyncio.timeout(timeout):
             return await self.client.call(capability, inp, timeout=timeout)
 
-    async def ask(self, text: str) -> tuple[str, list[Action]]:
-        """The answer to speak and the actions to take for an unmatched transcript."""
+    async def ask(self, text: str) -> Reply:
+        """What to do and say for a transcript no template matched."""
         timeout = self.cfg.intents.chat_timeout_s
         try:
             if self.cfg.intents.devices or self.cfg.intents.scenes:
-                actions = await self._extract(text, timeout)
-                if actions is not None:
-                    return actions
-            out = await self.call(
-                "chat", {"prompt": text, "system": ANSWER_SYSTEM, "max_tokens": 96}, timeout
+                extracted = await self._extract(text, timeout)
+                if extracted is not None:
+                    return Reply(text=extracted[0], actions=extracted[1])
+            if not self.orchestrator_online:
+                raise MtorError("no orchestrator online")
+            handle = await self.client.submit(
+                "chat",
+                {"prompt": text, "system": ANSWER_SYSTEM, "max_tokens": ANSWER_TOKENS},
+                timeout=timeout,
+                stream=True,
             )
         except TaskFailed as exc:
             log.warning("chat fallback failed: %s", exc)
-            return NO_CHAT, []
+            return Reply(text=NO_CHAT)
         except (MtorError, TimeoutError) as exc:
             log.warning("chat fallback unavailable: %s", exc or "timeout")
-            return NO_REALM, []
-        answer = str(out.get("text", "")).strip() if isinstance(out, dict) else ""
-        return answer or NO_CHAT, []
+            return Reply(text=NO_REALM)
+        return Reply(sentences=self._sentences(handle, timeout))
+
+    async def _sentences(self, handle: TaskHandle, timeout: float) -> AsyncIterator[str]:
+        """The streamed answer, cut into sentences as the deltas arrive."""
+        buffer = ""
+        said = False
+        try:
+            async with asyncio.timeout(timeout):
+                async for update in handle:
+                    out = update.output if isinstance(update.output, dict) else {}
+                    if update.status == "partial" and isinstance(out.get("delta"), str):
+                        buffer += out["delta"]
+                        *done, buffer = _SENTENCE_END.split(buffer)
+                        for sentence in filter(None, (s.strip() for s in done)):
+                            said = True
+                            yield sentence
+                    elif update.status == "done" and not said and not buffer.strip():
+                        buffer = str(out.get("text", ""))  # the backend did not stream
+                    elif update.status in ("failed", "cancelled"):
+                        log.warning("chat fallback %s: %s", update.status, update.error)
+        except TimeoutError:
+            log.warning("chat fallback timed out after %.0f s", timeout)
+        if buffer.strip():
+            yield buffer.strip()
+        elif not said:
+            yield NO_CHAT
 
     async def _extract(self, text: str, timeout: float) -> tuple[str, list[Action]] | None:
         devices = ", ".join(

@@ -47,6 +47,9 @@ class WhisperStt:
                 language=self.cfg.language,
                 initial_prompt=self.cfg.initial_prompt,
                 beam_size=1,
+                # No temperature fallback: re-decoding with sampling costs latency
+                # and makes the same audio give different transcripts.
+                temperature=0.0,
                 without_timestamps=True,
                 condition_on_previous_text=False,
             )

@@ -26,7 +26,11 @@ class PiperTts:
         self.model = cfg.model
         self._voice: Any = PiperVoice.load(model_path)
         self.languages = [str(self._voice.config.espeak_voice)]
-        self._syn = SynthesisConfig(length_scale=cfg.length_scale)
+        self._syn = SynthesisConfig(
+            length_scale=cfg.length_scale,
+            noise_scale=cfg.noise_scale,
+            noise_w_scale=cfg.noise_w_scale,
+        )
 
     def synthesize(self, text: str) -> Iterator[bytes]:
         for chunk in self._voice.synthesize(text[:MAX_TEXT], syn_config=self._syn):
