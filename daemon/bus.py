@@ -54,6 +54,11 @@ MAX_QUEUED_OUTGOING: Final = 20_000
 LOG_PAYLOAD_BYTES: Final = 200
 # How long a publish may wait for the broker's acknowledgement before it is retried.
 PUBLISH_TIMEOUT: Final = 10.0
+# QoS 1/2 messages the broker may have in flight to us (MQTT 5 Receive Maximum).  Left
+# unsaid, Mosquitto allows 20 and queues 1,000 more (max_queued_messages), then drops
+# *silently*: a process whose loop is busy for a moment lost messages in a burst.  paho
+# acknowledges on read, so the real bound is MAX_QUEUED_INCOMING on our side.
+RECEIVE_MAXIMUM: Final = 65_535
 
 Payload = bytes | str | Message
 
@@ -416,6 +421,7 @@ class Bus:
             socket_options.append((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
         connect_props = FastProperties(PacketTypes.CONNECT)
         connect_props.SessionExpiryInterval = 0
+        connect_props.ReceiveMaximum = RECEIVE_MAXIMUM
         bus = self
 
         class Inbox(asyncio.Queue[aiomqtt.Message]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 
@@ -98,6 +99,37 @@ async def test_flow_control_delivers_everything(broker: PrivateBroker, realm: st
         watcher.cancel()
         assert [int(m.payload) for m in got.messages] == list(range(500))
         assert peak <= 4
+
+
+async def test_busy_subscriber_loses_nothing_in_a_burst(broker: PrivateBroker, realm: str) -> None:
+    """A subscriber whose loop is busy while a burst arrives still gets every QoS 1 message.
+
+    Without a Receive Maximum in CONNECT, Mosquitto sends 20 at a time, queues
+    1,000 more and silently drops the rest (seen as workflow runs that never
+    reported ``finished`` in ``bench.workflows``).
+    """
+    cfg = make_config(broker.url, realm)
+    topic = f"mtor/{realm}/burst"
+    n = 3000
+
+    def publish_burst() -> None:
+        async def go() -> None:
+            async with running_bus(cfg, "burst-pub") as pub:
+                for i in range(n):
+                    await pub.publish(topic, str(i), wait=False)
+                await pub.flush()  # every message acknowledged by the broker
+
+        asyncio.run(go())
+
+    async with running_bus(cfg) as bus:
+        got = Collector()
+        await bus.subscribe(topic, got)
+        publisher = threading.Thread(target=publish_burst)
+        publisher.start()
+        publisher.join(timeout=60)  # blocks this loop on purpose: the subscriber is busy
+        assert not publisher.is_alive()
+        await got.wait_count(n, timeout=20)
+        assert [int(m.payload) for m in got.messages] == list(range(n))
 
 
 async def test_reconnect_resubscribes_once_and_flushes_outbox(own_broker: PrivateBroker) -> None:
