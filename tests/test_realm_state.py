@@ -14,8 +14,7 @@ from daemon.bus import Bus
 from daemon.messages import decode, encode
 from daemon.orchestrator.service import Orchestrator
 from daemon.orchestrator.state import StateView
-from daemon.protocol.state import RealmState, StateSet
-from daemon.protocol.workflow import StateReply
+from daemon.protocol.state import RealmState, StateReply, StateSet
 from tests.conftest import Collector, make_config, running_bus
 
 

@@ -9,7 +9,7 @@ configured in ``orchestrator.state_values``, unknown keys when
 ``state_strict`` — publishes the new retained
 :class:`~daemon.protocol.state.RealmState` and tells its listeners.  A refused
 request is logged and, when it carried a response topic, answered with a
-:class:`~daemon.protocol.workflow.StateReply`.
+:class:`~daemon.protocol.state.StateReply`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from daemon import topics
 from daemon.bus import Bus, Inbound
 from daemon.errors import MessageError
 from daemon.messages import decode
-from daemon.protocol.state import RealmState, StateSet, valid_state_key
+from daemon.protocol.state import RealmState, StateReply, StateSet, valid_state_key
 from daemon.protocol.task import ErrorInfo
-from daemon.protocol.workflow import StateReply
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,9 @@
 orchestrator learn it on subscribe and keep it while the orchestrator is away
 (a camera keeps honouring ``armed``).  Anyone allowed to change it publishes a
 :class:`StateSet` on ``state/<key>/set``; the orchestrator validates it and
-publishes the new retained :class:`RealmState`.
+publishes the new retained :class:`RealmState`; a request that carries an
+MQTT 5 response topic is answered with a :class:`StateReply` (the applied
+value, or why it was refused).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Final
 from pydantic import Field
 
 from daemon.messages import Message, now
+from daemon.protocol.task import ErrorInfo
 
 STATE_KEY_RE: Final = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -36,6 +39,17 @@ class StateSet(Message):
 
     value: Any = None
     by: str = ""
+
+
+class StateReply(Message):
+    """The answer to a ``state/<key>/set`` request that asked for one."""
+
+    TYPE = "state.reply"
+
+    ok: bool
+    key: str
+    value: Any = None
+    error: ErrorInfo | None = None
 
 
 def valid_state_key(key: str) -> bool:

@@ -1,4 +1,4 @@
-"""Workflow and realm-state replies: run events, start/list/history requests.
+"""Workflow messages: run events, start/list/history requests and their replies.
 
 * ``workflow/<name>/event`` carries :class:`WorkflowEvent` for every run of a
   workflow (``started``, one ``step`` per finished step, ``finished``, and
@@ -6,8 +6,9 @@
 * ``workflows/request`` takes a :class:`WorkflowRequest` (MQTT 5 response
   topic + correlation data, or ``reply_to`` / ``correlation`` in the payload)
   and answers with a :class:`WorkflowReply`.
-* A ``state/<key>/set`` request that carries a response topic is answered with
-  a :class:`StateReply` (the applied value, or why it was refused).
+
+``StateReply`` (the answer to ``state/<key>/set``) lives in
+:mod:`daemon.protocol.state`; it is re-exported here for older imports.
 """
 
 from __future__ import annotations
@@ -17,7 +18,18 @@ from typing import Any, Literal
 from pydantic import Field
 
 from daemon.messages import Message, now
+from daemon.protocol.state import StateReply
 from daemon.protocol.task import ErrorInfo
+
+__all__ = [
+    "RunEventKind",
+    "RunStatus",
+    "StateReply",
+    "StepStatus",
+    "WorkflowEvent",
+    "WorkflowReply",
+    "WorkflowRequest",
+]
 
 RunEventKind = Literal["started", "step", "finished", "skipped"]
 RunStatus = Literal["running", "done", "failed", "skipped", "cancelled"]
@@ -66,14 +78,3 @@ class WorkflowReply(Message):
     error: str | None = None
     code: str | None = None
     correlation: str | None = None
-
-
-class StateReply(Message):
-    """The answer to a ``state/<key>/set`` request that asked for one."""
-
-    TYPE = "state.reply"
-
-    ok: bool
-    key: str
-    value: Any = None
-    error: ErrorInfo | None = None

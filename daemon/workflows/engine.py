@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 MAX_TRIGGER_PAYLOAD: Final = 256 * 1024
 # Finished runs kept in memory for ``list`` (the history is in SQLite).
 RECENT_RUNS: Final = 100
+# Real seconds per second of a schedule's ``every`` (tests shrink it; ``every`` is >= 1).
+SCHEDULE_SECOND: Final = 1.0
+# After an ``at`` schedule fires, wait this long so the same minute cannot fire twice.
+PAST_MINUTE: Final = 1.0
 
 Recorder = Callable[[dict[str, Any]], None]
 
@@ -174,10 +178,10 @@ class Engine:
     async def _schedule(self, flow: Flow, trig: ScheduleTrigger) -> None:
         while True:
             delay = next_fire(trig, dt.datetime.now().astimezone())
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay * SCHEDULE_SECOND if trig.every is not None else delay)
             self.trigger(flow.name, {"type": "schedule", "every": trig.every, "ts": time.time()})
             if trig.every is None:
-                await asyncio.sleep(1.0)  # past the minute that fired
+                await asyncio.sleep(PAST_MINUTE)
 
     async def _on_state(self, key: str, value: Any, old: Any) -> None:
         for flow in self.flows.values():
