@@ -1,6 +1,6 @@
 """Task history, statistics rows and the active-task journal in SQLite.
 
-All SQLite work happens in a thread (never on the event loop), in batches:
+All SQLite work happens on one dedicated thread (never on the event loop), in batches:
 the loop appends operations to a list and a writer task flushes them every
 ``FLUSH_INTERVAL`` or when ``FLUSH_BATCH`` are pending.  WAL mode, bounded
 retention.  Raw inputs (audio, images) are never stored — only sizes.
@@ -18,8 +18,12 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +65,16 @@ class Store:
         self._ops: list[tuple[str, tuple[Any, ...]]] = []
         self._wake = asyncio.Event()
         self._last_retention = 0.0
+        # Every use of the connection runs on this one thread, in order: a write
+        # whose awaiting task was cancelled still finishes before close() runs
+        # (closing under a running statement crashed the process).
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtor-store")
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def open(self) -> None:
-        await asyncio.to_thread(self._open)
+        await self._call(self._open)
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +88,8 @@ class Store:
         await self.flush()
         if self._db is not None:
             db, self._db = self._db, None
-            await asyncio.to_thread(db.close)
+            await self._call(db.close)
+        self._thread.shutdown(wait=False)
 
     # ------------------------------------------------------------- writes
 
@@ -123,7 +135,7 @@ class Store:
         if not self._ops or self._db is None:
             return
         ops, self._ops = self._ops, []
-        await asyncio.to_thread(self._apply, ops)
+        await self._call(self._apply, ops)
 
     def _apply(self, ops: list[tuple[str, tuple[Any, ...]]]) -> None:
         db = self._db
@@ -164,7 +176,7 @@ class Store:
             rows = self._db.execute("SELECT doc FROM active ORDER BY submitted").fetchall()
             return [json.loads(r[0]) for r in rows]
 
-        return await asyncio.to_thread(read)
+        return await self._call(read)
 
     async def history(
         self, limit: int = 50, user: str | None = None, capability: str | None = None
@@ -188,7 +200,7 @@ class Store:
             names = [d[0] for d in cur.description]
             return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
-        return await asyncio.to_thread(read)
+        return await self._call(read)
 
     async def workflow_runs(
         self, limit: int = 20, workflow: str | None = None
@@ -211,4 +223,4 @@ class Store:
                 r["steps"] = json.loads(r["steps"] or "[]")
             return rows
 
-        return await asyncio.to_thread(read)
+        return await self._call(read)
