@@ -404,3 +404,17 @@ def test_wake_phrase_matching() -> None:
     assert match_phrase("hey hal", "hey help")[0] >= 0.75
     assert match_phrase("hey hal", "hey there how are you")[0] < 0.75
     assert match_phrase("computer", "turn on the computer")[0] < 0.75
+
+
+async def test_second_wake_right_after_a_command(piper: TtsBackend, whisper: SttBackend) -> None:
+    """The refractory period counts all audio, also the command's: a wake word soon
+    after an answer is not swallowed."""
+    cfg = VoiceConfig(type="voice", intents=INTENTS)  # refractory_s: 2 s
+    rec = Recorder()
+    wake = b"".join(piper.synthesize("Okay nabu.")) + bytes(9600)  # + 0.3 s
+    pause = bytes(25600)  # 0.8 s: the VAD ends the command after 0.6 s
+    pcm = SILENCE + wake + b"".join(piper.synthesize("Turn on the kitchen light.")) + pause
+    pcm += wake + b"".join(piper.synthesize("Turn off the kitchen light.")) + SILENCE * 3
+    await _pipeline(cfg, rec, whisper, piper, audio.NullSink()).run(_frames(pcm), live=False)
+    assert rec.values("wake") == ["okay_nabu", "okay_nabu"]
+    assert [p for _, p in rec.actions] == ['{"state":"ON"}', '{"state":"OFF"}']

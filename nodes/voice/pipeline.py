@@ -185,6 +185,11 @@ class Pipeline:
     async def feed(self, frame: bytes) -> None:
         self.audio_s += FRAME_SAMPLES / RATE
         self._recent.append(frame)
+        detecting = self.wake is not None and (
+            self.state == "idle" or (self.state == "responding" and self.cfg.barge_in)
+        )
+        if self.wake is not None and not detecting:
+            self.wake.skip(len(frame))  # its refractory clock runs on all the audio
         if self.state == "listening":
             verdict = await asyncio.to_thread(self._listen_frame, frame)
             if verdict in ("end", "too_long"):
@@ -195,9 +200,7 @@ class Pipeline:
         if self.state == "idle" and self._phrase:
             await self._phrase_frame(frame)
             return
-        if self.wake is None or self.state == "processing":
-            return
-        if self.state == "responding" and not self.cfg.barge_in:
+        if not detecting or self.wake is None:
             return
         detection = await asyncio.to_thread(self.wake.process, frame)
         if detection is not None:

@@ -32,6 +32,9 @@ class WakeDetector(Protocol):
 
     def process(self, pcm: bytes) -> Detection | None: ...
 
+    def skip(self, nbytes: int) -> None:
+        """Audio that went elsewhere (a command): only the refractory clock moves."""
+
     def reset(self) -> None: ...
 
 
@@ -47,8 +50,8 @@ class _Refractory:
         self.audio_s = 0.0
         self._last = -1e9
 
-    def advance(self, pcm: bytes) -> None:
-        self.audio_s += len(pcm) / (RATE * WIDTH)
+    def advance(self, nbytes: int) -> None:
+        self.audio_s += nbytes / (RATE * WIDTH)
 
     def allow(self) -> bool:
         if self.audio_s - self._last < self.refractory_s:
@@ -79,7 +82,7 @@ class MicroWake:
         self._refractory = _Refractory(cfg.refractory_s)
 
     def process(self, pcm: bytes) -> Detection | None:
-        self._refractory.advance(pcm)
+        self._refractory.advance(len(pcm))
         best: float | None = None
         for features in self._features.process_streaming(pcm):
             prob = self._model.process_streaming_prob(features)
@@ -88,6 +91,9 @@ class MicroWake:
         if best is not None and self._refractory.allow():
             return Detection(self.name, round(best, 4))
         return None
+
+    def skip(self, nbytes: int) -> None:
+        self._refractory.advance(nbytes)
 
     def reset(self) -> None:
         """Forget the stream so far (after a detection: the next one needs new audio)."""
@@ -117,7 +123,7 @@ class OpenWake:
         self._refractory = _Refractory(cfg.refractory_s)
 
     def process(self, pcm: bytes) -> Detection | None:
-        self._refractory.advance(pcm)
+        self._refractory.advance(len(pcm))
         best: float | None = None
         for embeddings in self._features.process_streaming(pcm):
             for prob in self._model.process_streaming(embeddings):
@@ -126,6 +132,9 @@ class OpenWake:
         if best is not None and self._refractory.allow():
             return Detection(self.name, round(float(best), 4))
         return None
+
+    def skip(self, nbytes: int) -> None:
+        self._refractory.advance(nbytes)
 
     def reset(self) -> None:
         """Forget the stream so far (after a detection: the next one needs new audio)."""
