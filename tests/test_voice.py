@@ -13,7 +13,7 @@ import asyncio
 import re
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -418,3 +418,38 @@ async def test_second_wake_right_after_a_command(piper: TtsBackend, whisper: Stt
     await _pipeline(cfg, rec, whisper, piper, audio.NullSink()).run(_frames(pcm), live=False)
     assert rec.values("wake") == ["okay_nabu", "okay_nabu"]
     assert [p for _, p in rec.actions] == ['{"state":"ON"}', '{"state":"OFF"}']
+
+
+async def test_node_backends_fail_soft_and_route(tmp_path: Path, config: Any) -> None:
+    """A missing piper voice falls back to espeak-ng; a missing STT model is not
+    advertised; auto routing tries the realm once, then keeps the faster route."""
+    from daemon.bus import Bus
+    from daemon.node import NodeContext
+    from nodes.voice.node import VoiceNode, _LocalStt, _RemoteStt
+
+    async def nothing() -> None:
+        return None
+
+    ctx = NodeContext("n1", config, Bus(config.broker, "unused"), tmp_path, nothing)
+    cfg = VoiceConfig.model_validate(
+        {
+            "type": "voice",
+            "models_dir": str(tmp_path),
+            "stt": {"model_path": str(tmp_path / "nowhere"), "routing": "auto"},
+            "tts": {"model_path": str(tmp_path / "missing.onnx")},
+        }
+    )
+    node = VoiceNode("sat", cfg, ctx)
+    await node.setup()
+    assert node.tts is not None and node.tts.type_name == "espeak"
+    assert "espeak-ng instead" in node.problems["tts"]
+    assert node.stt is None and "stt" in node.problems
+    assert [c.name for c in node.capabilities()] == ["tts"]
+    # Auto routing (with a local backend): remote first while unmeasured, then the faster.
+    node.stt = cast(Any, type("Fake", (), {"session": lambda self: None})())
+    node.realm.orchestrator_online = True
+    assert isinstance(node._stt_stream(), _RemoteStt)
+    node.latency = {"remote": 0.5, "local": 0.2}
+    assert isinstance(node._stt_stream(), _LocalStt)
+    node.latency = {"remote": 0.1, "local": 0.2}
+    assert isinstance(node._stt_stream(), _RemoteStt)

@@ -125,6 +125,9 @@ class TtsConfig(_Strict):
     noise_w_scale: float | None = Field(
         default=None, ge=0, description="Piper phoneme-length noise (None: the voice's)."
     )
+    fallback: bool = Field(
+        default=True, description="Speak with espeak-ng when the configured backend is missing."
+    )
     serve: bool = Field(default=True, description="Advertise the tts capability to the realm.")
 
 

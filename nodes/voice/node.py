@@ -156,6 +156,12 @@ class VoiceNode(Node):
             self.tts = make_tts(cfg.tts, tts_path)
         except (TtsUnavailable, ModelError, OSError) as exc:
             self.problems["tts"] = str(exc)
+            if cfg.tts.fallback and cfg.tts.backend != "espeak":
+                try:
+                    self.tts = make_tts(cfg.tts.model_copy(update={"backend": "espeak"}), None)
+                    self.problems["tts"] += " (speaking with espeak-ng instead)"
+                except TtsUnavailable as again:
+                    self.problems["tts"] += f"; espeak-ng fallback: {again}"
         if cfg.source.type == "none":
             return
         try:
