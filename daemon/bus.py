@@ -456,6 +456,7 @@ class Bus:
         # aiomqtt warns past 10 pending publishes; our flow control (max_inflight)
         # is the real bound, so only warn beyond it.
         client.pending_calls_threshold = self.config.max_inflight + 1
+        _write_in_loop(client)
         return client
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -570,6 +571,50 @@ class Bus:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self.flush()
+
+
+def _write_in_loop(client: aiomqtt.Client) -> None:
+    """Write queued packets from the event loop itself, once per loop iteration.
+
+    aiomqtt asks for writability on every publish with
+    ``call_soon_threadsafe(add_writer)`` (it may be called from its connect
+    thread): a self-pipe write, two ``epoll_ctl`` calls and two more loop
+    iterations per message before the packet leaves.  On the loop thread we
+    instead schedule one ``loop_write`` for the current batch of publishes;
+    only if the socket cannot take everything (or off the loop thread) does
+    aiomqtt's writer registration take over.
+    """
+    paho = getattr(client, "_client", None)  # aiomqtt keeps its paho client here (2.x)
+    register = getattr(paho, "on_socket_register_write", None)
+    if paho is None or register is None:
+        return
+    loop = asyncio.get_running_loop()
+    scheduled = False
+
+    def flush(sock: Any) -> None:
+        nonlocal scheduled
+        scheduled = False
+        try:
+            paho.loop_write()
+        except Exception:  # aiomqtt's writer callback handles (and reports) it
+            register(paho, None, sock)
+            return
+        if paho.want_write():  # socket full: wait for writability the usual way
+            register(paho, None, sock)
+
+    def on_register_write(c: Any, userdata: Any, sock: Any) -> None:
+        nonlocal scheduled
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not loop:
+            register(c, userdata, sock)
+        elif not scheduled:
+            scheduled = True
+            loop.call_soon(flush, sock)
+
+    paho.on_socket_register_write = on_register_write
 
 
 def _payload_bytes(payload: Any) -> bytes:
