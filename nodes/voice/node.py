@@ -119,6 +119,8 @@ class VoiceNode(Node):
         self.realm = RealmVoice(ctx, config)
         self.arbiter = Arbiter(f"{ctx.node_id}/{name}", config.arbitration_s)
         self.latency: dict[str, float] = {}  # auto routing: seconds per audio second
+        self._wake_subscribed = False
+        self._mic: audio.QueueSource | None = None
         # Extra observers of every voice event (``mtor listen`` prints them).
         self.listeners: list[Callable[[str, Any, dict[str, Any]], None]] = []
 
@@ -230,21 +232,19 @@ class VoiceNode(Node):
 
     async def run(self) -> None:
         await self.realm.start()
-        if self.config.arbitration_s > 0:
+        # Subscriptions live as long as the node: a supervised restart of run()
+        # must not add a second handler (Bus handlers stack per filter).
+        if self.config.arbitration_s > 0 and not self._wake_subscribed:
+            self._wake_subscribed = True
             await self.ctx.bus.subscribe(
                 topics.EVENT.filter(realm=self.ctx.realm, domain="voice", name="wake"),
                 self._on_wake_event,
             )
-        if self.config.source.type == "none":
-            await asyncio.Event().wait()
-        pipeline = self.make_pipeline()
-        if pipeline is None:
-            await asyncio.Event().wait()
-            return
-        self.pipeline = pipeline
-        live = self.config.source.type != "file" or self.config.source.realtime
-        await pipeline.run(await self._source(), live=live)
-        await asyncio.Event().wait()  # a finished file: idle until stopped
+        if self.config.source.type != "none" and (pipeline := self.make_pipeline()):
+            self.pipeline = pipeline
+            live = self.config.source.type != "file" or self.config.source.realtime
+            await pipeline.run(await self._source(), live=live)
+        await asyncio.Event().wait()  # serving tasks (or a finished file) until stopped
 
     def make_pipeline(self, sink: audio.Sink | None = None) -> Pipeline | None:
         """The conversation loop on this node's models (None when a part is missing)."""
@@ -285,16 +285,17 @@ class VoiceNode(Node):
             return audio.mic_source(src.device)
         if not src.topic:
             raise MtorError("voice source 'mqtt' needs a topic")
-        queue = audio.QueueSource()
+        if self._mic is None:
+            self._mic = audio.QueueSource()
+            await self.ctx.bus.subscribe(src.topic, self._on_audio, qos=0)
+        return self._mic.__aiter__()
 
-        async def on_audio(msg: Inbound) -> None:
-            if msg.content_type and not msg.content_type.startswith("audio/L16"):
-                self.log.warning("ignoring %s audio on %s", msg.content_type, msg.topic)
-                return
-            queue.push(msg.payload)
-
-        await self.ctx.bus.subscribe(src.topic, on_audio, qos=0)
-        return queue.__aiter__()
+    async def _on_audio(self, msg: Inbound) -> None:
+        if msg.content_type and not msg.content_type.startswith("audio/L16"):
+            self.log.warning("ignoring %s audio on %s", msg.content_type, msg.topic)
+            return
+        if self._mic is not None:
+            self._mic.push(msg.payload)
 
     def _sink(self) -> audio.Sink:
         sink = self.config.sink
