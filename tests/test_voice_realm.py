@@ -38,6 +38,7 @@ SILENCE = bytes(16000)
 # Piper without its random noise: the same text gives the same audio, so the
 # tests are repeatable (with noise, whisper tiny sometimes hears "current on").
 REPEATABLE = TtsConfig(noise_scale=0, noise_w_scale=0)
+QUIET = {"noise_scale": 0, "noise_w_scale": 0}  # the same for the nodes' answers
 DEVICES = [{"name": "light", "area": "kitchen", "command_topic": "zigbee2mqtt/kitchen_light/set"}]
 PROMPT = "okay nabu, kitchen light"
 
@@ -131,7 +132,7 @@ async def test_two_satellites_one_answers_and_the_light_turns_on(
     common = {
         "wake": {"engine": "micro", "model": "okay_nabu"},
         "stt": {"initial_prompt": PROMPT, "serve": False},
-        "tts": {"serve": False},
+        "tts": {"serve": False, **QUIET},
         "intents": {"devices": DEVICES, "chat_fallback": False},
         "arbitration_s": 0.5,
         "sink": {"type": "mqtt"},
@@ -184,7 +185,7 @@ async def test_stt_and_tts_capabilities_and_mtor_say(
     harness: Harness, piper: TtsBackend, whisper: SttBackend, tmp_path: Path
 ) -> None:
     await harness.orchestrator()
-    await harness.voice_daemon("speech", stt={"initial_prompt": PROMPT})
+    await harness.voice_daemon("speech", stt={"initial_prompt": PROMPT}, tts=QUIET)
     cfg = harness.config()
     async with running_bus(cfg) as bus:
         client = RealmClient(bus, harness.realm)
@@ -266,6 +267,7 @@ async def test_mtor_listen_on_a_wav_file(
             "nodes": {
                 "sat": {
                     "type": "voice",
+                    "tts": QUIET,
                     "stt": {"initial_prompt": PROMPT},
                     "intents": {"devices": DEVICES},
                 }
