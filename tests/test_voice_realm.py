@@ -313,3 +313,24 @@ async def test_chat_fallback_without_orchestrator_says_so(
         async with asyncio.timeout(2):  # fast: no orchestrator is online
             reply = await voice.ask("tell me a joke")
     assert reply.text == NO_REALM and not reply.actions
+
+
+async def test_mtor_listen_offline(tmp_path: Path, piper: TtsBackend) -> None:
+    """No broker needed: the whole loop runs; the realm is said to be unreachable."""
+    wav = tmp_path / "q.wav"
+    pcm = SILENCE + b"".join(piper.synthesize("What time is it?")) + SILENCE * 2
+    pcm += b"".join(piper.synthesize("Tell me a joke.")) + SILENCE * 3
+    audio.write_wav(wav, pcm)
+    path = write_config(tmp_path, {"realm": "offline", "broker": {"url": "mqtt://127.0.0.1:1"}})
+    proc = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "daemon.cli.main", "--config", str(path), "listen", str(wav),
+         "--offline", "--no-wake"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=mtor_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    answers = [(e["value"], e["source"]) for e in printed if e["event"] == "answer"]
+    assert len(answers) == 2
+    assert re.fullmatch(r"It is \d+:\d\d [AP]M\.", answers[0][0]) and answers[0][1] == "local"
+    assert answers[1] == (NO_REALM, "chat")

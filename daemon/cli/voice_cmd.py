@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -38,6 +39,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
     listen.add_argument("--voice-node", help="use this voice node's config (default: the first)")
     listen.add_argument(
         "--no-wake", action="store_true", help="the file is the command (no wake word needed)"
+    )
+    listen.add_argument(
+        "--offline", action="store_true", help="do not connect to the broker (nothing published)"
     )
     return {"say": cmd_say, "listen": cmd_listen}
 
@@ -92,6 +96,8 @@ def cmd_say(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_listen(args: argparse.Namespace, config: Config) -> int:
+    from daemon.bus import Bus
+    from daemon.errors import BusNotConnectedError
     from daemon.node import NodeContext
     from nodes.voice import audio
     from nodes.voice.config import SinkConfig, SourceConfig, VoiceConfig, WakeConfig
@@ -124,7 +130,17 @@ def cmd_listen(args: argparse.Namespace, config: Config) -> int:
         print(json.dumps({"t": t, "event": event, "value": value, **attrs}), flush=True)
 
     async def main() -> int:
-        async with client_bus(config, "listen") as bus:
+        async with contextlib.AsyncExitStack() as stack:
+            bus: Bus | None = None
+            if not args.offline:
+                try:
+                    bus = await stack.enter_async_context(client_bus(config, "listen"))
+                except BusNotConnectedError as exc:
+                    print(f"mtor listen: {exc}: running offline", file=sys.stderr)
+            if bus is None:
+                # Never connected: events and intent actions stay in its outbox, the
+                # chat fallback says the realm is unreachable.
+                bus = Bus(config.broker, "mtor-listen-offline")
             ctx = NodeContext(
                 node_id=f"{config.effective_node_id}-listen",
                 config=config,

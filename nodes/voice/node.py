@@ -328,7 +328,11 @@ class VoiceNode(Node):
 
     async def _act(self, action: Action) -> None:
         self.log.info("intent action: %s <- %s", action.topic, action.payload[:200])
-        await self.ctx.bus.publish(action.topic, action.payload, qos=1, retain=action.retain)
+        # Not waiting for the broker's ack: offline it waits in the outbox, and the
+        # answer need not wait for it either.
+        await self.ctx.bus.publish(
+            action.topic, action.payload, qos=1, retain=action.retain, wait=False
+        )
 
     def _stt_stream(self) -> SttStream:
         routing = self.config.stt.routing
