@@ -1,18 +1,7 @@
 """The voice node: a satellite (wake word → … → answer) and the ``stt`` / ``tts`` capabilities.
 
-Task shapes (docs/voice.md):
-
-* ``stt``: input ``{"media_topic": "<realm media topic>", "language": null}``.  The
-  audio (``audio/L16;rate=16000;channels=1``, at most ``MAX_STT_S`` seconds) is
-  a *retained* message on that media topic, published by the requester before
-  it submits (the task protocol carries JSON only; binary stays on media
-  topics) and cleared by it afterwards.  Output ``{"text", "language",
-  "backend", "model", "audio_s", "run_ms"}``.
-* ``tts``: input ``{"text": "...", "play": false}``.  The audio streams,
-  sentence by sentence, as ``audio/L16`` chunks on ``media/<node>/tts/<task_id>``
-  (subscribe to ``media/+/tts/<task_id>`` before submitting with your own task
-  id); ``play`` also plays it on this node's sink.  Output ``{"media_topic",
-  "content_type", "sample_rate", "chunks", "bytes", "first_audio_ms", "played"}``.
+The conversation loop is :mod:`nodes.voice.pipeline`; the task shapes of the
+capabilities are in :mod:`nodes.voice.tasks` (and docs/voice.md).
 """
 
 from __future__ import annotations
@@ -24,8 +13,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from daemon import topics
 from daemon.bus import Inbound
@@ -43,28 +30,12 @@ from nodes.voice.intent import Action, IntentRecognizer
 from nodes.voice.pipeline import Hooks, Pipeline, SttStream
 from nodes.voice.realm import RealmVoice
 from nodes.voice.stt import DEFAULT_MODELS, SttBackend, SttUnavailable, Transcript, make_stt
-from nodes.voice.tts import MAX_TEXT, TtsBackend, TtsUnavailable, make_tts, stream
+from nodes.voice.tasks import MAX_STT_BYTES, MAX_STT_S, MEDIA_WAIT, execute_stt, execute_tts
+from nodes.voice.tts import TtsBackend, TtsUnavailable, make_tts
 from nodes.voice.vad import Endpointer, VadUnavailable, load_silero
 from nodes.voice.wake import WakeDetector, WakeUnavailable, make_wake
 
-MAX_STT_S: Final = 30.0
-MAX_STT_BYTES: Final = int(MAX_STT_S * audio.RATE * audio.WIDTH)
-MEDIA_WAIT: Final = 5.0  # seconds an stt task waits for its retained audio
 STATES: Final = ("idle", "listening", "processing", "responding")
-
-
-class SttInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    media_topic: str = Field(min_length=1, max_length=512)
-    language: str | None = Field(default=None, max_length=16)
-
-
-class TtsInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text: str = Field(min_length=1, max_length=MAX_TEXT)
-    play: bool = False
 
 
 class _LocalStt:
@@ -269,7 +240,7 @@ class VoiceNode(Node):
             endpointer=Endpointer(cfg.vad, self.vad),
             tts=self.tts,
             tts_lock=self.tts_lock,
-            sink=sink or self._sink(),
+            sink=sink or self.sink(),
             recognizer=IntentRecognizer(cfg.intents),
         )
 
@@ -297,7 +268,7 @@ class VoiceNode(Node):
         if self._mic is not None:
             self._mic.push(msg.payload)
 
-    def _sink(self) -> audio.Sink:
+    def sink(self) -> audio.Sink:
         sink = self.config.sink
         if sink.type == "file" and sink.path is not None:
             return audio.WavSink(sink.path)
@@ -392,85 +363,10 @@ class VoiceNode(Node):
 
     async def execute(self, task: TaskRun) -> Any:
         if task.capability == "stt":
-            return await self._execute_stt(task)
+            return await execute_stt(self, task)
         if task.capability == "tts":
-            return await self._execute_tts(task)
+            return await execute_tts(self, task)
         raise TaskError("unavailable", f"voice node {self.name} has no {task.capability!r}")
-
-    async def _execute_stt(self, task: TaskRun) -> Any:
-        if self.stt is None:
-            raise TaskError("unavailable", "no speech-to-text backend here")
-        try:
-            inp = SttInput.model_validate(task.input)
-        except ValidationError as exc:
-            raise TaskError("bad_input", f"invalid stt input: {exc.errors()[0]['msg']}") from exc
-        fields = topics.MEDIA.parse(inp.media_topic)
-        if fields is None or fields["realm"] != self.ctx.realm:
-            raise TaskError("bad_input", "media_topic must be a media topic of this realm")
-        got: asyncio.Future[Inbound] = asyncio.get_running_loop().create_future()
-
-        async def on_media(msg: Inbound) -> None:
-            if msg.payload and not got.done():
-                got.set_result(msg)
-
-        await self.ctx.bus.subscribe(inp.media_topic, on_media)
-        try:
-            async with asyncio.timeout(MEDIA_WAIT):
-                msg = await got
-        except TimeoutError as exc:
-            raise TaskError("bad_input", f"no audio on {inp.media_topic}") from exc
-        finally:
-            await self.ctx.bus.unsubscribe(inp.media_topic)
-        if msg.content_type and not msg.content_type.startswith("audio/L16"):
-            raise TaskError("bad_input", f"expected audio/L16, got {msg.content_type}")
-        if len(msg.payload) > MAX_STT_BYTES:
-            raise TaskError("bad_input", f"audio longer than {MAX_STT_S:g} s")
-        started = time.perf_counter()
-        stt = self.stt
-        result = await asyncio.to_thread(stt.transcribe, msg.payload)
-        return {
-            "text": result.text,
-            "language": result.language,
-            "backend": stt.type_name,
-            "model": stt.model,
-            "audio_s": round(len(msg.payload) / (audio.RATE * audio.WIDTH), 3),
-            "run_ms": round((time.perf_counter() - started) * 1000, 1),
-        }
-
-    async def _execute_tts(self, task: TaskRun) -> Any:
-        if self.tts is None:
-            raise TaskError("unavailable", "no text-to-speech backend here")
-        try:
-            inp = TtsInput.model_validate(task.input)
-        except ValidationError as exc:
-            raise TaskError("bad_input", f"invalid tts input: {exc.errors()[0]['msg']}") from exc
-        stream_name = f"tts/{task.task_id}"
-        media = topics.MEDIA.build(
-            realm=self.ctx.realm, node_id=self.ctx.node_id, stream=stream_name
-        )
-        sink = self._sink() if inp.play else audio.NullSink()
-        started = time.perf_counter()
-        first: float | None = None
-        chunks = total = 0
-        await sink.start()
-        async for pcm in stream(self.tts, inp.text, self.tts_lock, task.cancel_flag):
-            if first is None:
-                first = time.perf_counter()
-            await self.ctx.publish_media(stream_name, pcm, audio.CONTENT_TYPE)
-            await sink.write(pcm)
-            chunks += 1
-            total += len(pcm)
-            await task.partial({"chunk": chunks, "bytes": len(pcm)})
-        await sink.finish()
-        return {
-            "media_topic": media,
-            "content_type": audio.CONTENT_TYPE,
-            "sample_rate": audio.RATE,
-            "chunks": chunks,
-            "bytes": total,
-            "first_audio_ms": round((first - started) * 1000, 1) if first else None,
-            "played": inp.play and self.config.sink.type != "none",
-        }
 
 
 class _TimedLocal(_LocalStt):
