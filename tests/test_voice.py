@@ -453,3 +453,23 @@ async def test_node_backends_fail_soft_and_route(tmp_path: Path, config: Any) ->
     assert isinstance(node._stt_stream(), _LocalStt)
     node.latency = {"remote": 0.1, "local": 0.2}
     assert isinstance(node._stt_stream(), _RemoteStt)
+
+
+def test_entities_for_home_assistant(tmp_path: Path, config: Any) -> None:
+    from daemon.bus import Bus
+    from daemon.node import NodeContext
+    from nodes.voice.node import VoiceNode
+
+    async def nothing() -> None:
+        return None
+
+    ctx = NodeContext("n1", config, Bus(config.broker, "unused"), tmp_path, nothing)
+    sat = VoiceNode("kitchen", VoiceConfig(type="voice", source={"type": "mic"}), ctx)
+    state, transcript = sat.entities()
+    assert state.component == "sensor" and state.device_class == "enum"
+    assert state.options == ("idle", "listening", "processing", "responding")
+    assert state.state_topic == f"mtor/{config.realm}/event/n1/voice/state"
+    assert transcript.state_topic == f"mtor/{config.realm}/event/n1/voice/transcript"
+    assert state.value_key == transcript.value_key == "value"
+    server = VoiceNode("tts", VoiceConfig(type="voice"), ctx)  # no microphone: no satellite
+    assert server.entities() == []

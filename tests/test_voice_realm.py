@@ -185,7 +185,13 @@ async def test_stt_and_tts_capabilities_and_mtor_say(
     harness: Harness, piper: TtsBackend, whisper: SttBackend, tmp_path: Path
 ) -> None:
     await harness.orchestrator()
-    await harness.voice_daemon("speech", stt={"initial_prompt": PROMPT}, tts=QUIET)
+    played = tmp_path / "played.wav"
+    await harness.voice_daemon(
+        "speech",
+        stt={"initial_prompt": PROMPT},
+        tts=QUIET,
+        sink={"type": "file", "path": str(played)},
+    )
     cfg = harness.config()
     async with running_bus(cfg) as bus:
         client = RealmClient(bus, harness.realm)
@@ -208,6 +214,12 @@ async def test_stt_and_tts_capabilities_and_mtor_say(
             await client.call("stt", {"media_topic": "not/a/media/topic"}, timeout=10)
         with pytest.raises(Exception, match="bad_input"):
             await client.call("tts", {"text": ""}, timeout=10)
+        # play: the node speaks on its own sink (here a WAV file), as `mtor say` without --out.
+        out = await asyncio.wait_for(
+            client.call("tts", {"text": "Dinner is ready.", "play": True}, timeout=20), 30
+        )
+        assert out["played"] is True and played.is_file()
+        assert len(audio.read_wav(played)) == out["bytes"]
     # A satellite that sends its commands to the realm's stt (routing: remote).
     mic = topics.MEDIA.build(realm=harness.realm, node_id="mic-r", stream="audio")
     await harness.voice_daemon(
