@@ -58,12 +58,16 @@ class HostedNode:
 
 def with_auto_nodes(config: Config) -> Config:
     """``mtor up``: add a default node of each optional type that works here and
-    that the config does not already have (reference echo/sleep; chat when the
-    llama.cpp package and the default model are installed)."""
+    that the config does not already have: reference echo/sleep; chat when the
+    llama.cpp package and the default model are installed; vision (detect,
+    faces) with OpenCV; voice as an stt/tts server (no microphone) with
+    faster-whisper or piper.  Each backend still fails soft in its node."""
     import importlib.util
 
     from nodes.chat.config import ChatConfig
     from nodes.reference.config import ReferenceConfig
+    from nodes.vision.config import VisionConfig
+    from nodes.voice.config import VoiceConfig
 
     have = {cfg.type for cfg in config.nodes.values()}
     extra: dict[str, object] = {}
@@ -79,6 +83,12 @@ def with_auto_nodes(config: Config) -> Config:
                 extra["chat"] = chat
         except Exception as exc:  # a broken manifest must not stop the realm
             log.warning("chat not started automatically: %s", exc)
+    if "vision" not in have and importlib.util.find_spec("cv2") is not None:
+        extra["vision"] = VisionConfig()
+    if "voice" not in have and any(
+        importlib.util.find_spec(m) is not None for m in ("faster_whisper", "vosk", "piper")
+    ):
+        extra["voice"] = VoiceConfig(type="voice")
     if not extra:
         return config
     nodes = {**config.nodes, **{k: v for k, v in extra.items() if k not in config.nodes}}
