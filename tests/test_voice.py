@@ -473,3 +473,23 @@ def test_entities_for_home_assistant(tmp_path: Path, config: Any) -> None:
     assert state.value_key == transcript.value_key == "value"
     server = VoiceNode("tts", VoiceConfig(type="voice"), ctx)  # no microphone: no satellite
     assert server.entities() == []
+
+
+async def test_command_said_right_after_the_wake_word(
+    piper: TtsBackend, whisper: SttBackend
+) -> None:
+    """The detector fires ~0.2 s after the wake word: the pre-roll keeps the first word
+    (without it whisper hears "on the kitchen light")."""
+
+    def trimmed(text: str) -> bytes:
+        x = audio.from_pcm(b"".join(piper.synthesize(text)))
+        loud = [i for i, v in enumerate(x) if abs(v) > 0.01]
+        return audio.to_pcm(x[loud[0] : loud[-1] + 1])
+
+    cfg = VoiceConfig(type="voice", intents=INTENTS)
+    rec = Recorder()
+    pcm = SILENCE + trimmed("Okay nabu.") + bytes(1600) + trimmed("Turn on the kitchen light.")
+    await _pipeline(cfg, rec, whisper, piper, audio.NullSink()).run(
+        _frames(pcm + SILENCE * 3), live=False
+    )
+    assert [words(t) for t in rec.values("transcript")] == ["turn on the kitchen light"]

@@ -65,6 +65,13 @@ class WakeConfig(_Strict):
         description="engine phrase: how close the transcript's first words must be to the "
         "phrase (1: exact; lower accepts 'hey help' for 'hey hal' but more false wakes).",
     )
+    preroll_s: float = Field(
+        default=0.2,
+        ge=0,
+        le=0.8,
+        description="Audio before the detection given to the command (the detector fires "
+        "~0.2 s after the wake word ends; a first word said at once is kept).",
+    )
     refractory_s: float = Field(
         default=2.0, ge=0, description="Seconds after a detection during which no other counts."
     )

@@ -223,6 +223,12 @@ class Pipeline:
         if self.hooks.arbitrate is not None and self.cfg.arbitration_s > 0:
             self._arbitration = asyncio.create_task(self.hooks.arbitrate(detection, energy))
         await self._start_listening()
+        # The detector fires ~0.2 s after the wake word ends: the STT also gets the
+        # audio just before the detection, so a first word said at once is not cut.
+        # Not the VAD: the wake word's tail must not start (and end) a command.
+        keep = int(self.cfg.wake.preroll_s * RATE) * 2  # bytes of int16 audio
+        if keep and self._stt is not None:
+            await asyncio.to_thread(self._stt.feed, b"".join(self._recent)[-keep:])
 
     async def _phrase_frame(self, frame: bytes) -> None:
         """Custom wake phrase: every utterance is transcribed and checked for the phrase."""
