@@ -121,6 +121,13 @@ def test_intent_templates() -> None:
     assert rec.recognize("turn on the light") is None
     assert rec.recognize("turn on the garage door") is None
     assert rec.recognize("tell me a joke") is None
+    # Fillers or stray tokens before a command are skipped (two words at most).
+    stray = rec.recognize("2. Set the kitchen light to 50%.")
+    assert stray is not None and stray.actions[0].payload == '{"brightness":50}'
+    assert rec.recognize("uh okay turn off the fan") is not None
+    assert rec.recognize("please could you turn off the fan") is None
+    assert rec.recognize("don't turn on the fan") is None
+    assert rec.recognize("no, turn on the fan") is None
     assert rec.recognize("") is None
 
 

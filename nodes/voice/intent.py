@@ -18,8 +18,12 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final
 
 from nodes.voice.config import Device, IntentConfig
+
+LEADING_JUNK: Final = 2  # words before a command that may be skipped
+NEGATIONS: Final = frozenset({"dont", "do", "not", "never", "no", "cant", "stop"})
 
 _NUMBER_WORDS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
@@ -81,7 +85,19 @@ class IntentRecognizer:
         )
 
     def recognize(self, transcript: str) -> Intent | None:
-        text = normalise(transcript)
+        words = normalise(transcript).split()
+        # A filler or a stray token before the command ("uh", "okay", a "2." whisper
+        # made of the wake word's tail) does not hide it: up to LEADING_JUNK words
+        # are skipped, the rest must match a template whole.
+        for skip in range(min(LEADING_JUNK, max(len(words) - 1, 0)) + 1):
+            if NEGATIONS.intersection(words[:skip]):
+                break  # "don't turn on the light" is not "turn on the light"
+            intent = self._match(" ".join(words[skip:]))
+            if intent is not None:
+                return intent
+        return None
+
+    def _match(self, text: str) -> Intent | None:
         if not text:
             return None
         for pattern in self._switch:
