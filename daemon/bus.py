@@ -304,6 +304,7 @@ class Bus:
         correlation_data: bytes | None = None,
         expiry: float | None = None,
         content_type: str | None = None,
+        response_topic: str | None = None,
     ) -> None:
         """Publish from synchronous code (timers, hot paths) without waiting.
 
@@ -322,6 +323,7 @@ class Bus:
             correlation_data=correlation_data,
             expiry=expiry,
             content_type=content_type,
+            response_topic=response_topic,
         )
         client = self._client
         if client is not None and self.connected and not self._backlog:

@@ -44,6 +44,12 @@ class TaskHandle:
         self.task_id = submit.task_id or ""
         self.updates: asyncio.Queue[TaskUpdate] = asyncio.Queue()
         self.final: TaskUpdate | None = None
+        self._final: asyncio.Future[TaskUpdate] = asyncio.get_running_loop().create_future()
+
+    def _deliver(self, update: TaskUpdate) -> None:
+        self.updates.put_nowait(update)
+        if update.status in FINAL_STATUSES and not self._final.done():
+            self._final.set_result(update)
 
     async def __aiter__(self) -> AsyncIterator[TaskUpdate]:
         while self.final is None:
@@ -54,9 +60,7 @@ class TaskHandle:
 
     async def result(self) -> Any:
         """The output of a done task; raises :class:`TaskFailed` otherwise."""
-        async for _ in self:
-            pass
-        assert self.final is not None
+        self.final = await asyncio.shield(self._final)
         if self.final.status != "done":
             raise TaskFailed(self.final)
         return self.final.output
@@ -103,7 +107,7 @@ class RealmClient:
             return
         if update.status in FINAL_STATUSES:
             self.pending.pop(key, None)
-        handle.updates.put_nowait(update)
+        handle._deliver(update)
 
     async def _on_orch(self, msg: Inbound) -> None:
         try:
@@ -119,12 +123,13 @@ class RealmClient:
                 await self._publish(handle.submit)
 
     async def _publish(self, submit: TaskSubmit) -> None:
-        await self.bus.publish(
+        # Bus.post: straight to the MQTT client's bounded send queue (no task per
+        # submission); kept in the outbox while the broker is away.
+        self.bus.post(
             topics.TASK_SUBMIT.build(realm=self.realm),
             submit,
             response_topic=self.reply_topic,
             correlation_data=(submit.task_id or "").encode(),
-            wait=False,
         )
 
     async def submit(
