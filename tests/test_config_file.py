@@ -170,3 +170,16 @@ def test_every_key_is_in_the_configuration_doc(data: dict[str, Any]) -> None:
         if f"`{leaf}`" not in doc and f"`{path}`" not in doc:
             missing.append(path)
     assert not missing, "docs/configuration.md does not mention: " + ", ".join(missing)
+
+
+def test_commented_node_examples_are_valid() -> None:
+    """The node examples at the end of config.yaml validate once uncommented."""
+    text = (ROOT / "config.yaml").read_text()
+    block = text.split("# BEGIN EXAMPLES")[1].split("# END EXAMPLES")[0]
+    uncommented = "\n".join(
+        re.sub(r"^  # ?", "", line) for line in block.splitlines()[1:] if line.strip()
+    )
+    nodes = yaml.safe_load(uncommented)
+    assert {"voice", "camera", "vision"} <= {n["type"] for n in nodes.values()}
+    config = build_config({"nodes": nodes})
+    assert set(config.nodes) == set(nodes)
