@@ -12,7 +12,9 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from daemon import topics
 from daemon.bus import Bus, Inbound
@@ -68,6 +70,21 @@ class TaskRun:
     def remaining(self) -> float | None:
         """Seconds left before the deadline (None: no deadline)."""
         return None if self.deadline is None else max(0.0, self.deadline - time.time())
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def task_input(model: type[M], data: Any, what: str = "input") -> M:
+    """Validate a task's JSON input with ``model``; a :class:`TaskError`
+    ``bad_input`` naming every problem (with its field path) otherwise."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in exc.errors()
+        )
+        raise TaskError("bad_input", f"invalid {what}: {problems}") from exc
 
 
 # How long a task may run before the worker acknowledges it with "started".

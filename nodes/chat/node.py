@@ -18,13 +18,13 @@ import os
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from daemon.errors import MtorError, TaskError
 from daemon.modelstore import ModelStore
 from daemon.node import Node, NodeContext
 from daemon.protocol.node import Capability
-from daemon.worker import TaskRun
+from daemon.worker import TaskRun, task_input
 from nodes.chat.backends.base import (
     BackendEnv,
     BackendUnavailable,
@@ -81,13 +81,7 @@ class ChatInput(BaseModel):
 def parse_input(data: Any) -> ChatInput:
     if isinstance(data, str):
         data = {"prompt": data}
-    try:
-        return ChatInput.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in exc.errors()
-        )
-        raise TaskError("bad_input", f"invalid chat input: {problems}") from exc
+    return task_input(ChatInput, data, "chat input")
 
 
 class ChatNode(Node):

@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from daemon import topics
 from daemon.errors import MtorError, TaskError
 from daemon.modelstore import ModelStore
 from daemon.node import Node, NodeContext
 from daemon.protocol.node import Capability
-from daemon.worker import TaskRun
+from daemon.worker import TaskRun, task_input
 from nodes.vision.config import VisionConfig
 from nodes.vision.detect import Detector, DetectorEnv, DetectorUnavailable, load_detector
 from nodes.vision.images import MAX_IMAGE_B64, decode_b64, media_type
@@ -62,13 +62,7 @@ T = TypeVar("T", bound=BaseModel)
 
 
 def parse(model: type[T], data: Any) -> T:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in exc.errors()
-        )
-        raise TaskError("bad_input", f"invalid input: {problems}") from exc
+    return task_input(model, data)
 
 
 class VisionNode(Node):

@@ -19,12 +19,12 @@ import asyncio
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from daemon import topics
 from daemon.bus import Inbound
 from daemon.errors import TaskError
-from daemon.worker import TaskRun
+from daemon.worker import TaskRun, task_input
 from nodes.voice import audio
 from nodes.voice.tts import MAX_TEXT, stream
 
@@ -58,10 +58,7 @@ async def execute_stt(node: VoiceNode, task: TaskRun) -> Any:
     """Transcribe the retained audio the task's ``media_topic`` names."""
     if node.stt is None:
         raise TaskError("unavailable", "no speech-to-text backend here")
-    try:
-        inp = SttInput.model_validate(task.input)
-    except ValidationError as exc:
-        raise TaskError("bad_input", f"invalid stt input: {exc.errors()[0]['msg']}") from exc
+    inp = task_input(SttInput, task.input, "stt input")
     fields = topics.MEDIA.parse(inp.media_topic)
     if fields is None or fields["realm"] != node.ctx.realm:
         raise TaskError("bad_input", "media_topic must be a media topic of this realm")
@@ -100,10 +97,7 @@ async def execute_tts(node: VoiceNode, task: TaskRun) -> Any:
     """Speak the text as audio chunks on ``media/<node>/tts/<task_id>`` (and the sink)."""
     if node.tts is None:
         raise TaskError("unavailable", "no text-to-speech backend here")
-    try:
-        inp = TtsInput.model_validate(task.input)
-    except ValidationError as exc:
-        raise TaskError("bad_input", f"invalid tts input: {exc.errors()[0]['msg']}") from exc
+    inp = task_input(TtsInput, task.input, "tts input")
     stream_name = f"tts/{task.task_id}"
     media = topics.MEDIA.build(realm=node.ctx.realm, node_id=node.ctx.node_id, stream=stream_name)
     sink = node.sink() if inp.play else audio.NullSink()
