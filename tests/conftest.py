@@ -114,6 +114,31 @@ def mtor_env(**extra: str) -> dict[str, str]:
     return env
 
 
+class InProcess:
+    """Runs realm roles in this process (``Orchestrator``, ``NodeDaemon``: anything
+    with ``run(stop)``) as tasks, and stops them in reverse order on ``close``."""
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    def _run(self, fn: Any) -> asyncio.Event:
+        stop = asyncio.Event()
+        self.tasks.append((stop, asyncio.create_task(fn(stop))))
+        return stop
+
+    async def stop_first(self) -> None:
+        stop, task = self.tasks.pop(0)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+    async def close(self) -> None:
+        for stop, _ in reversed(self.tasks):
+            stop.set()
+        for _, task in reversed(self.tasks):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 10)
+
+
 class MtorProcess:
     """A real `mtor` subprocess (python -m daemon.cli.main ...)."""
 

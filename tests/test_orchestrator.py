@@ -19,16 +19,16 @@ from daemon.messages import decode
 from daemon.orchestrator.service import Orchestrator
 from daemon.protocol.task import Constraints, TaskUpdate
 from daemon.runtime import NodeDaemon
-from tests.conftest import Collector, make_config, running_bus
+from tests.conftest import Collector, InProcess, make_config, running_bus
 
 
-class Realm:
+class Realm(InProcess):
     def __init__(self, broker: PrivateBroker, realm: str, tmp: Path, **orch: Any) -> None:
         self.broker = broker
         self.realm = realm
         self.tmp = tmp
         self.orch_cfg = {"state_dir": str(tmp / "orch"), **orch}
-        self.tasks: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+        super().__init__()
         self.orchestrator: Orchestrator | None = None
         self.workers: dict[str, NodeDaemon] = {}
 
@@ -54,17 +54,6 @@ class Realm:
         async with asyncio.timeout(10):
             while len(self.orchestrator.registry.free.get(capability, ())) < n:
                 await asyncio.sleep(0.01)
-
-    def _run(self, fn: Any) -> None:
-        stop = asyncio.Event()
-        self.tasks.append((stop, asyncio.create_task(fn(stop))))
-
-    async def close(self) -> None:
-        for stop, _ in reversed(self.tasks):
-            stop.set()
-        for _, task in reversed(self.tasks):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 10)
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ and tts capabilities through the orchestrator, ``mtor say`` and ``mtor listen``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import subprocess
@@ -32,7 +31,15 @@ from nodes.voice.config import SttConfig, TtsConfig, VoiceConfig
 from nodes.voice.realm import NO_REALM, RealmVoice
 from nodes.voice.stt import SttBackend, make_stt
 from nodes.voice.tts import TtsBackend, make_tts
-from tests.conftest import ROOT, Collector, make_config, mtor_env, running_bus, write_config
+from tests.conftest import (
+    ROOT,
+    Collector,
+    InProcess,
+    make_config,
+    mtor_env,
+    running_bus,
+    write_config,
+)
 
 SILENCE = bytes(16000)
 # Piper without its random noise: the same text gives the same audio, so the
@@ -70,19 +77,15 @@ def scaled(pcm: bytes, gain: float) -> bytes:
     return audio.to_pcm(audio.from_pcm(pcm) * gain)
 
 
-class Harness:
+class Harness(InProcess):
     def __init__(self, broker: PrivateBroker, realm: str, tmp: Path) -> None:
         self.broker, self.realm, self.tmp = broker, realm, tmp
-        self.tasks: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+        super().__init__()
 
     def config(self, **extra: Any) -> Config:
         return make_config(
             self.broker.url, self.realm, orchestrator={"state_dir": str(self.tmp / "o")}, **extra
         )
-
-    def _run(self, fn: Any) -> None:
-        stop = asyncio.Event()
-        self.tasks.append((stop, asyncio.create_task(fn(stop))))
 
     async def orchestrator(self) -> Orchestrator:
         orch = Orchestrator(self.config())
@@ -96,13 +99,6 @@ class Harness:
         self._run(daemon.run)
         await asyncio.wait_for(daemon._online.wait(), 30)
         return daemon
-
-    async def close(self) -> None:
-        for stop, _ in reversed(self.tasks):
-            stop.set()
-        for _, task in reversed(self.tasks):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 10)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
 import uuid
@@ -22,7 +21,7 @@ from daemon.orchestrator.service import Orchestrator
 from daemon.protocol.node import Event
 from daemon.protocol.workflow import WorkflowEvent, WorkflowReply, WorkflowRequest
 from daemon.runtime import NodeDaemon
-from tests.conftest import Collector, make_config, mtor_env, running_bus
+from tests.conftest import Collector, InProcess, make_config, mtor_env, running_bus
 
 ALERT: dict[str, Any] = {
     "triggers": [{"type": "event", "topic": "+/vision/object", "match": {"attrs.label": "person"}}],
@@ -60,12 +59,12 @@ CONTINUES: dict[str, Any] = {
 }
 
 
-class Env:
+class Env(InProcess):
     def __init__(self, broker: PrivateBroker, realm: str, tmp: Path) -> None:
         self.broker = broker
         self.realm = realm
         self.tmp = tmp
-        self.tasks: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+        super().__init__()
 
     def config(self, workflows: dict[str, Any] | None = None, **extra: Any) -> Config:
         return make_config(
@@ -90,23 +89,6 @@ class Env:
         self._run(daemon.run)
         await asyncio.wait_for(daemon._online.wait(), 10)
         return daemon
-
-    def _run(self, fn: Any) -> asyncio.Event:
-        stop = asyncio.Event()
-        self.tasks.append((stop, asyncio.create_task(fn(stop))))
-        return stop
-
-    async def stop_first(self) -> None:
-        stop, task = self.tasks.pop(0)
-        stop.set()
-        await asyncio.wait_for(task, 10)
-
-    async def close(self) -> None:
-        for stop, _ in reversed(self.tasks):
-            stop.set()
-        for _, task in reversed(self.tasks):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 10)
 
 
 @pytest.fixture
