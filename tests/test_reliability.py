@@ -33,7 +33,7 @@ def write(tmp: Path, name: str, data: dict[str, Any]) -> Path:
     return path
 
 
-def orchestrator(broker: PrivateBroker, realm: str, tmp: Path) -> MtorProcess:
+def orchestrator(broker: PrivateBroker, realm: str, tmp: Path, **extra: Any) -> MtorProcess:
     cfg = write(
         tmp,
         "orch",
@@ -45,6 +45,7 @@ def orchestrator(broker: PrivateBroker, realm: str, tmp: Path) -> MtorProcess:
                 "max_attempts": 5,
                 "ack_timeout": 2.0,
                 "roles": {"user": {"rate_per_s": 0, "max_concurrent": 0}},
+                **extra,
             },
         },
     )
@@ -173,13 +174,24 @@ async def test_orchestrator_restart_loses_nothing(
     assert all(counter.finals[h.task_id] == 1 for h in handles), counter.finals
 
 
-@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize(
+    "mode",
+    [(True, True), (False, True), (True, False)],
+    ids=["direct", "relayed", "off"],
+)
 async def test_direct_reply_comes_from_the_worker(
-    broker: PrivateBroker, realm: str, tmp_path: Path, processes: list[MtorProcess], direct: bool
+    broker: PrivateBroker,
+    realm: str,
+    tmp_path: Path,
+    processes: list[MtorProcess],
+    mode: tuple[bool, bool],
 ) -> None:
     """With ``direct`` the worker answers ``done`` itself: it arrives while the
-    orchestrator is frozen (SIGSTOP).  Without it, only once the orchestrator runs."""
-    orch = orchestrator(broker, realm, tmp_path)
+    orchestrator is frozen (SIGSTOP).  Without it (not asked, or
+    ``orchestrator.direct_replies: false``), only once the orchestrator runs."""
+    ask, allowed = mode  # the client asks for direct replies; the orchestrator allows them
+    direct = ask and allowed
+    orch = orchestrator(broker, realm, tmp_path, direct_replies=allowed)
     processes.append(orch)
     processes.append(worker(broker, realm, tmp_path, "w0", 4))
     async with running_bus(make_config(broker.url, realm)) as bus:
@@ -188,7 +200,7 @@ async def test_direct_reply_comes_from_the_worker(
         counter = FinalCounter()
         await bus.subscribe(client.reply_topic, counter)
         await wait_for_peers(client, 1)
-        handle = await client.submit("sleep", {"seconds": 0.4}, timeout=30, direct=direct)
+        handle = await client.submit("sleep", {"seconds": 0.4}, timeout=30, direct=ask)
         result = asyncio.ensure_future(handle.result())
         await asyncio.sleep(0.2)  # assigned and running on w0
         os.kill(orch.proc.pid, signal.SIGSTOP)

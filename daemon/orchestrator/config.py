@@ -73,6 +73,12 @@ class OrchestratorConfig(_Strict):
     dedupe_size: int = Field(
         default=10_000, ge=100, description="Finished tasks remembered for idempotent resubmits."
     )
+    direct_replies: bool = Field(
+        default=True,
+        description="Let workers send 'done' straight to submitters that ask for it "
+        "(TaskSubmit.direct). Node users then need write access to reply topics in the "
+        "broker ACL; set false where they have none.",
+    )
     state_values: dict[str, list[str | int | float | bool]] = Field(
         default_factory=_default_state_values,
         description="Realm state keys whose values are restricted, with their allowed values.",

@@ -518,7 +518,9 @@ class Orchestrator:
         """Where the worker may send ``done`` itself: only the first attempt of a task
         whose submitter asked for it and gets no other update from us in between."""
         submit = task.submit
-        if not (submit.direct and task.reply_topic) or task.attempt != 1 or task.watchers:
+        if not (self.cfg.direct_replies and submit.direct and task.reply_topic):
+            return None
+        if task.attempt != 1 or task.watchers:
             return None
         if submit.progress:
             return None  # 'started' would come from us, numbered after the worker's final
