@@ -147,6 +147,8 @@ async def tail_events(
 
     async def on_event(msg: Inbound) -> None:
         nonlocal seen
+        if count is not None and seen >= count:
+            return  # more may be dispatched before the bus stops: print exactly `count`
         fields = topics.EVENT.parse(msg.topic)
         try:
             event = decode(msg.payload, Event)
