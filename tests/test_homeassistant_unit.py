@@ -88,6 +88,10 @@ def test_value_templates_extract_real_messages() -> None:
     bare = encode(NodeHealth(boot_id="b", uptime_s=1))  # no load on this host
     assert render(value_template("load.0") or "", bare) == "None"
     assert value_template(None) is None
+    long_text = encode(Event(value="word " * 100))  # a 500-character transcript
+    cut = render(value_template("value", max_length=255) or "", long_text)
+    assert cut == ("word " * 100)[:255]
+    assert render(value_template("value", 255) or "", encode(Event(value=None))) == "None"
 
 
 def test_binary_sensor_payloads_match_the_rendered_value() -> None:

@@ -48,18 +48,23 @@ def _literal(text: str) -> str:
     return f"'{text}'" if "'" not in text and "\\" not in text else json.dumps(text)
 
 
-def value_template(key: str | None) -> str | None:
+def value_template(key: str | None, max_length: int | None = None) -> str | None:
     """``{{ value_json['a'][0] ... }}`` for ``a.0``; ``None`` when the payload is the value.
 
     Messages leave ``null`` fields out, so a missing first-level field renders
-    ``None`` (Home Assistant: unknown) instead of failing the template.
+    ``None`` (Home Assistant: unknown) instead of failing the template.  With
+    ``max_length`` the text is cut to it (Home Assistant refuses sensor states
+    over 255 characters, e.g. a long transcript).
     """
     if key is None:
         return None
     parts = key.split(".")
     first = f"value_json[{_literal(parts[0])}]"
     rest = "".join(f"[{p}]" if p.isdigit() else f"[{_literal(p)}]" for p in parts[1:])
-    return "{{ " + f"{first}{rest} if {first} is defined else None" + " }}"
+    value = f"{first}{rest}"
+    if max_length is not None:
+        value = f"({value} | string)[:{int(max_length)}]"
+    return "{{ " + f"{value} if {first} is defined else None" + " }}"
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,7 @@ def entity_config(
     comp = spec.component
     if comp in _STATEFUL and spec.state_topic:
         cfg["state_topic"] = spec.state_topic
-        template = value_template(spec.value_key)
+        template = value_template(spec.value_key, spec.max_length)
         if template:
             cfg["value_template"] = template
     if spec.device_class and comp in _WITH_DEVICE_CLASS:

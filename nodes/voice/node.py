@@ -198,6 +198,7 @@ class VoiceNode(Node):
                 name=f"{self.name} last transcript",
                 state_topic=topic("transcript"),
                 icon="mdi:text-recognition",
+                max_length=255,  # the full text stays in the event
             ),
         ]
 
