@@ -96,6 +96,10 @@ class Node:
         """What this node shows on dashboards / Home Assistant (see :mod:`daemon.entities`)."""
         return []
 
+    async def republish(self) -> None:
+        """Publish the current state of non-retained entities again: a dashboard
+        (Home Assistant's birth message) just came up and has not seen them."""
+
     async def run(self) -> None:
         """The node's continuous job; the default just waits to be cancelled."""
         await asyncio.Event().wait()

@@ -218,6 +218,27 @@ async def test_reannounce_on_birth(broker: PrivateBroker, realm: str, prefix: st
         assert daemon.homeassistant.announcements == before + 1
 
 
+async def test_birth_republishes_sensor_readings(
+    broker: PrivateBroker, realm: str, prefix: str
+) -> None:
+    """Readings are not retained: after HA's birth the last ones are sent again at once
+    (the heartbeat is an hour here, so nothing else would send them)."""
+    cfg = ha_config(broker.url, realm, prefix, ANSWER)
+    quiet = {**sensors_node(ANSWER), "heartbeat": 3600, "builtin": []}
+    cfg = cfg.model_copy(update={"nodes": make_config(broker.url, realm, nodes={"s": quiet}).nodes})
+    state = topics.EVENT.build(realm=realm, node_id="pi", domain="sensor", name="answer")
+    async with running_bus(cfg) as bus:
+        readings = Collector()
+        await bus.subscribe(state, readings)
+        async with running_daemon(cfg):
+            await readings.wait_count(1, timeout=10)  # the first reading
+            await asyncio.sleep(0.5)
+            assert len(readings.messages) == 1  # deadband + heartbeat: no repeats by themselves
+            await bus.publish(f"{prefix}/status", b"online")
+            again = await readings.wait_count(2, timeout=10)
+    assert decode(again[1].payload, Event).value == decode(again[0].payload, Event).value == 42
+
+
 async def test_removed_sensor_is_cleared_on_restart(
     broker: PrivateBroker, realm: str, prefix: str
 ) -> None:

@@ -6,7 +6,8 @@ daemon; the orchestrator for the realm device).  It
 * publishes every entity's discovery config, retained, when the entity set
   changes and again on every (re)connect (``refresh``);
 * publishes them all again when Home Assistant's birth (``online`` on the
-  birth topic) arrives;
+  birth topic) arrives, and lets the nodes send their current (not retained)
+  states again (:meth:`daemon.node.Node.republish`);
 * removes what is no longer configured: it subscribes to its own
   ``<prefix>/+/<node_id>/+/config``, so the broker's retained configs tell it
   what an earlier run announced; any config that is not in the current set is
@@ -24,7 +25,7 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from daemon import topics
@@ -103,6 +104,7 @@ class Bridge:
         entities: Callable[[], list[EntitySpec]],
         settled: Callable[[], bool] = lambda: True,
         commands: bool = True,
+        republish: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.bus = bus
         self.config = config
@@ -111,6 +113,7 @@ class Bridge:
         self.node_id = node_id
         self._entities = entities
         self._settled = settled
+        self._republish = republish
         self._routes_commands = commands
         self._lock = asyncio.Lock()
         self._published: dict[str, bytes] = {}  # topic -> payload announced by this run
@@ -207,6 +210,8 @@ class Bridge:
         if msg.payload.strip() == b"online":
             log.info("Home Assistant is online: announcing discovery again")
             await self.refresh(force=True)
+            if self._republish is not None:  # and the states it has not seen (not retained)
+                await self._republish()
 
     async def _on_existing(self, msg: Inbound) -> None:
         """A retained config of ours on the broker: forget it or clear it if stale."""

@@ -100,6 +100,16 @@ class NodeEntities:
                 log.exception("node %s failed to list its entities", hosted.name)
         return specs
 
+    async def republish(self) -> None:
+        """Every ready node publishes its current states again (after HA's birth)."""
+        for hosted in self.daemon.hosted.values():
+            if not hosted.ready or hosted.node is None:
+                continue
+            try:
+                await hosted.node.republish()
+            except Exception:
+                log.exception("node %s failed to publish its states again", hosted.name)
+
     def settled(self) -> bool:
         """Every hosted node finished its setup (ready, or failed for good)."""
         return all(
@@ -131,4 +141,5 @@ def node_bridge(daemon: NodeDaemon) -> Bridge:
         node_id=daemon.node_id,
         entities=source,
         settled=source.settled,
+        republish=source.republish,
     )

@@ -36,6 +36,7 @@ class Sensor:
     error: str | None = None
     reads: int = 0
     failures: int = 0
+    last: Reading | None = None  # the last published reading
 
 
 class SensorsNode(Node):
@@ -131,7 +132,14 @@ class SensorsNode(Node):
             sensor.policy.published(reading.value, now)
             await self._publish(sensor, reading)
 
+    async def republish(self) -> None:
+        """Readings are events, not retained: send the last ones again for a new dashboard."""
+        for sensor in self.sensors:
+            if sensor.last is not None and sensor.error is None:
+                await self._publish(sensor, sensor.last)
+
     async def _publish(self, sensor: Sensor, reading: Reading) -> None:
+        sensor.last = reading
         reader = sensor.reader
         await self.ctx.publish_event(
             DOMAIN,
