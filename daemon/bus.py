@@ -596,12 +596,17 @@ def _write_in_loop(client: aiomqtt.Client) -> None:
     def flush(sock: Any) -> None:
         nonlocal scheduled
         scheduled = False
+        if paho.socket() is None:  # disconnected since: nothing to write to
+            return
         try:
             paho.loop_write()
         except Exception:  # aiomqtt's writer callback handles (and reports) it
-            register(paho, None, sock)
+            if paho.socket() is not None:
+                register(paho, None, sock)
             return
-        if paho.want_write():  # socket full: wait for writability the usual way
+        # Socket full: wait for writability the usual way (unless writing the
+        # DISCONNECT just closed it).
+        if paho.want_write() and paho.socket() is not None:
             register(paho, None, sock)
 
     def on_register_write(c: Any, userdata: Any, sock: Any) -> None:
