@@ -308,3 +308,33 @@ async def test_cli_validate_run_wait_and_history(env: Env, tmp_path: Path) -> No
     code, out = await mtor(*realm, "workflows", "history", "cont", "--json")
     assert code == 0, out
     assert json.loads(out)[0]["outcome"] == "done"
+
+
+async def test_requests_are_identified_like_submissions(
+    broker: PrivateBroker, realm: str, tmp_path: Path, env: Env
+) -> None:
+    """With require_token, a run without a token is refused; a guest may list but not
+    start; a user with a token starts it; a banned user is refused."""
+    config = make_config(
+        broker.url,
+        realm,
+        orchestrator={"state_dir": str(tmp_path / "orch"), "require_token": True},
+        workflows={"hello": {"steps": [{"publish": "~/out/hello", "payload": "hi"}]}},
+    )
+    orch = Orchestrator(config)
+    env._run(orch.run)
+    await asyncio.wait_for(orch._online.wait(), 10)
+    guest = await orch.users.add("visitor", "guest")
+    user = await orch.users.add("alice", "user")
+    async with running_bus(config) as bus:
+        refused = await request(bus, realm, op="run", name="hello")
+        assert (refused.ok, refused.code) == (False, "unauthorized"), refused
+        listed = await request(bus, realm, op="list", token=guest)
+        assert listed.ok, listed
+        forbidden = await request(bus, realm, op="run", name="hello", token=guest)
+        assert (forbidden.ok, forbidden.code) == (False, "forbidden"), forbidden
+        started = await request(bus, realm, op="run", name="hello", token=user)
+        assert started.ok and started.result["workflow"] == "hello", started
+        await orch.users.set_ban("alice", True, "testing")
+        banned = await request(bus, realm, op="run", name="hello", token=user)
+        assert (banned.ok, banned.code) == (False, "banned"), banned

@@ -21,6 +21,7 @@ from daemon.cli.common import (
     EXIT_UNAVAILABLE,
     Command,
     client_bus,
+    environ,
 )
 from daemon.config import Config
 from daemon.errors import ConfigError
@@ -106,14 +107,18 @@ async def _remote(args: argparse.Namespace, config: Config) -> int:
         if args.wf_command == "run" and args.wait:
             flt = topics.WORKFLOW_EVENT.build(realm=config.realm, name=args.name)
             await bus.subscribe(flt, on_event)
+        token = environ().get("MTOR_TOKEN")
         if args.wf_command == "run":
             req = WorkflowRequest(
-                op="run", name=args.name, input=json.loads(args.input) if args.input else None
+                op="run",
+                name=args.name,
+                input=json.loads(args.input) if args.input else None,
+                token=token,
             )
         elif args.wf_command == "history":
-            req = WorkflowRequest(op="history", name=args.name, limit=args.limit)
+            req = WorkflowRequest(op="history", name=args.name, limit=args.limit, token=token)
         else:
-            req = WorkflowRequest(op="list")
+            req = WorkflowRequest(op="list", token=token)
         await bus.publish(
             topics.WORKFLOW_REQUEST.build(realm=config.realm),
             req,

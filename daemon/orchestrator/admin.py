@@ -86,7 +86,7 @@ class Admin:
         from daemon.orchestrator.service import Refused
 
         try:
-            name, role = self.orch._identify(req.user, req.token)
+            name, role = self.orch.identify(req.user, req.token)
         except Refused as exc:
             raise AdminError(exc.code, str(exc)) from exc
         if req.op not in OPEN_OPS and role != "sysop":

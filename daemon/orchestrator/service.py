@@ -285,7 +285,7 @@ class Orchestrator:
             return
         task_id = submit.task_id or uuid.uuid4().hex
         try:
-            user, role = self._identify(submit.user, submit.token)
+            user, role = self.identify(submit.user, submit.token)
             # A resubmission joins (or gets the result of) the task it repeats;
             # it is checked before admission so a cached result is never refused.
             if self._join_existing(submit, user, task_id, reply_topic, msg):
@@ -362,7 +362,9 @@ class Orchestrator:
                 live.watchers.append(watcher)
         return True
 
-    def _identify(self, name: str | None, token: str | None) -> tuple[str, str]:
+    def identify(self, name: str | None, token: str | None) -> tuple[str, str]:
+        """(user, role) of a request: by API token, else by name (never sysop);
+        :class:`Refused` when the token is wrong or required, or the user banned."""
         if token:
             user = self.users.by_token(token)
             if user is None:
@@ -765,7 +767,7 @@ class Orchestrator:
         if task is None:
             return False
         if not sysop:
-            name, role = self._identify(user, token)
+            name, role = self.identify(user, token)
             if role != "sysop" and name != task.user:
                 raise Refused("forbidden", "only the submitter or a sysop may cancel a task")
         if task.state in ("assigned", "running"):

@@ -66,6 +66,7 @@ class WorkflowRequest(Message):
     input: Any = None
     limit: int = Field(default=20, ge=1, le=1000)
     user: str | None = Field(default=None, max_length=64)
+    token: str | None = Field(default=None, max_length=256, description="API token.")
     reply_to: str | None = None
     correlation: str | None = None
 

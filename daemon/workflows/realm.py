@@ -106,6 +106,15 @@ class RealmWorkflows:
     async def stop(self) -> None:
         await self.engine.stop()
 
+    def _identify(self, req: WorkflowRequest) -> tuple[str, str]:
+        """Who asks, as for task submissions (token, require_token, bans)."""
+        from daemon.orchestrator.service import Refused
+
+        try:
+            return self.orch.identify(req.user, req.token)
+        except Refused as exc:
+            raise EngineError(exc.code, str(exc)) from exc
+
     async def on_request(self, msg: Inbound) -> None:
         reply_topic = msg.response_topic
         correlation = None
@@ -115,10 +124,13 @@ class RealmWorkflows:
             reply_topic = reply_topic or req.reply_to
             if req.op == "run" and req.name in self.local_names:
                 return
+            user, role = self._identify(req)
             if req.op == "run":
                 if req.name is None:
                     raise EngineError("bad_request", "run needs a workflow name")
-                run_id = self.engine.start_manual(req.name, req.input, req.user)
+                if role == "guest":
+                    raise EngineError("forbidden", "guests may not start workflows")
+                run_id = self.engine.start_manual(req.name, req.input, user)
                 result: Any = {"run_id": run_id, "workflow": req.name}
             elif req.op == "list":
                 result = self.engine.summary()
