@@ -153,6 +153,11 @@ class DaemonConfig(_Strict):
     state_dir: Path = Field(
         default=Path("state"), description="Where nodes keep local state (buffers, snapshots)."
     )
+    token_file: Path | None = Field(
+        default=None,
+        description="File holding the API token this daemon's own tasks are submitted with "
+        "(camera detection, voice chat and remote stt); needed where orchestrator.require_token.",
+    )
 
 
 def _default_nodes() -> dict[str, NodeConfig]:
@@ -214,6 +219,16 @@ class Config(_Strict):
                     f"broker.password_file: cannot read {self.broker.password_file}: {exc.strerror}"
                 ) from exc
         return None
+
+    def node_token(self) -> str | None:
+        """The API token of this daemon's own tasks (``daemon.token_file``), if any."""
+        path = self.daemon.token_file
+        if path is None:
+            return None
+        try:
+            return path.read_text().strip() or None
+        except OSError as exc:
+            raise ConfigError(f"daemon.token_file: cannot read {path}: {exc.strerror}") from exc
 
 
 def default_node_id() -> str:

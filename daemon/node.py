@@ -27,6 +27,7 @@ from daemon.entities import EntitySpec
 from daemon.protocol.node import Capability, Event
 
 if TYPE_CHECKING:
+    from daemon.client import RealmClient
     from daemon.config import Config
     from daemon.worker import TaskRun
     from nodes.base import NodeConfigBase
@@ -46,6 +47,20 @@ class NodeContext:
     @property
     def realm(self) -> str:
         return self.config.realm
+
+    def realm_client(self) -> RealmClient:
+        """A client for the tasks this node submits itself (a camera's detections, a
+        satellite's chat): user and origin are this daemon's id, the token
+        ``daemon.token_file``.  Call ``start()`` on it before use."""
+        from daemon.client import RealmClient
+
+        return RealmClient(
+            self.bus,
+            self.realm,
+            user=self.node_id,
+            token=self.config.node_token(),
+            origin=self.node_id,
+        )
 
     async def publish_event(
         self,

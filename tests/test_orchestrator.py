@@ -329,3 +329,32 @@ async def test_admin_bad_arguments_get_a_reply(realm_env: Realm) -> None:
         with pytest.raises(Exception, match="bad_request"):
             await sysop.admin("history", limit="lots")
         assert await sysop.admin("history", limit=5) == []
+
+
+async def test_node_tasks_carry_the_daemon_token(
+    broker: PrivateBroker, realm: str, tmp_path: Path
+) -> None:
+    """Where require_token is on, a node's own tasks (NodeContext.realm_client: camera
+    detections, voice chat) get through with daemon.token_file and are refused without."""
+    env = Realm(broker, realm, tmp_path, require_token=True)
+    try:
+        orch = await env.start_orchestrator()
+        token = await orch.users.add("w1", "device")
+        worker = await env.start_worker("w1")
+        await env.wait_peers("echo", 1)
+        ctx = worker.ctx
+        without = ctx.realm_client()
+        await without.start()
+        with pytest.raises(TaskFailed) as refused:
+            await asyncio.wait_for(without.call("echo", 1, timeout=5), 10)
+        assert refused.value.code == "unauthorized"
+        (tmp_path / "token").write_text(token + "\n")
+        daemon_cfg = ctx.config.daemon.model_copy(update={"token_file": tmp_path / "token"})
+        ctx.config = ctx.config.model_copy(update={"daemon": daemon_cfg})
+        with_token = ctx.realm_client()
+        await with_token.start()
+        assert await asyncio.wait_for(with_token.call("echo", 2, timeout=5), 10) == 2
+        history = await orch.store.history(limit=5)
+        assert history[0]["user"] == "w1"
+    finally:
+        await env.close()

@@ -89,11 +89,7 @@ class CameraNode(Node):
             for c in self.cameras.values()
         )
         if needs_realm:
-            from daemon.client import RealmClient
-
-            self.client = RealmClient(
-                self.ctx.bus, self.ctx.realm, user=self.ctx.node_id, origin=self.ctx.node_id
-            )
+            self.client = self.ctx.realm_client()
             await self.client.start()
         armed = topics.STATE.build(realm=self.ctx.realm, key=ARMED_KEY)
         await self.ctx.bus.subscribe(armed, self._on_armed)

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from daemon import topics
 from daemon.bus import Inbound
-from daemon.client import RealmClient, TaskFailed, TaskHandle
+from daemon.client import TaskFailed, TaskHandle
 from daemon.errors import MessageError, MtorError
 from daemon.messages import decode
 from daemon.node import NodeContext
@@ -50,7 +50,7 @@ class RealmVoice:
     def __init__(self, ctx: NodeContext, cfg: VoiceConfig) -> None:
         self.ctx = ctx
         self.cfg = cfg
-        self.client = RealmClient(ctx.bus, ctx.realm, origin=ctx.node_id)
+        self.client = ctx.realm_client()
         self.orchestrator_online = False
         self._started = False
 
