@@ -171,6 +171,7 @@ class NodeDaemon:
             hardware=self.hardware,
             nodes=self.summaries(),
             capabilities=self.capabilities(),
+            workflows=sorted(self.workflows.engine.flows) if self.workflows else [],
         )
 
     def health(self) -> NodeHealth:

@@ -280,6 +280,35 @@ async def test_local_workflow_runs_without_the_orchestrator(env: Env) -> None:
         assert reply.ok
 
 
+async def test_local_runs_land_in_the_orchestrator_history(env: Env) -> None:
+    local = {
+        "tick": {
+            "local": True,
+            "steps": [
+                {"id": "e", "task": "echo", "input": 1},
+                {"id": "boom", "task": "sleep", "input": {"fail": "boom"}},
+            ],
+        }
+    }
+    await env.orchestrator({})
+    await env.worker("w1", workflows=local)
+    async with running_bus(env.config()) as bus:
+        runs = Collector()
+        await bus.subscribe(f"mtor/{env.realm}/workflow/tick/event", runs)
+        started = await request(bus, env.realm, op="run", name="tick")  # answered by w1
+        assert started.ok, started
+        await runs.wait_for(finished(runs, "tick"), timeout=10)
+        async with asyncio.timeout(10):
+            while not (history := await request(bus, env.realm, op="history", name="tick")).result:
+                await asyncio.sleep(0.05)
+    (row,) = history.result
+    assert row["run_id"] == started.result["run_id"]
+    assert (row["where"], row["outcome"], row["error_code"]) == ("w1", "failed", "boom")
+    steps = row["steps"] if isinstance(row["steps"], list) else json.loads(row["steps"])
+    assert [(s["id"], s["status"]) for s in steps] == [("e", "done"), ("boom", "failed")]
+    assert row["duration_ms"] > 0
+
+
 async def mtor(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -70,6 +70,9 @@ class NodeInfo(Message):
     hardware: Hardware
     nodes: list[NodeSummary] = Field(default_factory=list)
     capabilities: list[Capability] = Field(default_factory=list)
+    workflows: list[str] = Field(
+        default_factory=list, description="Local workflows this daemon runs (and answers for)."
+    )
     ts: float = Field(default_factory=now)
 
 

@@ -4,7 +4,9 @@ Tasks go through the realm like any client's (a :class:`RealmClient` on the
 orchestrator's own bus, as user ``workflows``); ``set_state`` goes through the
 realm state store's validation; ``capability`` conditions read the registry.
 Requests on ``workflows/request`` (``run`` / ``list`` / ``history``) are
-answered with a :class:`~daemon.protocol.workflow.WorkflowReply`.
+answered with a :class:`~daemon.protocol.workflow.WorkflowReply`.  Runs of
+local workflows on node daemons go into the same history, from their run
+events (:mod:`daemon.workflows.recorder`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from daemon.protocol.task import Constraints
 from daemon.protocol.workflow import WorkflowReply, WorkflowRequest
 from daemon.workflows.engine import Engine, EngineError
 from daemon.workflows.loader import load_workflows
+from daemon.workflows.recorder import LocalRunRecorder
 from daemon.workflows.runner import StepFailed
 
 if TYPE_CHECKING:
@@ -95,16 +98,30 @@ class RealmWorkflows:
             where="orchestrator",
             record=orch.store.record_run,
         )
+        self.local_runs = LocalRunRecorder(orch.store.record_run, here="orchestrator")
 
     async def start(self) -> None:
         await self.client.start()
         await self.engine.start()
+        realm = self.orch.realm
+        await self.orch.bus.subscribe(topics.WORKFLOW_REQUEST.build(realm=realm), self.on_request)
         await self.orch.bus.subscribe(
-            topics.WORKFLOW_REQUEST.build(realm=self.orch.realm), self.on_request
+            topics.WORKFLOW_EVENT.filter(realm=realm), self.local_runs.on_event
         )
 
     async def stop(self) -> None:
         await self.engine.stop()
+
+    def _runs_elsewhere(self, name: str | None) -> bool:
+        """A local workflow: named local in our config, or advertised by a live node."""
+        if name is None or name in self.engine.flows:
+            return False
+        if name in self.local_names:
+            return True
+        return any(
+            p.online and p.info is not None and name in p.info.workflows
+            for p in self.orch.registry.peers.values()
+        )
 
     def _identify(self, req: WorkflowRequest) -> tuple[str, str]:
         """Who asks, as for task submissions (token, require_token, bans)."""
@@ -122,8 +139,8 @@ class RealmWorkflows:
             req = decode(msg.payload, WorkflowRequest)
             correlation = req.correlation
             reply_topic = reply_topic or req.reply_to
-            if req.op == "run" and req.name in self.local_names:
-                return
+            if req.op == "run" and self._runs_elsewhere(req.name):
+                return  # a node daemon that runs it answers
             user, role = self._identify(req)
             if req.op == "run":
                 if req.name is None:
