@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Final
+from typing import Final, TypeGuard
 
 ROOT: Final = "mtor"
 SHARE_PREFIX: Final = "$share/"
@@ -131,6 +131,16 @@ def strip_share(topic_filter: str) -> str:
         _, _, rest = topic_filter[len(SHARE_PREFIX) :].partition("/")
         return rest
     return topic_filter
+
+
+MAX_REPLY_TOPIC: Final = 512
+
+
+def valid_reply_topic(topic: str | None) -> TypeGuard[str]:
+    """A topic a requester may be answered on: set, no wildcards, bounded length."""
+    if not topic:
+        return False
+    return "+" not in topic and "#" not in topic and len(topic) < MAX_REPLY_TOPIC
 
 
 def validate_filter(topic_filter: str) -> str:

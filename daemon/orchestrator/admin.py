@@ -13,6 +13,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Final
 
+from daemon import topics
 from daemon.bus import Inbound
 from daemon.errors import MessageError
 from daemon.messages import decode
@@ -79,7 +80,7 @@ class Admin:
                 code="internal",
                 correlation=correlation,
             )
-        if reply_topic:
+        if topics.valid_reply_topic(reply_topic):
             self.orch.bus.post(reply_topic, reply, correlation_data=msg.correlation_data)
 
     def _authorise(self, req: AdminRequest) -> str:

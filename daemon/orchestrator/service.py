@@ -280,7 +280,7 @@ class Orchestrator:
                 )
             return
         reply_topic = reply_topic or submit.reply_to
-        if reply_topic is not None and not _valid_reply_topic(reply_topic):
+        if reply_topic is not None and not topics.valid_reply_topic(reply_topic):
             log.warning("submission with an invalid reply topic %r dropped", reply_topic)
             return
         task_id = submit.task_id or uuid.uuid4().hex
@@ -845,10 +845,6 @@ def _node_message(msg: Inbound, pattern: topics.TopicPattern, cls: type[M]) -> t
 
 def _has_constraints(c: Constraints) -> bool:
     return bool(c.accelerator or c.language or c.backend or c.model)
-
-
-def _valid_reply_topic(topic: str) -> bool:
-    return bool(topic) and "+" not in topic and "#" not in topic and len(topic) < 512
 
 
 def _size(value: Any) -> int:

@@ -179,7 +179,6 @@ class RealmStateStore(StateView):
             self._reply(msg, StateReply(ok=True, key=key, value=value))
 
     def _reply(self, msg: Inbound, reply: StateReply) -> None:
-        assert msg.response_topic is not None
-        if "+" in msg.response_topic or "#" in msg.response_topic:
+        if not topics.valid_reply_topic(msg.response_topic):
             return
         self.bus.post(msg.response_topic, reply, correlation_data=msg.correlation_data)

@@ -113,7 +113,7 @@ class LocalWorkflows:
                 ok=False, error=str(exc), code=exc.code, correlation=req.correlation
             )
         topic = msg.response_topic or req.reply_to
-        if topic and "+" not in topic and "#" not in topic:
+        if topics.valid_reply_topic(topic):
             self.daemon.bus.post(topic, reply, correlation_data=msg.correlation_data)
 
 

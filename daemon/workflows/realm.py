@@ -160,5 +160,5 @@ class RealmWorkflows:
         except EngineError as exc:
             log.info("workflow request refused: %s", exc)
             reply = WorkflowReply(ok=False, error=str(exc), code=exc.code, correlation=correlation)
-        if reply_topic and "+" not in reply_topic and "#" not in reply_topic:
+        if topics.valid_reply_topic(reply_topic):
             self.orch.bus.post(reply_topic, reply, correlation_data=msg.correlation_data)
