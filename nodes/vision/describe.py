@@ -15,8 +15,8 @@ from typing import Any
 import anthropic
 
 from daemon.errors import TaskError
-from nodes.chat.backends.anthropic import convert_error
-from nodes.chat.backends.base import read_secret
+from nodes.chat.backends.anthropic import anthropic_client, convert_error
+from nodes.chat.backends.base import BackendUnavailable
 from nodes.vision.config import DescribeConfig
 from nodes.vision.detect import DetectorUnavailable
 
@@ -32,15 +32,10 @@ class AnthropicDescriber:
         self._client: anthropic.AsyncAnthropic | None = None
 
     def start(self) -> None:
-        key = read_secret(self.config.api_key_env, self.config.api_key_file, os.environ)
-        if not key:
-            raise DetectorUnavailable(f"anthropic: no API key (${self.config.api_key_env})")
-        self._client = anthropic.AsyncAnthropic(
-            api_key=key,
-            base_url=self.config.base_url,
-            timeout=self.config.timeout,
-            max_retries=self.config.max_retries,
-        )
+        try:
+            self._client = anthropic_client(self.config, os.environ)
+        except BackendUnavailable as exc:
+            raise DetectorUnavailable(str(exc)) from exc
 
     async def describe(
         self,

@@ -10,7 +10,9 @@ across SDK versions (newer SDKs add subclasses such as ``OverloadedError``).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
 
 import anthropic
 
@@ -29,6 +31,34 @@ log = logging.getLogger(__name__)
 MAX_ERROR_TEXT = 300
 
 
+class AnthropicAccess(Protocol):
+    """The config fields that say how to reach the API (chat backend, vision.describe)."""
+
+    api_key_env: str
+    api_key_file: Path | None
+    base_url: str | None
+    timeout: float
+    max_retries: int
+
+
+def anthropic_client(
+    config: AnthropicAccess, environ: Mapping[str, str]
+) -> anthropic.AsyncAnthropic:
+    """An SDK client with the configured key; :class:`BackendUnavailable` without one."""
+    key = read_secret(config.api_key_env, config.api_key_file, environ)
+    if not key:
+        where = f"${config.api_key_env}"
+        if config.api_key_file:
+            where += f" or {config.api_key_file}"
+        raise BackendUnavailable(f"anthropic: no API key ({where} is empty)")
+    return anthropic.AsyncAnthropic(
+        api_key=key,
+        base_url=config.base_url,
+        timeout=config.timeout,
+        max_retries=config.max_retries,
+    )
+
+
 class AnthropicBackend:
     type_name = "anthropic"
     max_concurrency = 8  # remote: requests run concurrently, the API rate-limits
@@ -40,18 +70,7 @@ class AnthropicBackend:
         self._client: anthropic.AsyncAnthropic | None = None
 
     async def start(self) -> None:
-        key = read_secret(self.config.api_key_env, self.config.api_key_file, self.env.environ)
-        if not key:
-            where = f"${self.config.api_key_env}"
-            if self.config.api_key_file:
-                where += f" or {self.config.api_key_file}"
-            raise BackendUnavailable(f"anthropic: no API key ({where} is empty)")
-        self._client = anthropic.AsyncAnthropic(
-            api_key=key,
-            base_url=self.config.base_url,
-            timeout=self.config.timeout,
-            max_retries=self.config.max_retries,
-        )
+        self._client = anthropic_client(self.config, self.env.environ)
         log.info("anthropic backend ready: model %s", self.model)
 
     def languages(self) -> list[str]:
