@@ -203,12 +203,7 @@ def sha256_tree(root: Path, progress: Progress | None = None) -> str:
     for path in files:
         rel = path.relative_to(root).as_posix().encode()
         digest.update(rel + b"\0" + str(path.stat().st_size).encode() + b"\0")
-        with path.open("rb") as f:
-            while block := f.read(CHUNK):
-                digest.update(block)
-                done += len(block)
-                if progress:
-                    progress(done, total)
+        done = _feed(digest, path, done, total, progress)
     return digest.hexdigest()
 
 
@@ -223,15 +218,21 @@ def _exists(path: Path | None) -> bool:
 
 def sha256_file(path: Path, progress: Progress | None = None) -> str:
     digest = hashlib.sha256()
-    total = path.stat().st_size
-    done = 0
+    _feed(digest, path, 0, path.stat().st_size, progress)
+    return digest.hexdigest()
+
+
+def _feed(
+    digest: hashlib._Hash, path: Path, done: int, total: int, progress: Progress | None
+) -> int:
+    """Hash a file's contents in ``CHUNK`` blocks; returns ``done`` plus its size."""
     with path.open("rb") as f:
         while block := f.read(CHUNK):
             digest.update(block)
             done += len(block)
             if progress:
                 progress(done, total)
-    return digest.hexdigest()
+    return done
 
 
 class ProgressBar:
