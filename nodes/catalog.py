@@ -8,11 +8,11 @@ its implementation in :data:`_IMPLEMENTATIONS`.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field
 
+from daemon.plugins import load_attr
 from nodes.camera.config import CameraConfig
 from nodes.chat.config import ChatConfig
 from nodes.reference.config import ReferenceConfig
@@ -41,9 +41,7 @@ _IMPLEMENTATIONS: dict[str, str] = {
 
 def node_class(type_name: str) -> type[Node]:
     """The implementation class of a node type (imported on first use)."""
-    module_name, _, cls_name = _IMPLEMENTATIONS[type_name].partition(":")
-    module = importlib.import_module(module_name)
-    cls: type[Node] = getattr(module, cls_name)
+    cls: type[Node] = load_attr(_IMPLEMENTATIONS[type_name])
     return cls
 
 

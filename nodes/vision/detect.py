@@ -8,12 +8,12 @@ which runs it off the event loop.
 from __future__ import annotations
 
 import asyncio
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon.errors import MtorError
+from daemon.plugins import load_attr
 
 if TYPE_CHECKING:
     from daemon.modelstore import ModelStore
@@ -59,14 +59,13 @@ _MODULES: dict[str, str] = {
 
 def make_detector(config: DetectBackendConfig, env: DetectorEnv) -> Detector:
     """Instantiate a detector, importing its module (and package) lazily."""
-    module_name, _, cls_name = _MODULES[config.type].partition(":")
     try:
-        module = importlib.import_module(module_name)
+        cls = load_attr(_MODULES[config.type])
     except ImportError as exc:
         raise DetectorUnavailable(
             f"{config.type}: missing package {exc.name or exc} (install the `vision` extra)"
         ) from exc
-    detector: Detector = getattr(module, cls_name)(config, env)
+    detector: Detector = cls(config, env)
     return detector
 
 

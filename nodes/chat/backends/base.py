@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping
@@ -11,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon.errors import MtorError
+from daemon.plugins import load_attr
 
 if TYPE_CHECKING:
     from daemon.modelstore import ModelStore
@@ -92,14 +92,13 @@ _MODULES: dict[str, str] = {
 
 def make_backend(config: ChatBackendConfig, env: BackendEnv) -> ChatBackend:
     """Instantiate a backend, importing its module (and optional package) lazily."""
-    module_name, _, cls_name = _MODULES[config.type].partition(":")
     try:
-        module = importlib.import_module(module_name)
+        cls = load_attr(_MODULES[config.type])
     except ImportError as exc:
         raise BackendUnavailable(
             f"{config.type}: missing package {exc.name or exc} (install the `chat` extra)"
         ) from exc
-    backend: ChatBackend = getattr(module, cls_name)(config, env)
+    backend: ChatBackend = cls(config, env)
     return backend
 
 

@@ -8,11 +8,11 @@ off the event loop, one lock per loaded model.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from daemon.plugins import load_attr
 from nodes.voice.config import SttConfig
 
 DEFAULT_MODELS = {"faster_whisper": "whisper-tiny-en", "vosk": "vosk-model-small-en-us"}
@@ -52,10 +52,9 @@ _BACKENDS = {
 
 
 def make_stt(cfg: SttConfig, model_dir: Path, model_name: str) -> SttBackend:
-    module_name, _, cls_name = _BACKENDS[cfg.backend].partition(":")
     try:
-        module = importlib.import_module(module_name)
+        cls = load_attr(_BACKENDS[cfg.backend])
     except ImportError as exc:
         raise SttUnavailable(f"{cfg.backend}: {exc}") from exc
-    backend: SttBackend = getattr(module, cls_name)(cfg, model_dir, model_name)
+    backend: SttBackend = cls(cfg, model_dir, model_name)
     return backend

@@ -9,13 +9,13 @@ come.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Final, Protocol
 
+from daemon.plugins import load_attr
 from nodes.voice.config import TtsConfig
 
 MAX_TEXT: Final = 5000  # characters one synthesis takes
@@ -45,12 +45,11 @@ _BACKENDS = {
 
 
 def make_tts(cfg: TtsConfig, model_path: Path | None) -> TtsBackend:
-    module_name, _, cls_name = _BACKENDS[cfg.backend].partition(":")
     try:
-        module = importlib.import_module(module_name)
+        cls = load_attr(_BACKENDS[cfg.backend])
     except ImportError as exc:
         raise TtsUnavailable(f"{cfg.backend}: {exc}") from exc
-    backend: TtsBackend = getattr(module, cls_name)(cfg, model_path)
+    backend: TtsBackend = cls(cfg, model_path)
     return backend
 
 
