@@ -14,6 +14,7 @@ the orchestrator deduplicates, so each task still ends exactly once.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -42,12 +43,27 @@ class TaskHandle:
         self.client = client
         self.submit = submit
         self.task_id = submit.task_id or ""
-        self.updates: asyncio.Queue[TaskUpdate] = asyncio.Queue()
         self.final: TaskUpdate | None = None
         self._final: asyncio.Future[TaskUpdate] = asyncio.get_running_loop().create_future()
+        # The queue is made when someone reads it (most callers only await result()).
+        self._updates: asyncio.Queue[TaskUpdate] | None = None
+        self._early: list[TaskUpdate] = []
+
+    @property
+    def updates(self) -> asyncio.Queue[TaskUpdate]:
+        """Every update of the task, in order of arrival."""
+        if self._updates is None:
+            self._updates = asyncio.Queue()
+            for update in self._early:
+                self._updates.put_nowait(update)
+            self._early.clear()
+        return self._updates
 
     def _deliver(self, update: TaskUpdate) -> None:
-        self.updates.put_nowait(update)
+        if self._updates is None:
+            self._early.append(update)
+        else:
+            self._updates.put_nowait(update)
         if update.status in FINAL_STATUSES and not self._final.done():
             self._final.set_result(update)
 
@@ -86,7 +102,11 @@ class RealmClient:
         self.origin = origin
         self.reply_topic = topics.REPLY.build(realm=realm, client_id=bus.client_id, rest="tasks")
         self.admin_topic = topics.REPLY.build(realm=realm, client_id=bus.client_id, rest="admin")
+        self.submit_topic = topics.TASK_SUBMIT.build(realm=realm)
         self.pending: dict[str, TaskHandle] = {}
+        # Task ids: one random prefix per client and a counter (cheaper than uuid4 each).
+        self._id_prefix = uuid.uuid4().hex
+        self._ids = itertools.count(1)
         self._admin_waiters: dict[bytes, asyncio.Future[AdminReply]] = {}
         self._orch_boot: str | None = None
 
@@ -120,13 +140,13 @@ class RealmClient:
         if previous is not None and previous != state.boot_id and self.pending:
             log.info("orchestrator restarted: resubmitting %d task(s)", len(self.pending))
             for handle in list(self.pending.values()):
-                await self._publish(handle.submit)
+                self._post(handle.submit)
 
-    async def _publish(self, submit: TaskSubmit) -> None:
+    def _post(self, submit: TaskSubmit) -> None:
         # Bus.post: straight to the MQTT client's bounded send queue (no task per
         # submission); kept in the outbox while the broker is away.
         self.bus.post(
-            topics.TASK_SUBMIT.build(realm=self.realm),
+            self.submit_topic,
             submit,
             response_topic=self.reply_topic,
             correlation_data=(submit.task_id or "").encode(),
@@ -151,7 +171,7 @@ class RealmClient:
         submit = TaskSubmit(
             capability=capability,
             input=input,
-            task_id=task_id or uuid.uuid4().hex,
+            task_id=task_id or f"{self._id_prefix}-{next(self._ids)}",
             priority=priority,
             timeout=timeout,
             progress=progress,
@@ -165,7 +185,7 @@ class RealmClient:
         )
         handle = TaskHandle(self, submit)
         self.pending[handle.task_id] = handle
-        await self._publish(submit)
+        self._post(submit)
         return handle
 
     async def call(self, capability: str, input: Any = None, **kw: Any) -> Any:

@@ -12,6 +12,7 @@ register themselves by subclassing :class:`Message`.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, ClassVar, TypeVar
 
@@ -65,11 +66,39 @@ def now() -> float:
     return round(time.time(), 3)
 
 
+# Per message class: b'{"type":"<TYPE>","v":<VERSION>' — what encode() writes first.
+_HEADS: dict[type[Message], bytes] = {}
+
+
+def _head(cls: type[Message]) -> bytes:
+    head = _HEADS.get(cls)
+    if head is None:
+        head = _HEADS[cls] = f'{{"type":"{cls.TYPE}","v":{cls.VERSION}'.encode()
+    return head
+
+
 def encode(msg: Message) -> bytes:
     """Compact JSON with ``type`` and ``v`` first; ``None`` fields are left out."""
-    body = msg.model_dump_json(exclude_none=True)
-    head = f'{{"type":"{msg.TYPE}","v":{msg.VERSION}'
-    return (head + ("," + body[1:] if body != "{}" else "}")).encode()
+    body = msg.__pydantic_serializer__.to_json(msg, exclude_none=True)
+    head = _head(type(msg))
+    return head + b"," + body[1:] if body != b"{}" else head + b"}"
+
+
+def _fast(data: bytes | bytearray | str, cls: type[M]) -> M | None:
+    """Validate a payload that starts the way :func:`encode` writes ``cls``
+    (type, then the current version) in one pass of pydantic's JSON parser;
+    None when it does not, or when it is invalid (the caller's full path then
+    produces the error with its usual text)."""
+    if isinstance(data, str) or len(data) > MAX_PAYLOAD_BYTES:
+        return None
+    head = _head(cls)
+    n = len(head)
+    if not data.startswith(head) or data[n : n + 1] != b",":
+        return None
+    try:
+        return cls.model_validate_json(b"{" + data[n + 1 :])
+    except ValidationError:
+        return None
 
 
 def decode(data: bytes | bytearray | str, expected: type[M]) -> M:
@@ -79,6 +108,9 @@ def decode(data: bytes | bytearray | str, expected: type[M]) -> M:
     match.  ``v`` may be omitted (meaning the current version); a newer
     version than we understand is refused with code ``unsupported_version``.
     """
+    msg = _fast(data, expected)
+    if msg is not None:
+        return msg
     raw = _load(data)
     _check_header(raw, expected)
     try:
@@ -89,6 +121,13 @@ def decode(data: bytes | bytearray | str, expected: type[M]) -> M:
 
 def decode_any(data: bytes | bytearray | str) -> Message:
     """Validate a payload of whatever registered type its ``type`` field names."""
+    if isinstance(data, bytes | bytearray) and data.startswith(b'{"type":"'):
+        end = data.find(b'"', 9, 9 + 128)
+        fast_cls = _REGISTRY.get(data[9:end].decode("ascii", "replace")) if end > 0 else None
+        if fast_cls is not None:
+            msg = _fast(data, fast_cls)
+            if msg is not None:
+                return msg
     raw = _load(data)
     name = raw.get("type")
     cls = _REGISTRY.get(name) if isinstance(name, str) else None
@@ -108,8 +147,6 @@ def decode_dict(raw: dict[str, Any], expected: type[M]) -> M:
 
 
 def _load(data: bytes | bytearray | str) -> dict[str, Any]:
-    import json
-
     if len(data) > MAX_PAYLOAD_BYTES:
         raise MessageError(
             f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}", code="too_large"

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -91,6 +92,8 @@ def task_input(model: type[M], data: Any, what: str = "input") -> M:
 # Fast tasks (echo) answer within this time and their result is the ack, which
 # saves one message per task on the hot path.
 ACK_DELAY: Final = 0.02
+# Acks are sent in rounds at most this often (s), not from a loop timer per task.
+ACK_ROUND: Final = 0.005
 
 
 class Worker:
@@ -111,6 +114,9 @@ class Worker:
         self.running: dict[str, tuple[asyncio.Task[None], TaskRun]] = {}
         self.load: dict[str, int] = {}
         self.accepting = True
+        # Runs waiting for their "started" ack, in order of start: (due loop time, run).
+        self._unacked: deque[tuple[float, TaskRun]] = deque()
+        self._ack_timer: asyncio.TimerHandle | None = None
 
     def set_routes(self, routes: dict[str, tuple[Node, int]]) -> None:
         """capability -> (node, max concurrency); called whenever adverts change."""
@@ -125,7 +131,7 @@ class Worker:
             topics.NODE_TASK.build(realm=self.realm, node_id=self.node_id), self._on_message
         )
 
-    async def _report(self, report: WorkerReport) -> None:
+    def _report(self, report: WorkerReport) -> None:
         self.bus.post(self.report_topic, report, qos=1)
 
     async def _on_message(self, msg: Inbound) -> None:
@@ -168,7 +174,7 @@ class Worker:
         elif assign.deadline is not None and assign.deadline <= time.time():
             reason = ErrorInfo(code="timeout", message="deadline passed before the task started")
         if reason is not None or route is None:
-            await self._report(
+            self._report(
                 WorkerReport(task_id=key, attempt=assign.attempt, status="rejected", error=reason)
             )
             return
@@ -179,7 +185,7 @@ class Worker:
             if not assign.stream:
                 return
             seq += 1
-            await self._report(
+            self._report(
                 WorkerReport(
                     task_id=key, attempt=assign.attempt, status="partial", seq=seq, output=chunk
                 )
@@ -202,9 +208,7 @@ class Worker:
 
     async def _execute(self, node: Node, run: TaskRun) -> None:
         started = time.perf_counter()
-
-        # The result acks fast tasks itself; a timer (not a task) keeps that cheap.
-        acker = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack, run)
+        self._arm_ack(run)  # the result acks fast tasks itself
         report: WorkerReport
         try:
             remaining = run.remaining()
@@ -232,14 +236,13 @@ class Worker:
             log.exception("task %s (%s) crashed", run.task_id, run.capability)
             report = self._failed(run, "internal", f"{type(exc).__name__}: {exc}")
         finally:
-            acker.cancel()
             self.running.pop(run.task_id, None)
             self.load[run.capability] -= 1
         report.run_ms = round((time.perf_counter() - started) * 1000, 3)
         if report.status == "done" and run.reply is not None and not run.partials:
             # Partials travel through the orchestrator: a direct final could overtake them.
             self._reply_direct(run.reply, run, report)
-        await self._report(report)
+        self._report(report)
 
     def _reply_direct(self, reply: DirectReply, run: TaskRun, report: WorkerReport) -> None:
         """Send the final ``done`` straight to the submitter (``TaskSubmit.direct``)."""
@@ -258,6 +261,26 @@ class Worker:
         )
         correlation = bytes.fromhex(reply.correlation_data) if reply.correlation_data else None
         self.bus.post(reply.topic, update, qos=1, correlation_data=correlation)
+
+    def _arm_ack(self, run: TaskRun) -> None:
+        loop = asyncio.get_running_loop()
+        self._unacked.append((loop.time() + ACK_DELAY, run))
+        if self._ack_timer is None:
+            self._ack_timer = loop.call_at(self._unacked[0][0], self._ack_due)
+
+    def _ack_due(self) -> None:
+        """Ack every run started ACK_DELAY ago that is still running; one timer for all."""
+        self._ack_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        queue = self._unacked
+        while queue and queue[0][0] <= now:
+            _, run = queue.popleft()
+            entry = self.running.get(run.task_id)
+            if entry is not None and entry[1] is run:
+                self._ack(run)
+        if queue:
+            self._ack_timer = loop.call_at(max(queue[0][0], now + ACK_ROUND), self._ack_due)
 
     def _ack(self, run: TaskRun) -> None:
         report = WorkerReport(task_id=run.task_id, attempt=run.attempt, status="started")

@@ -104,3 +104,31 @@ def test_type_and_version_optional_for_hand_written_clients() -> None:
     msg = decode(b'{"value": 3, "unit": "C"}', Event)
     assert msg.value == 3
     assert msg.unit == "C"
+
+
+@pytest.mark.parametrize("name", sorted(registered_types()))
+def test_fast_path_agrees_with_the_full_path(name: str) -> None:
+    """decode() validates what encode() wrote in one pass of pydantic's JSON parser;
+    the result must equal validating the parsed dict (the full path)."""
+    cls = registered_types()[name]
+    msg = _sample(cls)
+    data = encode(msg)
+    raw = json.loads(data)
+    assert raw.pop("type") == name and raw.pop("v") == cls.VERSION
+    assert decode(data, cls) == cls.model_validate(raw)
+    assert decode(json.dumps({"type": name, "v": cls.VERSION, **raw}).encode(), cls) == msg
+
+
+def test_fast_path_errors_read_like_the_full_path() -> None:
+    """A payload with our header but a bad body is still refused with the usual text."""
+    with pytest.raises(MessageError, match=r"state: Input should be 'online' or 'offline'"):
+        decode(b'{"type":"node.state","v":1,"state":"maybe","boot_id":"b"}', NodeState)
+    with pytest.raises(MessageError, match="not valid JSON"):
+        decode(b'{"type":"node.state","v":1,"state":', NodeState)
+    with pytest.raises(MessageError, match="Extra inputs are not permitted"):
+        decode_any(b'{"type":"node.state","v":1,"state":"online","boot_id":"b","x":1}')
+    with pytest.raises(MessageError) as info:
+        decode(b'{"type":"node.state","v":10,"state":"online","boot_id":"b"}', NodeState)
+    assert info.value.code == "unsupported_version"
+    with pytest.raises(MessageError, match="expected message type"):
+        decode(b'{"type":"node.state","v":1,"type":"event"}', NodeState)

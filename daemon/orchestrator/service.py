@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 import random
 import time
@@ -30,13 +32,14 @@ from daemon import __version__, topics
 from daemon.bus import Bus, Inbound
 from daemon.config import Config
 from daemon.errors import MessageError
-from daemon.messages import M, decode
+from daemon.messages import M, decode, now
 from daemon.orchestrator import policy
 from daemon.orchestrator.queues import FairQueue
 from daemon.orchestrator.registry import Peer, Registry
 from daemon.orchestrator.stats import Stats
 from daemon.orchestrator.store import Store
 from daemon.orchestrator.tasks import Task, TokenBucket, bucket_for
+from daemon.orchestrator.timers import TimerWheel
 from daemon.orchestrator.users import Users
 from daemon.protocol.admin import OrchestratorState, OrchestratorStats
 from daemon.protocol.node import NodeHealth, NodeInfo, NodeState
@@ -62,6 +65,10 @@ NOT_PEER_FAULTS: Final = frozenset({"bad_input", "cancelled", "unsupported", "to
 NEUTRAL_REJECTIONS: Final = frozenset({"overloaded", "shutting_down", "timeout"})
 # Tasks a single dispatch pass may set aside because their constraints fit no free peer.
 MAX_PARKED: Final = 64
+
+
+# A final update as remembered for duplicates: the update, or how to make it.
+RememberedFinal = TaskUpdate | functools.partial[TaskUpdate]
 
 
 class Refused(Exception):
@@ -91,7 +98,7 @@ class Orchestrator:
         self.tasks: dict[str, Task] = {}
         self.by_node: dict[str, set[str]] = {}
         self.idempotency: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self.finished: OrderedDict[str, tuple[str, TaskUpdate]] = OrderedDict()
+        self.finished: OrderedDict[str, tuple[str, RememberedFinal]] = OrderedDict()
         self.user_running: Counter[str] = Counter()
         self.user_roles: dict[str, str] = {}
         self.buckets: dict[str, TokenBucket] = {}
@@ -104,6 +111,13 @@ class Orchestrator:
         )
         self.users = Users(state_dir / "users.json")
         self.rng = random.Random()
+        # One loop timer per tick in use rather than two per task (see timers.py).
+        self.deadlines: TimerWheel[Task] = TimerWheel(self._on_deadline)
+        self.ack_timeouts: TimerWheel[Task] = TimerWheel(self._on_ack_timeout)
+        self._node_topics: dict[str, str] = {}  # node id -> its task topic
+        self._report_nodes: dict[str, str] = {}  # report topic -> node id (known peers)
+        # Task ids made here: unique per boot (boot id + counter), cheaper than uuid4.
+        self._task_ids = itertools.count(1)
         self._online = asyncio.Event()
         from daemon.orchestrator.admin import Admin
         from daemon.orchestrator.state import RealmStateStore
@@ -165,8 +179,8 @@ class Orchestrator:
                 await self.bus.drain(1.0)
                 bus_task.cancel()
         finally:
-            for task in self.tasks.values():
-                task.cancel_timers()
+            self.deadlines.close()
+            self.ack_timeouts.close()
             await self.store.close()
             self.users.close()
 
@@ -283,7 +297,7 @@ class Orchestrator:
         if reply_topic is not None and not topics.valid_reply_topic(reply_topic):
             log.warning("submission with an invalid reply topic %r dropped", reply_topic)
             return
-        task_id = submit.task_id or uuid.uuid4().hex
+        task_id = submit.task_id or f"{self.boot_id}-{next(self._task_ids)}"
         try:
             user, role = self.identify(submit.user, submit.token)
             # A resubmission joins (or gets the result of) the task it repeats;
@@ -321,7 +335,7 @@ class Orchestrator:
             while len(self.idempotency) > self.cfg.dedupe_size:
                 self.idempotency.popitem(last=False)
         self.tasks[task_id] = task
-        self.store.journal_add(task_id, task.submitted, task.journal_doc())
+        self.store.journal_add(task_id, task.submitted, task.journal_doc)
         position = self._queue(task).push(task)
         self._arm_deadline(task)
         if submit.progress:
@@ -343,7 +357,8 @@ class Orchestrator:
             return False
         done = self.finished.get(existing_id)
         if done is not None:
-            owner, final = done
+            owner, made = done
+            final = made if isinstance(made, TaskUpdate) else made()
             if owner != user:
                 raise Refused("conflict", f"task id {existing_id!r} belongs to another user")
             if reply_topic:
@@ -407,9 +422,15 @@ class Orchestrator:
         return q
 
     def _arm_deadline(self, task: Task) -> None:
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, task.deadline - time.time())
-        task.deadline_timer = loop.call_later(delay, self._on_deadline, task)
+        task.deadline_key = self.deadlines.add_in(task, task.deadline - time.time())
+
+    def _node_topic(self, node_id: str) -> str:
+        topic = self._node_topics.get(node_id)
+        if topic is None:
+            topic = topics.NODE_TASK.build(realm=self.realm, node_id=node_id)
+            if len(self._node_topics) < 4 * len(self.registry.peers) + 64:
+                self._node_topics[node_id] = topic
+        return topic
 
     # ============================================================ assignment
 
@@ -506,13 +527,9 @@ class Orchestrator:
             constraints=task.submit.constraints,
             reply=self._direct_reply(task),
         )
-        topic = topics.NODE_TASK.build(realm=self.realm, node_id=peer.node_id)
         expiry = max(1.0, task.deadline - time.time())
-        self.bus.post(topic, assign, expiry=expiry)
-        loop = asyncio.get_running_loop()
-        task.ack_timer = loop.call_later(
-            self.cfg.ack_timeout, self._on_ack_timeout, task, task.attempt
-        )
+        self.bus.post(self._node_topic(peer.node_id), assign, expiry=expiry)
+        task.ack_key = self.ack_timeouts.add_in(task, self.cfg.ack_timeout)
         if task.submit.progress:
             self._reply(task, "assigned", node=peer.node_id)
 
@@ -538,9 +555,7 @@ class Orchestrator:
         """Give back the slot an assigned task holds."""
         if task.node is None or task.state not in ("assigned", "running"):
             return
-        if task.ack_timer is not None:
-            task.ack_timer.cancel()
-            task.ack_timer = None
+        self._cancel_ack(task)
         peer = self.registry.peers.get(task.node)
         if peer is not None:
             slot = peer.slots.get(task.capability)
@@ -587,8 +602,13 @@ class Orchestrator:
                 )
         self.registry.refresh(peer, task.capability, time.monotonic())
 
-    def _on_ack_timeout(self, task: Task, attempt: int) -> None:
-        if task.state != "assigned" or task.attempt != attempt or task.id not in self.tasks:
+    def _cancel_ack(self, task: Task) -> None:
+        self.ack_timeouts.discard(task, task.ack_key)
+        task.ack_key = None
+
+    def _on_ack_timeout(self, task: Task) -> None:
+        task.ack_key = None
+        if task.state != "assigned" or task.id not in self.tasks:
             return
         node = task.node
         log.warning("%s did not acknowledge task %s; reassigning", node, task.id)
@@ -598,6 +618,7 @@ class Orchestrator:
         self._retry(task, ErrorInfo(code="no_ack", message=f"{node} did not acknowledge"))
 
     def _on_deadline(self, task: Task) -> None:
+        task.deadline_key = None
         if task.id not in self.tasks:
             return
         if task.state in ("assigned", "running"):
@@ -609,22 +630,25 @@ class Orchestrator:
     def _abort(self, task: Task, reason: str) -> None:
         if task.node is None:
             return
-        topic = topics.NODE_TASK.build(realm=self.realm, node_id=task.node)
         abort = TaskAbort(task_id=task.id, attempt=task.attempt, reason=reason)
-        self.bus.post(topic, abort)
+        self.bus.post(self._node_topic(task.node), abort)
 
     # ============================================================= reports
 
     async def _on_report(self, msg: Inbound) -> None:
-        fields = topics.TASK_WORKER.parse(msg.topic)
-        if fields is None:
-            return
+        node_id = self._report_nodes.get(msg.topic)
+        if node_id is None:
+            fields = topics.TASK_WORKER.parse(msg.topic)
+            if fields is None:
+                return
+            node_id = fields["node_id"]
+            if node_id in self.registry.peers:  # bounded: only known peers are remembered
+                self._report_nodes[msg.topic] = node_id
         try:
             report = decode(msg.payload, WorkerReport)
         except MessageError as exc:
-            log.warning("bad report from %s: %s (%s)", fields["node_id"], exc, msg.preview())
+            log.warning("bad report from %s: %s (%s)", node_id, exc, msg.preview())
             return
-        node_id = fields["node_id"]
         self.registry.seen(node_id, time.monotonic())
         task = self.tasks.get(report.task_id)
         if task is None:
@@ -642,9 +666,7 @@ class Orchestrator:
         if status in ("started", "partial") and task.state == "assigned":
             task.state = "running"
             task.started_mono = time.monotonic()
-            if task.ack_timer is not None:
-                task.ack_timer.cancel()
-                task.ack_timer = None
+            self._cancel_ack(task)
             if task.submit.progress:
                 self._reply(task, "started", node=node_id)
         if status == "partial":
@@ -688,7 +710,9 @@ class Orchestrator:
             return
         self._queue(task).discard(task)
         task.state = "final"
-        task.cancel_timers()
+        self.deadlines.discard(task, task.deadline_key)
+        self._cancel_ack(task)
+        task.deadline_key = None
         total_ms = round((time.monotonic() - task.submitted_mono) * 1000, 3)
         update = self._reply(
             task, status, output=output, error=error, run_ms=run_ms, node=task.node, send=not sent
@@ -718,17 +742,26 @@ class Orchestrator:
         self.stats.record(task.capability, status, total_ms)
         self._dispatch(task.capability)
 
-    def _reply(self, task: Task, status: str, *, send: bool = True, **fields: Any) -> TaskUpdate:
+    def _reply(
+        self, task: Task, status: str, *, send: bool = True, **fields: Any
+    ) -> RememberedFinal:
+        """Number and send an update; returns it, or (when nobody is to be told now:
+        a final the worker already sent) how to make it, for a later duplicate."""
         task.seq += 1
-        update = TaskUpdate(
+        make = functools.partial(
+            TaskUpdate,
             task_id=task.id,
             status=status,
             seq=task.seq,
             attempt=task.attempt or None,
             queue_ms=task.queue_ms if status in ("done", "failed", "cancelled") else None,
             correlation=task.submit.correlation,
+            ts=now(),
             **fields,
         )
+        if not ((task.reply_topic and send) or task.watchers):
+            return make
+        update = make()
         if task.reply_topic and send:
             self._send(task.reply_topic, task.correlation, update)
         for topic, correlation, text in task.watchers:

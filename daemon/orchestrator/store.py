@@ -1,14 +1,16 @@
 """Task history, statistics rows and the active-task journal in SQLite.
 
 All SQLite work happens on one dedicated thread (never on the event loop), in batches:
-the loop appends operations to a list and a writer task flushes them every
-``FLUSH_INTERVAL`` or when ``FLUSH_BATCH`` are pending.  WAL mode, bounded
-retention.  Raw inputs (audio, images) are never stored — only sizes.
+the loop collects writes and a writer task flushes them, one transaction per
+batch, every ``FLUSH_INTERVAL`` or when ``FLUSH_BATCH`` are pending.  WAL mode,
+bounded retention.  Raw inputs (audio, images) are never stored — only sizes.
 
 The ``active`` table is the journal that lets an orchestrator restart without
-losing queued or running tasks: a task is written on submit and deleted when
-it ends; on start-up every row is queued again (at-least-once, deduplicated
-by task id).
+losing queued or running tasks: a task is written at the first flush after its
+submission and deleted when it ends; on start-up every row is queued again
+(at-least-once, deduplicated by task id).  A task that ends before that flush
+is never written (its history row is): at high rates most tasks never touch
+the journal.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -55,6 +58,26 @@ CREATE TABLE IF NOT EXISTS workflow_runs (
 CREATE INDEX IF NOT EXISTS workflow_runs_started ON workflow_runs (started);
 """
 
+HISTORY_INSERT: Final = (
+    "INSERT OR REPLACE INTO history VALUES "
+    "(:task_id, :user, :capability, :node, :priority, :submitted, :queue_ms, :run_ms,"
+    " :total_ms, :outcome, :error_code, :attempts, :input_bytes, :output_bytes)"
+)
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What one flush writes, in one transaction."""
+
+    ops: list[tuple[str, tuple[Any, ...]]]
+    history: list[dict[str, Any]]
+    removes: list[tuple[str]]
+    adds: list[tuple[str, float, str]]
+
+    @property
+    def size(self) -> int:
+        return len(self.ops) + len(self.history) + len(self.removes) + len(self.adds)
+
 
 class Store:
     def __init__(self, path: Path, retention_days: float, max_rows: int) -> None:
@@ -63,6 +86,9 @@ class Store:
         self.max_rows = max_rows
         self._db: sqlite3.Connection | None = None
         self._ops: list[tuple[str, tuple[Any, ...]]] = []
+        self._history: list[dict[str, Any]] = []
+        self._removes: list[tuple[str]] = []
+        self._adds: dict[str, tuple[float, Callable[[], dict[str, Any]]]] = {}
         self._wake = asyncio.Event()
         self._last_retention = 0.0
         # Every use of the connection runs on this one thread, in order: a write
@@ -97,22 +123,23 @@ class Store:
         self._ops.append((sql, args))
         self._wake.set()
 
-    def journal_add(self, task_id: str, submitted: float, doc: dict[str, Any]) -> None:
-        self._queue(
-            "INSERT OR REPLACE INTO active VALUES (?, ?, ?)",
-            (task_id, submitted, json.dumps(doc, separators=(",", ":"))),
-        )
+    def journal_add(
+        self, task_id: str, submitted: float, doc: Callable[[], dict[str, Any]]
+    ) -> None:
+        """Journal an active task.  ``doc`` is called at the next flush, and only
+        if the task is still active then: one that ends within its flush window
+        never touches SQLite (nor is its document built)."""
+        self._adds[task_id] = (submitted, doc)
+        self._wake.set()
 
     def journal_remove(self, task_id: str) -> None:
-        self._queue("DELETE FROM active WHERE task_id = ?", (task_id,))
+        if self._adds.pop(task_id, None) is None:  # else: never written, nothing to delete
+            self._removes.append((task_id,))
+            self._wake.set()
 
     def record(self, row: dict[str, Any]) -> None:
-        self._queue(
-            "INSERT OR REPLACE INTO history VALUES "
-            "(:task_id, :user, :capability, :node, :priority, :submitted, :queue_ms, :run_ms,"
-            " :total_ms, :outcome, :error_code, :attempts, :input_bytes, :output_bytes)",
-            (row,),
-        )
+        self._history.append(row)
+        self._wake.set()
 
     def record_run(self, row: dict[str, Any]) -> None:
         """One finished workflow run (steps as JSON; see daemon.workflows.engine)."""
@@ -123,34 +150,53 @@ class Store:
             (row,),
         )
 
+    @property
+    def pending(self) -> int:
+        """Writes waiting for the next flush."""
+        return len(self._ops) + len(self._history) + len(self._removes) + len(self._adds)
+
     async def run(self) -> None:
         """The writer: flush batches as they come (idle when nothing happens)."""
         while True:
             await self._wake.wait()
-            await asyncio.sleep(FLUSH_INTERVAL if len(self._ops) < FLUSH_BATCH else 0)
+            await asyncio.sleep(FLUSH_INTERVAL if self.pending < FLUSH_BATCH else 0)
             await self.flush()
 
     async def flush(self) -> None:
         self._wake.clear()
-        if not self._ops or self._db is None:
+        if not self.pending or self._db is None:
             return
-        ops, self._ops = self._ops, []
-        await self._call(self._apply, ops)
+        # Journal documents are built here, on the loop, for the tasks still active.
+        adds = [
+            (task_id, submitted, json.dumps(doc(), separators=(",", ":")))
+            for task_id, (submitted, doc) in self._adds.items()
+        ]
+        batch = _Batch(self._ops, self._history, self._removes, adds)
+        self._ops, self._history, self._removes, self._adds = [], [], [], {}
+        await self._call(self._apply, batch)
 
-    def _apply(self, ops: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _apply(self, batch: _Batch) -> None:
+        """One transaction per flush: deletes before inserts, so a task id that
+        ended and was submitted again within one window stays journalled."""
         db = self._db
         if db is None:
             return
         try:
             db.execute("BEGIN")
-            for sql, args in ops:
+            for sql, args in batch.ops:
                 if len(args) == 1 and isinstance(args[0], dict):
                     db.execute(sql, args[0])
                 else:
                     db.execute(sql, args)
+            if batch.history:
+                db.executemany(HISTORY_INSERT, batch.history)
+            if batch.removes:
+                db.executemany("DELETE FROM active WHERE task_id = ?", batch.removes)
+            if batch.adds:
+                db.executemany("INSERT OR REPLACE INTO active VALUES (?, ?, ?)", batch.adds)
             db.execute("COMMIT")
         except sqlite3.Error:
-            log.exception("history write failed (%d operations lost)", len(ops))
+            log.exception("history write failed (%d operations lost)", batch.size)
             db.execute("ROLLBACK")
         now = time.time()
         if now - self._last_retention > RETENTION_EVERY:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +34,9 @@ class Task:
     started_mono: float | None = None
     queue_ms: float | None = None
     input_bytes: int = 0
-    deadline_timer: asyncio.TimerHandle | None = None
-    ack_timer: asyncio.TimerHandle | None = None
+    # Keys of this task's entries in the orchestrator's TimerWheels (None: not armed).
+    deadline_key: int | None = None
+    ack_key: int | None = None
 
     @property
     def capability(self) -> str:
@@ -45,12 +45,6 @@ class Task:
     @property
     def rank(self) -> int:
         return PRIORITY_RANK[self.submit.priority]
-
-    def cancel_timers(self) -> None:
-        for handle in (self.deadline_timer, self.ack_timer):
-            if handle is not None:
-                handle.cancel()
-        self.deadline_timer = self.ack_timer = None
 
     def journal_doc(self) -> dict[str, Any]:
         return {
