@@ -71,6 +71,11 @@ class PrivateBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (tests freeze it with SIGSTOP)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
     def config_file(self) -> Path:
         return self._dir / "mosquitto.conf"
 

@@ -1,6 +1,6 @@
 """The MQTT 5 bus: the one broker connection of a process.
 
-:class:`Bus` owns an aiomqtt client inside a supervised reconnect loop (capped
+:class:`Bus` owns a :class:`daemon.mqtt.Connection` inside a supervised reconnect loop (capped
 exponential backoff with jitter).  On every connect it subscribes every
 registered filter again, flushes what was published while it was away, and
 runs the ``on_connect`` hooks (birth, adverts) — in that order, so a birth is
@@ -11,7 +11,9 @@ only seen once the node can hear replies.
 * Handlers are isolated: one that raises is logged and dispatch goes on.
 * Publishing is flow-controlled: at most ``max_inflight`` publishes await the
   broker at once; callers wait for a slot instead of buffering without bound.
-  While disconnected, publishes go to a bounded outbox (oldest dropped).
+  While disconnected, publishes go to a bounded outbox (oldest dropped), and
+  QoS 1 publishes the broker had not acknowledged when the connection dropped
+  are put back there too.
 * Refused credentials or authorisation is fatal (:class:`BusAuthError`).
 """
 
@@ -23,32 +25,38 @@ import itertools
 import logging
 import random
 import re
-import socket
 import ssl
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
 from daemon.config import BrokerConfig
 from daemon.errors import BusAuthError, BusError, BusNotConnectedError
 from daemon.messages import Message, encode
-from daemon.mqttprops import FastProperties
-from daemon.mqttprops import install as install_fast_properties
+from daemon.mqtt import Connection, ConnectParams, ConnectRefused, MqttError, Publish, Will, connect
+from daemon.mqtt.codec import (
+    CONTENT_TYPE,
+    CORRELATION_DATA,
+    RESPONSE_TOPIC,
+    SUBSCRIPTION_ID,
+    USER_PROPERTY,
+    publish_properties,
+    reason_text,
+    subscribe_options,
+)
 from daemon.topics import matches, validate_filter
 
 log = logging.getLogger(__name__)
 
-# CONNACK reason codes that no retry can fix (MQTT 5: 0x86, 0x87, 0x8C; MQTT 3.1.1: 4, 5).
-AUTH_FAILURES: Final = frozenset({134, 135, 140, 4, 5})
-# A dispatch queue this deep means handlers cannot keep up; paho drops beyond it.
+# CONNACK reason codes that no retry can fix: bad user name or password, not
+# authorized, bad authentication method (MQTT 5, 3.2.2.2).
+AUTH_FAILURES: Final = frozenset({0x86, 0x87, 0x8C})
+# A dispatch queue this deep means handlers cannot keep up: the connection stops
+# reading (TCP back-pressure to the broker) until dispatch catches up.
 MAX_QUEUED_INCOMING: Final = 50_000
-# Messages the MQTT client may queue beyond its in-flight window (Bus.post).
+# Messages the connection may queue beyond its in-flight window (Bus.post).
 MAX_QUEUED_OUTGOING: Final = 20_000
 # Payloads in log lines are cut to this many bytes.
 LOG_PAYLOAD_BYTES: Final = 200
@@ -56,8 +64,8 @@ LOG_PAYLOAD_BYTES: Final = 200
 PUBLISH_TIMEOUT: Final = 10.0
 # QoS 1/2 messages the broker may have in flight to us (MQTT 5 Receive Maximum).  Left
 # unsaid, Mosquitto allows 20 and queues 1,000 more (max_queued_messages), then drops
-# *silently*: a process whose loop is busy for a moment lost messages in a burst.  paho
-# acknowledges on read, so the real bound is MAX_QUEUED_INCOMING on our side.
+# *silently*: a process whose loop is busy for a moment lost messages in a burst.  The
+# connection acknowledges on read, so the real bound is MAX_QUEUED_INCOMING on our side.
 RECEIVE_MAXIMUM: Final = 65_535
 
 Payload = bytes | str | Message
@@ -108,31 +116,7 @@ class Outgoing:
     payload: bytes
     qos: int
     retain: bool
-    properties: Properties | None
-
-
-def publish_properties(
-    *,
-    content_type: str | None = None,
-    response_topic: str | None = None,
-    correlation_data: bytes | None = None,
-    expiry: float | None = None,
-    user_properties: dict[str, str] | None = None,
-) -> Properties | None:
-    if not (content_type or response_topic or correlation_data or expiry or user_properties):
-        return None
-    props = FastProperties(PacketTypes.PUBLISH)
-    if content_type:
-        props.ContentType = content_type
-    if response_topic:
-        props.ResponseTopic = response_topic
-    if correlation_data:
-        props.CorrelationData = correlation_data
-    if expiry:
-        props.MessageExpiryInterval = max(1, int(expiry + 0.999))
-    if user_properties:
-        props.UserProperty = list(user_properties.items())
-    return props
+    props: bytes  # the encoded MQTT 5 property block
 
 
 def to_bytes(payload: Payload) -> bytes:
@@ -153,14 +137,14 @@ class Bus:
         will: tuple[str, Payload] | None = None,
         clean_start: bool = True,
     ) -> None:
-        install_fast_properties()  # paho decodes MQTT 5 properties 3x cheaper (idempotent)
         self.config = config
         self.client_id = client_id
         self._password = password
         self._will = will
         self._clean_start = clean_start
-        self._client: aiomqtt.Client | None = None
-        self._inbox: asyncio.Queue[aiomqtt.Message] | None = None
+        self._conn: Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: int | None = None
         self._connected = asyncio.Event()
         self._subs: dict[str, Subscription] = {}
         self._by_id: dict[int, Subscription] = {}
@@ -212,33 +196,30 @@ class Bus:
         sub = Subscription(topic_filter, qos, next(self._ids), no_local, [handler])
         self._subs[topic_filter] = sub
         self._by_id[sub.sub_id] = sub
-        client = self._client
-        if client is not None and self.connected:
-            with contextlib.suppress(aiomqtt.MqttError):  # resubscribed on reconnect
-                await self._subscribe(client, sub)
+        conn = self._conn
+        if conn is not None and self.connected:
+            with contextlib.suppress(MqttError):  # resubscribed on reconnect
+                await self._subscribe(conn, sub)
 
     async def unsubscribe(self, topic_filter: str) -> None:
         sub = self._subs.pop(topic_filter, None)
         if sub is None:
             return
         self._by_id.pop(sub.sub_id, None)
-        client = self._client
-        if client is not None and self.connected:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.unsubscribe(topic_filter)
+        conn = self._conn
+        if conn is not None and self.connected:
+            with contextlib.suppress(MqttError):
+                await conn.unsubscribe(topic_filter)
 
-    async def _subscribe(self, client: aiomqtt.Client, sub: Subscription) -> None:
-        props = FastProperties(PacketTypes.SUBSCRIBE)
-        props.SubscriptionIdentifier = sub.sub_id
-        options = SubscribeOptions(qos=sub.qos, noLocal=sub.no_local)
-        granted = await client.subscribe(sub.topic_filter, options=options, properties=props)
+    async def _subscribe(self, conn: Connection, sub: Subscription) -> None:
+        options = subscribe_options(sub.qos, no_local=sub.no_local)
+        granted = await conn.subscribe(sub.topic_filter, options, sub.sub_id)
         for code in granted:
-            value = getattr(code, "value", code)
-            if isinstance(value, int) and value >= 0x80:
+            if code >= 0x80:
                 log.error(
-                    "broker refused subscription to %s (reason %s): check the ACL",
+                    "broker refused subscription to %s (%s): check the ACL",
                     sub.topic_filter,
-                    code,
+                    reason_text(code),
                 )
 
     # ---------------------------------------------------------------- publish
@@ -251,6 +232,8 @@ class Bus:
         retain: bool,
         **props: Any,
     ) -> Outgoing:
+        if qos not in (0, 1, 2):
+            raise ValueError(f"QoS must be 0, 1 or 2, not {qos!r}")
         return Outgoing(topic, to_bytes(payload), qos, retain, publish_properties(**props))
 
     async def publish(
@@ -325,11 +308,23 @@ class Bus:
             content_type=content_type,
             response_topic=response_topic,
         )
-        client = self._client
-        if client is not None and self.connected and not self._backlog:
-            paho = client._client
-            info = paho.publish(out.topic, out.payload, out.qos, out.retain, out.properties)
-            if info.rc == 0:
+        if self._thread is not None and threading.get_ident() != self._thread:
+            # A worker thread (inference, a sensor driver): hand it to the loop's thread.
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._post, out)
+            return
+        self._post(out)
+
+    def _post(self, out: Outgoing) -> None:
+        conn = self._conn
+        if (
+            conn is not None
+            and self.connected
+            and not self._backlog
+            and conn.queued < MAX_QUEUED_OUTGOING
+        ):
+            with contextlib.suppress(MqttError):  # if lost since: the slow path keeps it
+                conn.publish(out.topic, out.payload, out.qos, out.retain, out.props)
                 return
         if self._inflight_n < self.config.max_inflight and not self._backlog:
             self._inflight_n += 1
@@ -373,20 +368,16 @@ class Bus:
             log.error("background publish failed", exc_info=task.exception())
 
     async def _send(self, out: Outgoing) -> None:
-        client = self._client
-        if client is None or not self.connected:
+        conn = self._conn
+        if conn is None or not self.connected:
             self._keep(out)
             return
         try:
-            await client.publish(
-                out.topic,
-                out.payload,
-                qos=out.qos,
-                retain=out.retain,
-                properties=out.properties,
-                timeout=PUBLISH_TIMEOUT,
-            )
-        except aiomqtt.MqttError as exc:
+            acked = conn.publish(out.topic, out.payload, out.qos, out.retain, out.props, ack=True)
+            if acked is not None:
+                async with asyncio.timeout(PUBLISH_TIMEOUT):
+                    await acked
+        except (MqttError, TimeoutError) as exc:
             log.debug("publish to %s failed (%s); kept for reconnect", out.topic, exc)
             self._keep(out)
 
@@ -401,65 +392,42 @@ class Bus:
         self._outbox.append(out)
 
     async def flush(self) -> None:
-        """Wait until every background publish has been acknowledged."""
+        """Wait until every publish made so far has been acknowledged by the broker
+        (or kept in the outbox, if the connection dropped meanwhile)."""
         while self._background or self._backlog:
             if self._background:
                 await asyncio.gather(*list(self._background), return_exceptions=True)
             else:
                 await asyncio.sleep(0)
+        conn = self._conn
+        if conn is not None:
+            await conn.wait_acknowledged()
 
     # -------------------------------------------------------------- lifecycle
 
-    def _make_client(self) -> aiomqtt.Client:
+    def _params(self) -> ConnectParams:
         ep = self.config.endpoint
         will = None
         if self._will is not None:
             topic, payload = self._will
-            will = aiomqtt.Will(topic, to_bytes(payload), qos=1, retain=True)
-        tls_context = self._tls_context() if ep.tls else None
-        socket_options: list[tuple[int, int, int]] = []
-        if ep.transport != "unix":
-            # Without TCP_NODELAY a QoS 1 round trip costs 40-90 ms (Nagle + delayed ACK).
-            socket_options.append((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1))
-        connect_props = FastProperties(PacketTypes.CONNECT)
-        connect_props.SessionExpiryInterval = 0
-        connect_props.ReceiveMaximum = RECEIVE_MAXIMUM
-        bus = self
-
-        class Inbox(asyncio.Queue[aiomqtt.Message]):
-            """aiomqtt's incoming queue, kept so a backlog drains without a task per message."""
-
-            def __init__(self, maxsize: int = 0) -> None:
-                super().__init__(maxsize)
-                bus._inbox = self
-
-        client = aiomqtt.Client(
-            ep.host,
-            ep.port or 1,  # paho rejects port 0 even for unix sockets, where it is unused
+            will = Will(topic, to_bytes(payload), qos=1, retain=True)
+        return ConnectParams(
+            host=ep.host,
+            port=ep.port,
+            client_id=self.client_id,
+            transport=ep.transport,
+            websocket_path=ep.path or "/",
+            tls=self._tls_context() if ep.tls else None,
             username=self.config.username,
             password=self._password,
-            identifier=self.client_id,
-            protocol=aiomqtt.ProtocolVersion.V5,
-            will=will,
-            transport=ep.transport,
-            timeout=self.config.connect_timeout,
             keepalive=self.config.keepalive,
             clean_start=self._clean_start,
-            properties=connect_props,
-            max_queued_incoming_messages=MAX_QUEUED_INCOMING,
-            queue_type=Inbox,
-            max_inflight_messages=self.config.max_inflight,
-            max_queued_outgoing_messages=MAX_QUEUED_OUTGOING,
-            tls_context=tls_context,
-            tls_insecure=self.config.tls.insecure if ep.tls else None,
-            socket_options=socket_options,
-            websocket_path=ep.path if ep.transport == "websockets" else None,
+            will=will,
+            receive_maximum=RECEIVE_MAXIMUM,
+            max_inflight=self.config.max_inflight,
+            connect_timeout=self.config.connect_timeout,
+            max_queued_incoming=MAX_QUEUED_INCOMING,
         )
-        # aiomqtt warns past 10 pending publishes; our flow control (max_inflight)
-        # is the real bound, so only warn beyond it.
-        client.pending_calls_threshold = self.config.max_inflight + 1
-        _write_in_loop(client)
-        return client
 
     def _tls_context(self) -> ssl.SSLContext:
         tls = self.config.tls
@@ -477,29 +445,42 @@ class Bus:
         """Stay connected until cancelled.  Raises :class:`BusAuthError` on refusal."""
         attempt = 0
         rc = self.config.reconnect
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
         while True:
+            conn: Connection | None = None
             try:
-                async with self._make_client() as client:
-                    attempt = 0
-                    await self._session(client)
-            except aiomqtt.MqttCodeError as exc:
-                code = getattr(exc.rc, "value", exc.rc)
-                if isinstance(code, int) and code in AUTH_FAILURES:
+                conn = await connect(self._params())
+                attempt = 0
+                await self._session(conn)
+            except ConnectRefused as exc:
+                if exc.code in AUTH_FAILURES:
                     raise BusAuthError(
                         f"broker {self.config.url} refused the connection: {exc}. "
                         "Check broker.username / password and the broker's ACL."
                     ) from exc
                 self._lost(exc, attempt)
-            except aiomqtt.MqttError as exc:
+            except MqttError as exc:
                 self._lost(exc, attempt)
             finally:
                 self._connected.clear()
-                self._client = None
+                self._conn = None
+                if conn is not None:
+                    await self._closed(conn)
             delay = rc.initial_delay * (2 ** min(attempt, 30))
             delay *= 1 + random.uniform(-rc.jitter, rc.jitter)
             delay = min(rc.max_delay, delay)  # capped after the jitter: never past max_delay
             attempt += 1
             await asyncio.sleep(delay)
+
+    async def _closed(self, conn: Connection) -> None:
+        """Close ``conn`` (a normal DISCONNECT if it is still up: no will) and keep
+        what the broker never acknowledged for the next connection."""
+        try:
+            await conn.close()
+        finally:
+            for left in conn.take_unacked():
+                self._keep(Outgoing(left.topic, left.payload, left.qos, left.retain, left.props))
 
     def _lost(self, exc: Exception, attempt: int) -> None:
         if self.connects and attempt == 0:
@@ -507,45 +488,49 @@ class Bus:
         elif attempt in (0, 3) or attempt % 20 == 0:
             log.warning("cannot reach the broker at %s: %s (retrying)", self.config.url, exc)
 
-    async def _session(self, client: aiomqtt.Client) -> None:
-        self._client = client
+    async def _session(self, conn: Connection) -> None:
+        self._conn = conn
         for sub in list(self._subs.values()):
-            await self._subscribe(client, sub)
+            await self._subscribe(conn, sub)
         self._connected.set()
         self.connects += 1
         log.info("connected to %s as %s", self.config.url, self.client_id)
         pending = list(self._outbox)
         self._outbox.clear()
-        for out in pending:
-            await self._send(out)
+        for out in pending:  # in order, through the in-flight window; unacked ones come back
+            conn.publish(out.topic, out.payload, out.qos, out.retain, out.props)
         for hook in self._hooks:
             try:
                 await hook()
-            except aiomqtt.MqttError:
+            except MqttError:
                 raise
             except Exception:
                 log.exception("on-connect hook %s failed", getattr(hook, "__qualname__", hook))
-        inbox = self._inbox
-        async for message in client.messages:
+        inbox = conn.inbox
+        while True:
+            if not inbox:
+                await conn.wait_message()  # MqttError once the connection is gone
+            message = inbox.popleft()
+            conn.taken()
             await self._dispatch(message)
-            # aiomqtt's iterator spends a task and an asyncio.wait on every message;
-            # under load, take what has already arrived straight from its queue.
-            while inbox is not None and not inbox.empty():
-                await self._dispatch(inbox.get_nowait())
 
-    async def _dispatch(self, message: aiomqtt.Message) -> None:
+    async def _dispatch(self, message: Publish) -> None:
         props = message.properties
-        inbound = Inbound(
-            topic=message.topic.value,
-            payload=_payload_bytes(message.payload),
-            qos=message.qos,
-            retain=message.retain,
-            response_topic=getattr(props, "ResponseTopic", None),
-            correlation_data=getattr(props, "CorrelationData", None),
-            content_type=getattr(props, "ContentType", None),
-            user_properties=tuple(getattr(props, "UserProperty", ()) or ()),
-        )
-        ids = getattr(props, "SubscriptionIdentifier", None)
+        ids = None
+        if props:
+            inbound = Inbound(
+                message.topic,
+                message.payload,
+                message.qos,
+                message.retain,
+                props.get(RESPONSE_TOPIC),
+                props.get(CORRELATION_DATA),
+                props.get(CONTENT_TYPE),
+                tuple(props.get(USER_PROPERTY, ())),
+            )
+            ids = props.get(SUBSCRIPTION_ID)
+        else:
+            inbound = Inbound(message.topic, message.payload, message.qos, message.retain)
         if ids:
             subs = [self._by_id[i] for i in ids if i in self._by_id]
         else:
@@ -573,60 +558,3 @@ class Bus:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self.flush()
-
-
-def _write_in_loop(client: aiomqtt.Client) -> None:
-    """Write queued packets from the event loop itself, once per loop iteration.
-
-    aiomqtt asks for writability on every publish with
-    ``call_soon_threadsafe(add_writer)`` (it may be called from its connect
-    thread): a self-pipe write, two ``epoll_ctl`` calls and two more loop
-    iterations per message before the packet leaves.  On the loop thread we
-    instead schedule one ``loop_write`` for the current batch of publishes;
-    only if the socket cannot take everything (or off the loop thread) does
-    aiomqtt's writer registration take over.
-    """
-    paho = getattr(client, "_client", None)  # aiomqtt keeps its paho client here (2.x)
-    register = getattr(paho, "on_socket_register_write", None)
-    if paho is None or register is None:
-        return
-    loop = asyncio.get_running_loop()
-    scheduled = False
-
-    def flush(sock: Any) -> None:
-        nonlocal scheduled
-        scheduled = False
-        if paho.socket() is None:  # disconnected since: nothing to write to
-            return
-        try:
-            paho.loop_write()
-        except Exception:  # aiomqtt's writer callback handles (and reports) it
-            if paho.socket() is not None:
-                register(paho, None, sock)
-            return
-        # Socket full: wait for writability the usual way (unless writing the
-        # DISCONNECT just closed it).
-        if paho.want_write() and paho.socket() is not None:
-            register(paho, None, sock)
-
-    def on_register_write(c: Any, userdata: Any, sock: Any) -> None:
-        nonlocal scheduled
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is not loop:
-            register(c, userdata, sock)
-        elif not scheduled:
-            scheduled = True
-            loop.call_soon(flush, sock)
-
-    paho.on_socket_register_write = on_register_write
-
-
-def _payload_bytes(payload: Any) -> bytes:
-    if isinstance(payload, bytes | bytearray):
-        return bytes(payload)
-    if payload is None:
-        return b""
-    return str(payload).encode()

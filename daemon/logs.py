@@ -34,6 +34,3 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # The MQTT library is chatty at debug; keep it at warning unless asked.
-    if level != "debug":
-        logging.getLogger("aiomqtt").setLevel(logging.WARNING)

@@ -1,0 +1,28 @@
+"""The project's MQTT 5 client: wire format (:mod:`.codec`), one connection
+(:mod:`.connection`) and the websocket transport (:mod:`.websocket`).
+
+:class:`daemon.bus.Bus` is the only user; everything else talks to the bus.
+"""
+
+from daemon.mqtt.codec import Publish, Will
+from daemon.mqtt.connection import (
+    Connection,
+    ConnectionLost,
+    ConnectParams,
+    ConnectRefused,
+    MqttError,
+    Unacked,
+    connect,
+)
+
+__all__ = [
+    "ConnectParams",
+    "ConnectRefused",
+    "Connection",
+    "ConnectionLost",
+    "MqttError",
+    "Publish",
+    "Unacked",
+    "Will",
+    "connect",
+]
