@@ -114,8 +114,9 @@ class Worker:
         self.running: dict[str, tuple[asyncio.Task[None], TaskRun]] = {}
         self.load: dict[str, int] = {}
         self.accepting = True
-        # Runs waiting for their "started" ack, in order of start: (due loop time, run).
-        self._unacked: deque[tuple[float, TaskRun]] = deque()
+        # Runs waiting for their "started" ack, in order of start: (due loop time,
+        # task id, attempt); ids, not runs, so a finished run is not kept alive.
+        self._unacked: deque[tuple[float, str, int]] = deque()
         self._ack_timer: asyncio.TimerHandle | None = None
 
     def set_routes(self, routes: dict[str, tuple[Node, int]]) -> None:
@@ -264,7 +265,7 @@ class Worker:
 
     def _arm_ack(self, run: TaskRun) -> None:
         loop = asyncio.get_running_loop()
-        self._unacked.append((loop.time() + ACK_DELAY, run))
+        self._unacked.append((loop.time() + ACK_DELAY, run.task_id, run.attempt))
         if self._ack_timer is None:
             self._ack_timer = loop.call_at(self._unacked[0][0], self._ack_due)
 
@@ -275,10 +276,10 @@ class Worker:
         now = loop.time()
         queue = self._unacked
         while queue and queue[0][0] <= now:
-            _, run = queue.popleft()
-            entry = self.running.get(run.task_id)
-            if entry is not None and entry[1] is run:
-                self._ack(run)
+            _, task_id, attempt = queue.popleft()
+            entry = self.running.get(task_id)
+            if entry is not None and entry[1].attempt == attempt:
+                self._ack(entry[1])
         if queue:
             self._ack_timer = loop.call_at(max(queue[0][0], now + ACK_ROUND), self._ack_due)
 

@@ -69,6 +69,14 @@ async def test_journal_survives_a_flush_and_short_tasks_never_touch_it(tmp_path:
     store.journal_remove("long")
     await store.flush()
     assert _active(path) == []
+
+    # History rows go in several rows per statement; more than one statement's worth.
+    for i in range(150):
+        store.record(_row(f"t{i}"))
+    await store.flush()
+    rows = await store.history(limit=1000)
+    assert len(rows) == 151
+    assert rows[-1] == {**_row("short"), "submitted": rows[-1]["submitted"]}
     await store.close()
 
 

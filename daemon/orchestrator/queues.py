@@ -52,7 +52,10 @@ class FairQueue(Generic[T]):
         q = cls.get(item.user)
         if q is None:
             q = cls[item.user] = deque()
-        ahead = sum(self._rank_size(r) for r in range(item.rank))
+        ahead = 0
+        for r in range(item.rank):
+            if self._classes[r]:
+                ahead += self._rank_size(r)
         if front:
             q.appendleft((ticket, item))
         else:

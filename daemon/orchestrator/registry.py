@@ -63,10 +63,14 @@ class Slot:
     success: float = 1.0
     completed: int = 0
     failed: int = 0
+    capacity: int = field(init=False, default=0)  # read on every assignment: kept, not summed
 
-    @property
-    def capacity(self) -> int:
-        return sum(c.max_concurrency for c in self.caps)
+    def __post_init__(self) -> None:
+        self.set_caps(self.caps)
+
+    def set_caps(self, caps: list[Capability]) -> None:
+        self.caps = caps
+        self.capacity = sum(c.max_concurrency for c in caps)
 
     def offers(self, backend: str | None, model: str | None, language: str | None) -> bool:
         return any(
@@ -214,7 +218,7 @@ class Registry:
         for name, group in grouped.items():
             old = p.slots.get(name)
             if old is not None:
-                old.caps = group
+                old.set_caps(group)
                 new[name] = old
             else:
                 new[name] = Slot(group, Breaker(self.breaker_config))
@@ -229,7 +233,9 @@ class Registry:
     def refresh(self, p: Peer, name: str, now: float = 0.0) -> None:
         """Recompute whether the peer can take another ``name`` task right now."""
         slot = p.slots.get(name)
-        free = self.free.setdefault(name, IndexedSet())
+        free = self.free.get(name)
+        if free is None:
+            free = self.free[name] = IndexedSet()
         if (
             slot is not None
             and p.available

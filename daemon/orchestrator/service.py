@@ -514,7 +514,10 @@ class Orchestrator:
         task.assigned_mono = now
         if task.queue_ms is None:
             task.queue_ms = round((now - task.submitted_mono) * 1000, 3)
-        self.by_node.setdefault(peer.node_id, set()).add(task.id)
+        on_node = self.by_node.get(peer.node_id)
+        if on_node is None:
+            on_node = self.by_node[peer.node_id] = set()
+        on_node.add(task.id)
         self.user_running[task.user] += 1
         assign = TaskAssign(
             task_id=task.id,
@@ -588,7 +591,10 @@ class Orchestrator:
             return
         slot.record(ok, run_ms)
         if ok:
+            closed = slot.breaker.state == "closed"
             slot.breaker.on_success()
+            if closed:
+                return  # nothing that decides whether the peer is free has changed
         else:
             was = slot.breaker.state
             slot.breaker.on_failure(time.monotonic())

@@ -16,6 +16,7 @@ the journal.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import sqlite3
@@ -58,11 +59,33 @@ CREATE TABLE IF NOT EXISTS workflow_runs (
 CREATE INDEX IF NOT EXISTS workflow_runs_started ON workflow_runs (started);
 """
 
-HISTORY_INSERT: Final = (
-    "INSERT OR REPLACE INTO history VALUES "
-    "(:task_id, :user, :capability, :node, :priority, :submitted, :queue_ms, :run_ms,"
-    " :total_ms, :outcome, :error_code, :attempts, :input_bytes, :output_bytes)"
+HISTORY_COLUMNS: Final = (
+    "task_id",
+    "user",
+    "capability",
+    "node",
+    "priority",
+    "submitted",
+    "queue_ms",
+    "run_ms",
+    "total_ms",
+    "outcome",
+    "error_code",
+    "attempts",
+    "input_bytes",
+    "output_bytes",
 )
+# History rows per INSERT statement.  One statement for many rows is ~30 % less
+# CPU than executemany, and the sqlite3 module releases the GIL once per statement
+# rather than once per row: fewer hand-overs with the event loop's thread.
+# 64 x 14 = 896 parameters, under SQLite's oldest limit of 999.
+HISTORY_ROWS_PER_INSERT: Final = 64
+
+
+@functools.cache
+def _history_insert(rows: int) -> str:
+    one = "(" + ",".join("?" * len(HISTORY_COLUMNS)) + ")"
+    return "INSERT OR REPLACE INTO history VALUES " + ",".join([one] * rows)
 
 
 @dataclass(slots=True)
@@ -188,8 +211,13 @@ class Store:
                     db.execute(sql, args[0])
                 else:
                     db.execute(sql, args)
-            if batch.history:
-                db.executemany(HISTORY_INSERT, batch.history)
+            history, step = batch.history, HISTORY_ROWS_PER_INSERT
+            for start in range(0, len(history), step):
+                chunk = history[start : start + step]
+                db.execute(
+                    _history_insert(len(chunk)),
+                    [row[name] for row in chunk for name in HISTORY_COLUMNS],
+                )
             if batch.removes:
                 db.executemany("DELETE FROM active WHERE task_id = ?", batch.removes)
             if batch.adds:
