@@ -14,8 +14,11 @@ and with 16 requests in flight:
 * ``direct``: the worker's own protocol with no orchestrator running — a
   ``TaskAssign`` published to ``node/<id>/task`` and its ``WorkerReport``
   awaited on ``task/worker/<id>`` (same worker process, same client bus);
-* ``raw_aiomqtt``: MQTT 5 request/response between two bare aiomqtt
-  clients (``bench.mqtt_echo``) — the floor for Python over this broker.
+* ``raw_mtor_mqtt``: MQTT 5 request/response between two bare
+  :class:`daemon.mqtt.Connection` clients (``bench.raw_echo``) — the floor of
+  the project's own MQTT client, what the Bus and the models add comes on top;
+* ``raw_aiomqtt``: the same between two bare aiomqtt clients
+  (``bench.mqtt_echo``) — what a typical Python MQTT service pays.
 
 Everything shares the machine, the benchmark client included; CPU % of one
 core per process is reported for every phase so contention is visible.
@@ -30,11 +33,13 @@ import argparse
 import asyncio
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
 from bench.common import emit, machine
 from bench.mqtt_echo import EchoClient
+from bench.raw_echo import RawEchoClient
 from bench.realm import DirectWorker, Realm, measured
 from daemon.broker import PrivateBroker
 
@@ -60,22 +65,28 @@ async def measure(broker: PrivateBroker, args: argparse.Namespace) -> dict[str, 
         async with realm.running():
             await realm.start_worker(WORKER, args.max_concurrency)
 
-            # 1. floor: two bare aiomqtt clients
-            topic = f"bench/{realm.realm}/echo"
-            realm.spawn(
-                "responder",
-                [sys.executable, "-m", "bench.mqtt_echo", broker.host, str(broker.port), topic],
-            )
-            await asyncio.sleep(1.0)  # the responder subscribes (it publishes nothing to wait on)
-            raw = EchoClient(broker.host, broker.port, topic)
-            async with raw.running():
-                data = b'{"text":"hello realm","n":42}'
+            # 1. floors: two bare clients of each MQTT library, no Bus, no models
+            data = b'{"text":"hello realm","n":42}'
+            clients: dict[str, tuple[str, Callable[[str, int, str], Any]]] = {
+                "raw_mtor_mqtt": ("bench.raw_echo", RawEchoClient),
+                "raw_aiomqtt": ("bench.mqtt_echo", EchoClient),
+            }
+            for name, (module, make) in clients.items():
+                topic = f"bench/{realm.realm}/{name}"
+                realm.spawn(
+                    name, [sys.executable, "-m", module, broker.host, str(broker.port), topic]
+                )
+                await asyncio.sleep(
+                    1.0
+                )  # the responder subscribes (it publishes nothing to wait on)
+                raw = make(broker.host, broker.port, topic)
+                async with raw.running():
 
-                async def raw_call(_i: int) -> Any:
-                    return await raw.call(data)
+                    async def raw_call(_i: int, raw: Any = raw) -> Any:
+                        return await raw.call(data)
 
-                out["raw_aiomqtt"] = await _phase("raw", raw_call, realm, args)
-            realm.stop("responder")
+                    out[name] = await _phase(name, raw_call, realm, args)
+                realm.stop(name)
 
             # 2. direct: the worker's protocol, no orchestrator running
             direct = DirectWorker(realm, WORKER)

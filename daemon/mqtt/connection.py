@@ -134,6 +134,8 @@ class Connection(asyncio.Protocol):
         self._need = 0
         self._out: list[bytes] = []
         self._flush_scheduled = False
+        self._acks_only = False  # _out holds nothing but acknowledgements
+        self._acks_waited = False  # ... and the flush already waited one iteration for more
         self._next_id = 0
         self._inflight: dict[int, _Outgoing] = {}
         self._queued: deque[_Outgoing] = deque()
@@ -212,12 +214,31 @@ class Connection(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         self._out.append(data)
+        self._acks_only = False
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _ack(self, data: bytes) -> None:
+        """Queue an acknowledgement; it leaves with the next write, or on its own
+        one loop iteration later (see :meth:`_flush`)."""
+        if not self._out:
+            self._acks_only = True
+        self._out.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        if self._acks_only and not self._acks_waited:
+            # Only acknowledgements so far: let the handlers of what they acknowledge run
+            # first, so their answers leave in the same write, and the ack's syscall does
+            # not delay the dispatch (one send instead of two on a worker's hot path).
+            self._acks_waited = True
+            self._loop.call_soon(self._flush)
+            return
         self._flush_scheduled = False
+        self._acks_only = self._acks_waited = False
         out = self._out
         transport = self._write_transport
         if not out or transport is None or transport.is_closing():
@@ -401,11 +422,11 @@ class Connection(asyncio.Protocol):
                 self._acked(packet_id, reason, props)
             else:
                 out.released = True
-                self._write(codec.encode_ack(codec.PUBREL, packet_id))
+                self._ack(codec.encode_ack(codec.PUBREL, packet_id))
         elif kind == codec.PUBREL:
             packet_id = codec.decode_ack(body)[0]
             self._incoming_qos2.discard(packet_id)
-            self._write(codec.encode_ack(codec.PUBCOMP, packet_id))
+            self._ack(codec.encode_ack(codec.PUBCOMP, packet_id))
         elif kind in (codec.SUBACK, codec.UNSUBACK):
             packet_id, codes, _props = codec.decode_suback(body)
             future = self._requests.pop(packet_id, None)
@@ -425,16 +446,14 @@ class Connection(asyncio.Protocol):
             raise ProtocolError(f"unexpected packet type {kind} from the broker")
 
     def _on_publish(self, message: Publish) -> None:
-        if message.qos == 1:
-            self._write(codec.encode_ack(codec.PUBACK, message.packet_id))
-        elif message.qos == 2:
-            self._write(codec.encode_ack(codec.PUBREC, message.packet_id))
+        if message.qos == 2:
             if message.packet_id in self._incoming_qos2:
+                self._ack(codec.encode_ack(codec.PUBREC, message.packet_id))
                 return  # a resend of one we already have
             self._incoming_qos2.add(message.packet_id)
         self.inbox.append(message)
         if len(self.inbox) == 1:
-            self._wake()
+            self._wake()  # before the ack is queued: dispatch runs first, see _flush
         elif len(self.inbox) > self.params.max_queued_incoming and not self._paused:
             self._paused = True
             transport = self._transport
@@ -444,6 +463,9 @@ class Connection(asyncio.Protocol):
                 "%d incoming messages wait for dispatch: reading paused until it catches up",
                 len(self.inbox),
             )
+        if message.qos:
+            kind = codec.PUBACK if message.qos == 1 else codec.PUBREC
+            self._ack(codec.encode_ack(kind, message.packet_id))
 
     def _acked(self, packet_id: int, reason: int, props: Properties) -> None:
         out = self._inflight.pop(packet_id, None)
