@@ -238,10 +238,17 @@ class Connection(asyncio.Protocol):
             self._loop.call_soon(self._flush)
             return
         self._flush_scheduled = False
+        self.flush_now()
+
+    def flush_now(self) -> None:
+        """Write what is queued now instead of at the end of this loop iteration
+        (for a message a caller's latency waits on, see ``Bus.post(urgent=...)``)."""
         self._acks_only = self._acks_waited = False
         out = self._out
+        if not out:
+            return
         transport = self._write_transport
-        if not out or transport is None or transport.is_closing():
+        if transport is None or transport.is_closing():
             out.clear()
             return
         transport.write(out[0] if len(out) == 1 else b"".join(out))
