@@ -8,9 +8,11 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -336,3 +338,41 @@ async def test_malformed_packets_from_the_broker_close_the_connection() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+def _certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 it signed."""
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", "server.key", "-out", "server.csr")  # fmt: skip
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.crt")  # fmt: skip
+    return directory / "ca.crt", directory / "server.crt", directory / "server.key"
+
+
+async def test_tls_and_secure_websockets(tmp_path: Path, realm: str) -> None:
+    ca, cert, key = _certificates(tmp_path)
+    tls_port, wss_port = free_port(), free_port()
+    files = f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+    extra = f"listener {tls_port} 127.0.0.1\n{files}listener {wss_port} 127.0.0.1\n"
+    extra += f"protocol websockets\n{files}"
+    with PrivateBroker(extra_config=extra):
+        for url in (f"mqtts://127.0.0.1:{tls_port}", f"wss://127.0.0.1:{wss_port}/"):
+            cfg = make_config(url, realm, broker={"tls": {"ca_file": str(ca)}})
+            async with running_bus(cfg) as bus:
+                got = Collector()
+                await bus.subscribe(f"mtor/{realm}/tls", got)
+                await bus.publish(f"mtor/{realm}/tls", url)
+                await got.wait_for(lambda m, url=url: m.payload == url.encode(), timeout=5)
+        # Certificates are checked: without the CA that signed the broker's, no connection.
+        params = ConnectParams(
+            "127.0.0.1", tls_port, "no-ca", tls=ssl.create_default_context(), connect_timeout=5
+        )
+        with pytest.raises(ConnectionLost, match="CERTIFICATE_VERIFY_FAILED"):
+            await connect(params)

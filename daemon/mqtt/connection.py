@@ -149,6 +149,7 @@ class Connection(asyncio.Protocol):
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._paused = False
         self._keepalive = params.keepalive
+        self._max_qos = 2
         self._last_sent = self._last_heard = time.monotonic()
         self._ping_timer: asyncio.TimerHandle | None = None
         self._refused_publishes = 0
@@ -285,6 +286,8 @@ class Connection(asyncio.Protocol):
         self.server = await self._connack
         self._window = min(self.params.max_inflight, self.server.get(codec.RECEIVE_MAXIMUM, 65_535))
         self._keepalive = self.server.get(codec.SERVER_KEEP_ALIVE, self.params.keepalive)
+        # A broker that supports less than QoS 2 disconnects a client that publishes above it.
+        self._max_qos = self.server.get(codec.MAXIMUM_QOS, 2)
         if self._keepalive:
             self._ping_timer = self._loop.call_later(self._keepalive / 2, self._tick)
 
@@ -316,6 +319,7 @@ class Connection(asyncio.Protocol):
             raise self._error or ConnectionLost("not connected")
         if threading.get_ident() != self._thread:
             raise MqttError("publish from outside the connection's event loop thread")
+        qos = min(qos, self._max_qos)
         if not qos:
             self._write(
                 codec.encode_publish(
