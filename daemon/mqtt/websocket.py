@@ -98,6 +98,8 @@ class WebSocketProtocol(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._raw = transport
         host, port, path = self._request_target
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 literal
         request = (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {self._key.decode()}\r\n"
