@@ -29,6 +29,7 @@ from daemon.protocol.task import (
     TaskUpdate,
     WorkerReport,
 )
+from daemon.timers import TimerWheel
 
 if TYPE_CHECKING:
     from daemon.node import Node
@@ -118,6 +119,11 @@ class Worker:
         # task id, attempt); ids, not runs, so a finished run is not kept alive.
         self._unacked: deque[tuple[float, str, int]] = deque()
         self._ack_timer: asyncio.TimerHandle | None = None
+        # Deadlines of running tasks, (task id, attempt), in one wheel rather than an
+        # asyncio.timeout (a loop timer) per task; a task past it is cancelled and
+        # reported as "timeout" (up to one TICK late).
+        self._deadlines: TimerWheel[tuple[str, int]] = TimerWheel(self._on_deadline)
+        self._expired: set[tuple[str, int]] = set()
 
     def set_routes(self, routes: dict[str, tuple[Node, int]]) -> None:
         """capability -> (node, max concurrency); called whenever adverts change."""
@@ -211,10 +217,11 @@ class Worker:
         started = time.perf_counter()
         self._arm_ack(run)  # the result acks fast tasks itself
         report: WorkerReport
+        key = (run.task_id, run.attempt)
+        remaining = run.remaining()
+        wheel_key = None if remaining is None else self._deadlines.add_in(key, remaining)
         try:
-            remaining = run.remaining()
-            async with asyncio.timeout(remaining):
-                output = await node.execute(run)
+            output = await node.execute(run)
             report = WorkerReport(
                 task_id=run.task_id, attempt=run.attempt, status="done", output=output
             )
@@ -225,18 +232,24 @@ class Worker:
             report = self._failed(run, "timeout", "the task ran past its deadline")
         except asyncio.CancelledError:
             run.cancel_flag.set()
-            report = self._failed(run, "cancelled", "cancelled")
-            if not self.accepting:
+            if key in self._expired:  # cancelled by _on_deadline
+                report = self._failed(run, "timeout", "the task ran past its deadline")
+            elif not self.accepting:
                 report = WorkerReport(
                     task_id=run.task_id,
                     attempt=run.attempt,
                     status="rejected",
                     error=ErrorInfo(code="shutting_down", message="worker shut down mid-task"),
                 )
+            else:
+                report = self._failed(run, "cancelled", "cancelled")
         except Exception as exc:
             log.exception("task %s (%s) crashed", run.task_id, run.capability)
             report = self._failed(run, "internal", f"{type(exc).__name__}: {exc}")
         finally:
+            self._deadlines.discard(key, wheel_key)
+            if self._expired:
+                self._expired.discard(key)
             self.running.pop(run.task_id, None)
             self.load[run.capability] -= 1
         report.run_ms = round((time.perf_counter() - started) * 1000, 3)
@@ -262,6 +275,15 @@ class Worker:
         )
         correlation = bytes.fromhex(reply.correlation_data) if reply.correlation_data else None
         self.bus.post(reply.topic, update, qos=1, correlation_data=correlation)
+
+    def _on_deadline(self, key: tuple[str, int]) -> None:
+        entry = self.running.get(key[0])
+        if entry is None or entry[1].attempt != key[1]:
+            return
+        task, run = entry
+        self._expired.add(key)
+        run.cancel_flag.set()
+        task.cancel()
 
     def _arm_ack(self, run: TaskRun) -> None:
         loop = asyncio.get_running_loop()

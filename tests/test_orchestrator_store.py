@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.orchestrator.store import Store
-from daemon.orchestrator.timers import TimerWheel
+from daemon.timers import TimerWheel
 
 
 def _row(task_id: str) -> dict[str, Any]:

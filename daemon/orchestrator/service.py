@@ -39,7 +39,6 @@ from daemon.orchestrator.registry import Peer, Registry
 from daemon.orchestrator.stats import Stats
 from daemon.orchestrator.store import Store
 from daemon.orchestrator.tasks import Task, TokenBucket, bucket_for
-from daemon.orchestrator.timers import TimerWheel
 from daemon.orchestrator.users import Users
 from daemon.protocol.admin import OrchestratorState, OrchestratorStats
 from daemon.protocol.node import NodeHealth, NodeInfo, NodeState
@@ -55,6 +54,7 @@ from daemon.protocol.task import (
     WorkerReport,
 )
 from daemon.sdnotify import Notifier
+from daemon.timers import TimerWheel
 
 log = logging.getLogger(__name__)
 
@@ -336,11 +336,21 @@ class Orchestrator:
                 self.idempotency.popitem(last=False)
         self.tasks[task_id] = task
         self.store.journal_add(task_id, task.submitted, task.journal_doc)
-        position = self._queue(task).push(task)
         self._arm_deadline(task)
+        q = self._queue(task)
+        # Nothing queued and a peer free: assign at once, as a push and _dispatch's
+        # pop would, without the round trip through the queue.
+        free = self.registry.free.get(submit.capability)
+        peer = self._pick(task) if not len(q) and free and self._user_ok(user) else None
+        if peer is None:
+            position = q.push(task)
+            if submit.progress:
+                self._reply(task, "queued", position=position)
+            self._dispatch(submit.capability)
+            return
         if submit.progress:
-            self._reply(task, "queued", position=position)
-        self._dispatch(submit.capability)
+            self._reply(task, "queued", position=0)
+        self._assign(task, peer)
 
     def _join_existing(
         self,
@@ -480,6 +490,13 @@ class Orchestrator:
         if not ids:
             return None
         now = time.monotonic()
+        if len(ids) == 1:  # nothing to compare: what policy.choose would say of one
+            peer = self.registry.peers[ids[0]]
+            slot = peer.slots[cap]
+            if not slot.breaker.allows(now):
+                self.registry.refresh(peer, cap, now)
+                return None
+            return peer if slot.in_use < slot.capacity else None
         candidates = []
         for node_id in ids:
             peer = self.registry.peers[node_id]

@@ -1,12 +1,13 @@
 """Many per-task timeouts with one event-loop timer per tick, not one per task.
 
-Every active task has a deadline and every assignment an acknowledgement
-timeout.  A loop timer per task (``call_later`` on submit, ``cancel`` on the
-result) costs a handle, a heap push and, since nearly all are cancelled, the
-loop's periodic clean-up of its heap; at thousands of tasks a second that is
-measurable.  :class:`TimerWheel` groups the timeouts by tick instead: adding
-or removing one is a dict operation, and each tick in use has one loop timer.
-A timeout fires up to one tick late, never early.
+In the orchestrator every active task has a deadline and every assignment an
+acknowledgement timeout; in a worker every running task has its deadline.  A
+loop timer per task (``call_later`` on start, ``cancel`` at the end) costs a
+handle, a heap push and, since nearly all are cancelled, the loop's periodic
+clean-up of its heap; at thousands of tasks a second that is measurable.
+:class:`TimerWheel` groups the timeouts by tick instead: adding or removing
+one is a dict operation, and each tick in use has one loop timer.  A timeout
+fires up to one tick late, never early.
 """
 
 from __future__ import annotations
