@@ -288,7 +288,6 @@ class Bus:
         expiry: float | None = None,
         content_type: str | None = None,
         response_topic: str | None = None,
-        urgent: bool = False,
     ) -> None:
         """Publish from synchronous code (timers, hot paths) without waiting.
 
@@ -298,11 +297,6 @@ class Bus:
         orchestrator's throughput depends on.  Otherwise (offline, or that
         queue full) it takes the flow-controlled path: a backlog that drains
         in order, or the outbox while disconnected.
-
-        Packets normally leave together once per loop iteration.  ``urgent``
-        writes this one (and whatever is queued before it) at once when no
-        other message waits for dispatch: for the message someone's latency
-        waits on, when the caller has more work to do before it returns.
         """
         out = self._outgoing(
             topic,
@@ -317,11 +311,11 @@ class Bus:
         if self._thread is not None and threading.get_ident() != self._thread:
             # A worker thread (inference, a sensor driver): hand it to the loop's thread.
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._post, out, urgent)
+            self._loop.call_soon_threadsafe(self._post, out)
             return
-        self._post(out, urgent)
+        self._post(out)
 
-    def _post(self, out: Outgoing, urgent: bool = False) -> None:
+    def _post(self, out: Outgoing) -> None:
         conn = self._conn
         if (
             conn is not None
@@ -331,8 +325,6 @@ class Bus:
         ):
             with contextlib.suppress(MqttError):  # if lost since: the slow path keeps it
                 conn.publish(out.topic, out.payload, out.qos, out.retain, out.props)
-                if urgent and not conn.inbox:
-                    conn.flush_now()
                 return
         if self._inflight_n < self.config.max_inflight and not self._backlog:
             self._inflight_n += 1

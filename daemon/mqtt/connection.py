@@ -239,11 +239,9 @@ class Connection(asyncio.Protocol):
             self._loop.call_soon(self._flush)
             return
         self._flush_scheduled = False
-        self.flush_now()
+        self._write_out()
 
-    def flush_now(self) -> None:
-        """Write what is queued now instead of at the end of this loop iteration
-        (for a message a caller's latency waits on, see ``Bus.post(urgent=...)``)."""
+    def _write_out(self) -> None:
         self._acks_only = self._acks_waited = False
         out = self._out
         if not out:
@@ -547,7 +545,7 @@ class Connection(asyncio.Protocol):
         if self._transport is not None and self._error is None:
             self._error = ConnectionLost("connection closed by us")
             self._write(codec.DISCONNECT_PACKET)
-            self._flush()
+            self._write_out()
             self._close_transport()
         try:
             async with asyncio.timeout(timeout):
