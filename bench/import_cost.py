@@ -28,7 +28,7 @@ NODE_IMPORTS: Final = (
 STAGES: Final = [
     ("interpreter", "pass"),
     ("+ asyncio, ssl", "import asyncio, ssl"),
-    ("+ paho-mqtt, aiomqtt", "import paho.mqtt.client, aiomqtt"),
+    ("+ the MQTT client (daemon.mqtt)", "import daemon.mqtt"),
     ("+ pydantic (BaseModel)", "from pydantic import BaseModel"),
     ("+ PyYAML", "import yaml"),
     ("+ daemon.messages, protocol models", "import daemon.messages, daemon.protocol.node"),
