@@ -376,3 +376,68 @@ async def test_tls_and_secure_websockets(tmp_path: Path, realm: str) -> None:
         )
         with pytest.raises(ConnectionLost, match="CERTIFICATE_VERIFY_FAILED"):
             await connect(params)
+
+
+async def test_broker_receive_maximum_is_respected(realm: str) -> None:
+    """Mosquitto announces max_inflight_messages as its Receive Maximum and drops a
+    client that has more QoS 1 publishes unacknowledged: the window must hold."""
+    with PrivateBroker(extra_config="max_inflight_messages 3\n") as b:
+        async with bus_on(b.url, realm) as bus:
+            assert bus._conn is not None
+            assert bus._conn.server.get(codec.RECEIVE_MAXIMUM) == 3
+            got = Collector()
+            await bus.subscribe(f"mtor/{realm}/rm", got)
+            for i in range(500):
+                bus.post(f"mtor/{realm}/rm", str(i))
+            await bus.flush()
+            await got.wait_count(500, timeout=20)
+            assert bus.connects == 1
+    assert [m.payload for m in got.messages] == [str(i).encode() for i in range(500)]
+
+
+async def test_session_takeover_is_survived(config: Config) -> None:
+    """Another client connecting with our id: Mosquitto (2.0.11) closes our connection,
+    without a DISCONNECT; the bus reconnects and takes the session back."""
+    async with running_bus(config, client_id=f"dup-{config.realm}") as bus:
+        ep = config.broker.endpoint
+        other = await connect(ConnectParams(ep.host, ep.port, f"dup-{config.realm}"))
+        async with asyncio.timeout(10):
+            while bus.connects < 2:
+                await asyncio.sleep(0.01)
+        await other.close()
+        got = Collector()
+        await bus.subscribe(f"mtor/{config.realm}/after", got)
+        await bus.publish(f"mtor/{config.realm}/after", b"still works")
+        await got.wait_for(lambda m: m.payload == b"still works", timeout=5)
+
+
+async def test_a_disconnect_from_the_broker_carries_its_reason() -> None:
+    """MQTT 5 brokers may say why they close a connection (Mosquitto 2.0.11 does not:
+    a server speaking the packet stands in for one that does)."""
+    handled = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read(1024)  # CONNECT
+            writer.write(b"\x20\x03\x00\x00\x00")  # CONNACK
+            reason = codec.encode_properties({codec.REASON_STRING: "maintenance"})
+            writer.write(codec.packet(0xE0, b"\x8b" + reason))  # DISCONNECT: shutting down
+            await writer.drain()
+            await reader.read(1024)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            handled.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        conn = await connect(ConnectParams("127.0.0.1", port, "told"))
+        with pytest.raises(ConnectionLost, match="server shutting down: maintenance"):
+            async with asyncio.timeout(5):
+                await conn.wait_message()
+        await asyncio.wait_for(handled.wait(), 5)
+    finally:
+        server.close()
+        await server.wait_closed()
