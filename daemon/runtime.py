@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from daemon import __version__, hostinfo, topics
+from daemon import __version__, gctune, hostinfo, topics
 from daemon.bus import Bus, Inbound
 from daemon.config import Config
 from daemon.errors import MessageError
@@ -225,6 +225,7 @@ class NodeDaemon:
             self._online.set()
             log.info("%s online (boot %s)", self.node_id, self.boot_id)
             self.notifier.ready(f"online as {self.node_id}")
+            gctune.settle()
 
     # ----------------------------------------------------------------- nodes
 

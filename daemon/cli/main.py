@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from daemon import __version__
+from daemon import __version__, gctune
 from daemon.cli.common import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -105,6 +105,7 @@ EXTENSION_MODULES: list[str] = [
 
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
+    gctune.configure()
     try:
         return asyncio.run(coro)
     except BaseException as exc:

@@ -28,7 +28,7 @@ import uuid
 from collections import Counter, OrderedDict
 from typing import Any, Final
 
-from daemon import __version__, topics
+from daemon import __version__, gctune, topics
 from daemon.bus import Bus, Inbound
 from daemon.config import Config
 from daemon.errors import MessageError
@@ -191,6 +191,7 @@ class Orchestrator:
             self._online.set()
             log.info("orchestrator online (boot %s)", self.boot_id)
             self.notifier.ready("orchestrator online")
+            gctune.settle()
         for cap in list(self.queues):
             self._dispatch(cap)
 
