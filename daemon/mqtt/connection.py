@@ -516,7 +516,9 @@ class Connection(asyncio.Protocol):
     def _tick(self) -> None:
         now = time.monotonic()
         interval = self._keepalive
-        if now - self._last_heard > interval * 1.5:
+        if (
+            now - self._last_heard > interval * 1.5 and not self._paused
+        ):  # paused: we stopped reading
             self._fail(f"the broker was silent for {now - self._last_heard:.1f}s (keepalive)")
             return
         if now - self._last_sent >= interval / 2:
