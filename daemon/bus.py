@@ -427,6 +427,7 @@ class Bus:
             max_inflight=self.config.max_inflight,
             connect_timeout=self.config.connect_timeout,
             max_queued_incoming=MAX_QUEUED_INCOMING,
+            max_packet_size=self.config.max_packet_size,
         )
 
     def _tls_context(self) -> ssl.SSLContext:

@@ -81,6 +81,12 @@ class BrokerConfig(_Strict):
     outbox_size: int = Field(
         default=1000, ge=0, description="Messages kept while disconnected (oldest dropped)."
     )
+    max_packet_size: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        le=268_435_460,
+        description="Largest MQTT packet the broker may send us (bytes); it drops larger ones.",
+    )
 
     @field_validator("url")
     @classmethod

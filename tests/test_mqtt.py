@@ -441,3 +441,23 @@ async def test_a_disconnect_from_the_broker_carries_its_reason() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_the_broker_keeps_packets_over_our_maximum_to_itself(
+    broker: PrivateBroker, realm: str
+) -> None:
+    topic = f"mtor/{realm}/mps"
+    small = await connect(
+        ConnectParams("127.0.0.1", broker.port, f"mps-{realm}", max_packet_size=2048)
+    )
+    try:
+        await small.subscribe(topic, codec.subscribe_options(1))
+        async with bus_on(broker.url, realm) as bus:
+            await bus.publish(topic, b"x" * 4096)
+            await bus.publish(topic, b"fits")
+        async with asyncio.timeout(5):
+            await small.wait_message()
+        assert [m.payload for m in small.inbox] == [b"fits"]
+        assert not small.closed
+    finally:
+        await small.close()

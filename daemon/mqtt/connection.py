@@ -79,6 +79,7 @@ class ConnectParams:
     session_expiry: int = 0
     will: Will | None = None
     receive_maximum: int = 65_535
+    max_packet_size: int = 64 * 1024 * 1024  # the largest packet the broker may send us
     max_inflight: int = 65_535  # our own cap on unacknowledged QoS>0 publishes
     connect_timeout: float = 5.0
     max_queued_incoming: int = MAX_QUEUED_INCOMING
@@ -200,7 +201,15 @@ class Connection(asyncio.Protocol):
                 self._chunks.append(rest)
                 self._have = len(rest)
                 self._need = _packet_size(rest)
+                if self._need > self.params.max_packet_size:
+                    raise ProtocolError(
+                        f"a {self._need}-byte packet, over the {self.params.max_packet_size} "
+                        "we announced as our Maximum Packet Size"
+                    )
+            limit = self.params.max_packet_size
             for first, body in packets:
+                if len(body) > limit:
+                    raise ProtocolError(f"a packet over our Maximum Packet Size ({limit} bytes)")
                 self._handle(first, body)
         except (ProtocolError, IndexError, ValueError) as exc:
             self._fail(f"malformed packet from the broker: {exc}")
@@ -265,7 +274,10 @@ class Connection(asyncio.Protocol):
 
     def send_connect(self) -> None:
         p = self.params
-        props: Properties = {codec.RECEIVE_MAXIMUM: p.receive_maximum}
+        props: Properties = {
+            codec.RECEIVE_MAXIMUM: p.receive_maximum,
+            codec.MAXIMUM_PACKET_SIZE: p.max_packet_size,
+        }
         if p.session_expiry:
             props[codec.SESSION_EXPIRY] = p.session_expiry
         self._write(
