@@ -430,28 +430,42 @@ def split_packets(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
     while end - pos >= 2:
         length = data[pos + 1]
         start = pos + 2
-        if length & 0x80:
-            length = 0
-            shift = 0
-            cursor = pos + 1
-            while True:
-                if cursor >= end:
-                    return out, pos
-                byte = data[cursor]
-                cursor += 1
-                length |= (byte & 0x7F) << shift
-                if not byte & 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    raise ProtocolError("remaining length longer than four bytes")
-            start = cursor
+        if length & 0x80:  # the common one-byte length is read inline (hot path)
+            header = _remaining_length(data, pos)
+            if header is None:
+                break
+            length, start = header
         stop = start + length
         if stop > end:
             break
         out.append((data[pos], data[start:stop]))
         pos = stop
     return out, pos
+
+
+def packet_size(data: bytes) -> int:
+    """Total size of the packet ``data`` starts with; 0 while its header is incomplete."""
+    header = _remaining_length(data, 0)
+    return 0 if header is None else header[0] + header[1]
+
+
+def _remaining_length(data: bytes, pos: int) -> tuple[int, int] | None:
+    """(remaining length, where the body starts) of the packet at ``pos``; None while
+    the length is still arriving; ProtocolError if longer than four bytes (2.1.4)."""
+    length = 0
+    shift = 0
+    cursor = pos + 1
+    end = len(data)
+    while cursor < end:
+        byte = data[cursor]
+        cursor += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return length, cursor
+        shift += 7
+        if shift > 21:
+            raise ProtocolError("remaining length longer than four bytes")
+    return None
 
 
 # Reason codes (2.4) worth a name in log lines.

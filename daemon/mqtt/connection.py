@@ -200,7 +200,7 @@ class Connection(asyncio.Protocol):
                 rest = data[used:]
                 self._chunks.append(rest)
                 self._have = len(rest)
-                self._need = _packet_size(rest)
+                self._need = codec.packet_size(rest)
                 if self._need > self.params.max_packet_size:
                     raise ProtocolError(
                         f"a {self._need}-byte packet, over the {self.params.max_packet_size} "
@@ -566,19 +566,6 @@ class Connection(asyncio.Protocol):
                 await asyncio.shield(self._closed)
         except TimeoutError:
             self._close_transport(abort=True)
-
-
-def _packet_size(data: bytes) -> int:
-    """Total size of the packet ``data`` starts with, or 0 if its header is incomplete."""
-    length = 0
-    shift = 0
-    for pos in range(1, min(len(data), 5)):
-        byte = data[pos]
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return pos + 1 + length
-        shift += 7
-    return 0
 
 
 async def connect(params: ConnectParams) -> Connection:
