@@ -35,7 +35,16 @@ from typing import Any, Final
 from daemon.config import BrokerConfig
 from daemon.errors import BusAuthError, BusError, BusNotConnectedError
 from daemon.messages import Message, encode
-from daemon.mqtt import Connection, ConnectParams, ConnectRefused, MqttError, Publish, Will, connect
+from daemon.mqtt import (
+    Connection,
+    ConnectParams,
+    ConnectRefused,
+    MqttError,
+    Outgoing,
+    Publish,
+    Will,
+    connect,
+)
 from daemon.mqtt.codec import (
     CONTENT_TYPE,
     CORRELATION_DATA,
@@ -108,15 +117,6 @@ class Subscription:
     sub_id: int
     no_local: bool = False
     handlers: list[Handler] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    props: bytes  # the encoded MQTT 5 property block
 
 
 def to_bytes(payload: Payload) -> bytes:
@@ -481,7 +481,7 @@ class Bus:
             await conn.close()
         finally:
             for left in conn.take_unacked():
-                self._keep(Outgoing(left.topic, left.payload, left.qos, left.retain, left.props))
+                self._keep(left)
 
     def _lost(self, exc: Exception, attempt: int) -> None:
         if self.connects and attempt == 0:

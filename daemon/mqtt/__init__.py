@@ -11,7 +11,7 @@ from daemon.mqtt.connection import (
     ConnectParams,
     ConnectRefused,
     MqttError,
-    Unacked,
+    Outgoing,
     connect,
 )
 
@@ -21,8 +21,8 @@ __all__ = [
     "Connection",
     "ConnectionLost",
     "MqttError",
+    "Outgoing",
     "Publish",
-    "Unacked",
     "Will",
     "connect",
 ]

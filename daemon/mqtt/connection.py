@@ -85,7 +85,7 @@ class ConnectParams:
     max_queued_incoming: int = MAX_QUEUED_INCOMING
 
 
-class _Outgoing:
+class _InFlight:
     """A QoS 1/2 publish until the broker has acknowledged it."""
 
     __slots__ = ("future", "packet_id", "payload", "props", "qos", "released", "retain", "topic")
@@ -111,14 +111,15 @@ class _Outgoing:
 
 
 @dataclass(frozen=True, slots=True)
-class Unacked:
-    """A publish the broker never acknowledged, handed back for the next connection."""
+class Outgoing:
+    """A publish as its owner keeps it until it is sent: the bus's backlog and
+    outbox, and what :meth:`Connection.take_unacked` hands back."""
 
     topic: str
     payload: bytes
     qos: int
     retain: bool
-    props: bytes
+    props: bytes  # the encoded MQTT 5 property block
 
 
 class Connection(asyncio.Protocol):
@@ -138,8 +139,8 @@ class Connection(asyncio.Protocol):
         self._acks_only = False  # _out holds nothing but acknowledgements
         self._acks_waited = False  # ... and the flush already waited one iteration for more
         self._next_id = 0
-        self._inflight: dict[int, _Outgoing] = {}
-        self._queued: deque[_Outgoing] = deque()
+        self._inflight: dict[int, _InFlight] = {}
+        self._queued: deque[_InFlight] = deque()
         self._window = params.max_inflight
         self._requests: dict[int, asyncio.Future[list[int]]] = {}
         self._incoming_qos2: set[int] = set()
@@ -338,14 +339,14 @@ class Connection(asyncio.Protocol):
             )
             return None
         future = self._loop.create_future() if ack else None
-        out = _Outgoing(topic, payload, qos=qos, retain=retain, props=props, future=future)
+        out = _InFlight(topic, payload, qos=qos, retain=retain, props=props, future=future)
         if len(self._inflight) < self._window and not self._queued:
             self._send(out)
         else:
             self._queued.append(out)
         return future
 
-    def _send(self, out: _Outgoing) -> None:
+    def _send(self, out: _InFlight) -> None:
         out.packet_id = packet_id = self._packet_id()
         self._inflight[packet_id] = out
         self._write(
@@ -377,14 +378,14 @@ class Connection(asyncio.Protocol):
         self._requests[packet_id] = self._loop.create_future()
         return packet_id
 
-    def take_unacked(self) -> list[Unacked]:
+    def take_unacked(self) -> list[Outgoing]:
         """Once closed: the fire-and-forget publishes the broker never acknowledged,
         in the order they were made (those with a future failed instead)."""
         left = [*self._inflight.values(), *self._queued]
         self._inflight.clear()
         self._queued.clear()
         return [
-            Unacked(o.topic, o.payload, o.qos, o.retain, o.props)
+            Outgoing(o.topic, o.payload, o.qos, o.retain, o.props)
             for o in left
             if o.future is None and not o.released  # QoS 2 past PUBREC has arrived
         ]
