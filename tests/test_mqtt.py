@@ -308,16 +308,15 @@ async def test_post_from_another_thread(config: Config) -> None:
         await got.wait_for(lambda m: m.payload == b"from a thread", timeout=5)
 
 
-async def test_malformed_packets_from_the_broker_close_the_connection() -> None:
-    """A server that answers CONNACK, then sends a PUBLISH whose topic runs past it."""
-
+async def after_connack(packet: bytes, expected_error: str) -> None:
+    """A stand-in server answers CONNECT with CONNACK (success), then sends
+    ``packet``: our connection must end with ConnectionLost matching ``expected_error``."""
     handled = asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await reader.read(1024)  # CONNECT
-            writer.write(b"\x20\x03\x00\x00\x00")  # CONNACK: success, no properties
-            writer.write(b"\x30\x04\x00\x09ab")  # PUBLISH: topic length 9, two bytes of it
+            writer.write(b"\x20\x03\x00\x00\x00" + packet)  # CONNACK: success, no properties
             await writer.drain()
             await reader.read(1024)  # EOF once the client has dropped us
         finally:
@@ -329,8 +328,8 @@ async def test_malformed_packets_from_the_broker_close_the_connection() -> None:
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        conn = await connect(ConnectParams("127.0.0.1", port, "bad-broker"))
-        with pytest.raises(ConnectionLost, match="malformed"):
+        conn = await connect(ConnectParams("127.0.0.1", port, "stand-in"))
+        with pytest.raises(ConnectionLost, match=expected_error):
             async with asyncio.timeout(5):
                 await conn.wait_message()
         assert conn.closed
@@ -338,6 +337,11 @@ async def test_malformed_packets_from_the_broker_close_the_connection() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_malformed_packets_from_the_broker_close_the_connection() -> None:
+    # A PUBLISH whose topic (length 9) runs past the packet (two bytes of it).
+    await after_connack(b"\x30\x04\x00\x09ab", "malformed")
 
 
 def _certificates(directory: Path) -> tuple[Path, Path, Path]:
@@ -414,33 +418,9 @@ async def test_session_takeover_is_survived(config: Config) -> None:
 async def test_a_disconnect_from_the_broker_carries_its_reason() -> None:
     """MQTT 5 brokers may say why they close a connection (Mosquitto 2.0.11 does not:
     a server speaking the packet stands in for one that does)."""
-    handled = asyncio.Event()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.read(1024)  # CONNECT
-            writer.write(b"\x20\x03\x00\x00\x00")  # CONNACK
-            reason = codec.encode_properties({codec.REASON_STRING: "maintenance"})
-            writer.write(codec.packet(0xE0, b"\x8b" + reason))  # DISCONNECT: shutting down
-            await writer.drain()
-            await reader.read(1024)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-            handled.set()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        conn = await connect(ConnectParams("127.0.0.1", port, "told"))
-        with pytest.raises(ConnectionLost, match="server shutting down: maintenance"):
-            async with asyncio.timeout(5):
-                await conn.wait_message()
-        await asyncio.wait_for(handled.wait(), 5)
-    finally:
-        server.close()
-        await server.wait_closed()
+    reason = codec.encode_properties({codec.REASON_STRING: "maintenance"})
+    disconnect = codec.packet(0xE0, b"\x8b" + reason)  # 0x8B: server shutting down
+    await after_connack(disconnect, "server shutting down: maintenance")
 
 
 async def test_the_broker_keeps_packets_over_our_maximum_to_itself(
