@@ -118,12 +118,19 @@ def varint(n: int) -> bytes:
 
 def read_varint(data: bytes, pos: int) -> tuple[int, int]:
     """(value, position after it); ProtocolError if malformed or cut short."""
+    found = _varint_at(data, pos)
+    if found is None:
+        raise ProtocolError("variable byte integer runs past the packet")
+    return found
+
+
+def _varint_at(data: bytes, pos: int) -> tuple[int, int] | None:
+    """(value, position after it); None if ``data`` ends first (more may be
+    arriving); ProtocolError if longer than four bytes."""
     value = 0
     shift = 0
     end = len(data)
-    while True:
-        if pos >= end:
-            raise ProtocolError("variable byte integer runs past the packet")
+    while pos < end:
         byte = data[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
@@ -132,6 +139,7 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
         if shift > 21:
             raise ProtocolError("variable byte integer longer than four bytes")
+    return None
 
 
 def utf8(text: str) -> bytes:
@@ -431,7 +439,7 @@ def split_packets(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
         length = data[pos + 1]
         start = pos + 2
         if length & 0x80:  # the common one-byte length is read inline (hot path)
-            header = _remaining_length(data, pos)
+            header = _varint_at(data, pos + 1)  # the remaining length (2.1.4)
             if header is None:
                 break
             length, start = header
@@ -445,27 +453,8 @@ def split_packets(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
 
 def packet_size(data: bytes) -> int:
     """Total size of the packet ``data`` starts with; 0 while its header is incomplete."""
-    header = _remaining_length(data, 0)
+    header = _varint_at(data, 1)
     return 0 if header is None else header[0] + header[1]
-
-
-def _remaining_length(data: bytes, pos: int) -> tuple[int, int] | None:
-    """(remaining length, where the body starts) of the packet at ``pos``; None while
-    the length is still arriving; ProtocolError if longer than four bytes (2.1.4)."""
-    length = 0
-    shift = 0
-    cursor = pos + 1
-    end = len(data)
-    while cursor < end:
-        byte = data[cursor]
-        cursor += 1
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return length, cursor
-        shift += 7
-        if shift > 21:
-            raise ProtocolError("remaining length longer than four bytes")
-    return None
 
 
 # Reason codes (2.4) worth a name in log lines.

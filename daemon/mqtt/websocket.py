@@ -53,9 +53,8 @@ def frame(opcode: int, payload: bytes) -> bytes:
 class _FramingTransport(asyncio.WriteTransport, asyncio.ReadTransport):
     """What the MQTT connection writes to: frames it, passes the rest through."""
 
-    def __init__(self, ws: WebSocketProtocol, raw: asyncio.Transport) -> None:
+    def __init__(self, raw: asyncio.Transport) -> None:
         super().__init__()
-        self._ws = ws
         self._raw = raw
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -142,7 +141,7 @@ class WebSocketProtocol(asyncio.Protocol):
             raise ProtocolError("websocket upgrade: wrong Sec-WebSocket-Accept")
         self._upgraded = True
         assert self._raw is not None
-        self._inner.connection_made(_FramingTransport(self, self._raw))
+        self._inner.connection_made(_FramingTransport(self._raw))
         self.ready.set_result(None)
 
     def _frames(self) -> None:
