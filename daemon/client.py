@@ -5,10 +5,13 @@
         await realm.start()
         print(await realm.call("echo", {"hello": "world"}))
 
-Replies come on one topic per client (``reply/<client_id>/tasks``) and are
-matched by MQTT 5 correlation data.  When the orchestrator restarts (a new
-boot id online), pending tasks are submitted again with the same task id —
-the orchestrator deduplicates, so each task still ends exactly once.
+Requests go out under this client's account (``task/submit/<account>``: its
+MQTT username, which the realm's broker ACL authenticates), and replies come
+on one random topic per client inside that account's reply space
+(``reply/<account>/<random>/tasks``), matched by MQTT 5 correlation data.
+When the orchestrator restarts (a new boot id online), pending tasks are
+submitted again with the same task id — the orchestrator deduplicates, so
+each task still ends exactly once.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from daemon import topics
+from daemon.accounts import ANONYMOUS, account_name
 from daemon.bus import Bus, Inbound
 from daemon.errors import MessageError, MtorError
 from daemon.messages import decode
@@ -94,15 +98,21 @@ class RealmClient:
         user: str | None = None,
         token: str | None = None,
         origin: str | None = None,
+        account: str | None = None,
     ) -> None:
+        """``account``: the identity level of this client's topics (default: the bus's
+        MQTT username; on a broker without usernames, ``user`` or "anonymous" — a claim).
+        ``user``: whom the orchestrator's own account submits for (ignored for others)."""
         self.bus = bus
         self.realm = realm
         self.user = user
         self.token = token
         self.origin = origin
-        self.reply_topic = topics.REPLY.build(realm=realm, client_id=bus.client_id, rest="tasks")
-        self.admin_topic = topics.REPLY.build(realm=realm, client_id=bus.client_id, rest="admin")
-        self.submit_topic = topics.TASK_SUBMIT.build(realm=realm)
+        self.account = account or account_name(bus.config.username, user or ANONYMOUS)
+        me = uuid.uuid4().hex[:16]  # not guessable: nobody else predicts the reply topic
+        self.reply_topic = topics.REPLY.build(realm=realm, user=self.account, rest=f"{me}/tasks")
+        self.admin_topic = topics.REPLY.build(realm=realm, user=self.account, rest=f"{me}/admin")
+        self.submit_topic = topics.TASK_SUBMIT.build(realm=realm, user=self.account)
         self.pending: dict[str, TaskHandle] = {}
         # Task ids: one random prefix per client and a counter (cheaper than uuid4 each).
         self._id_prefix = uuid.uuid4().hex
@@ -194,7 +204,7 @@ class RealmClient:
 
     async def cancel(self, task_id: str, reason: str = "cancelled") -> None:
         msg = TaskCancel(task_id=task_id, user=self.user, token=self.token, reason=reason)
-        await self.bus.publish(topics.TASK_CONTROL.build(realm=self.realm), msg)
+        await self.bus.publish(topics.TASK_CONTROL.build(realm=self.realm, user=self.account), msg)
 
     async def admin(self, op: str, timeout: float = 5.0, **args: Any) -> Any:
         """A sysop request; returns the result or raises :class:`MtorError`."""
@@ -204,7 +214,7 @@ class RealmClient:
         req = AdminRequest(op=op, args=args, token=self.token, user=self.user)
         try:
             await self.bus.publish(
-                topics.ORCH_ADMIN.build(realm=self.realm),
+                topics.ORCH_ADMIN.build(realm=self.realm, user=self.account),
                 req,
                 response_topic=self.admin_topic,
                 correlation_data=correlation,

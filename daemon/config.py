@@ -9,6 +9,8 @@ caller passes it in.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
 import socket
@@ -211,7 +213,25 @@ class Config(_Strict):
 
     @property
     def effective_node_id(self) -> str:
-        return self.node_id or default_node_id()
+        """``node_id``, else the broker username (a node's account is its id), else the host."""
+        return self.node_id or self.broker.username or default_node_id()
+
+    def daemon_client_id(self, role: str) -> str:
+        """The MQTT client id of a long-running daemon (``broker.client_id`` if set).
+
+        With a password it carries a keyed hash of it: Mosquitto lets any account
+        connect with another's client id and take its session over (kicking it off, or
+        with clean start off, inheriting its subscriptions), so a daemon's id must be
+        one nobody without its password can name.  Without one (a broker that takes
+        anyone), the readable ``mtor-<role>-<node id>``."""
+        if self.broker.client_id:
+            return self.broker.client_id
+        base = f"mtor-{role}-{self.effective_node_id}"
+        password = self.broker_password()
+        if not password:
+            return base
+        digest = hmac.new(password.encode(), f"mtor client id:{base}".encode(), hashlib.sha256)
+        return f"{base[:64]}-{digest.hexdigest()[:20]}"
 
     def broker_password(self) -> str | None:
         """The MQTT password from config, or from ``password_file``."""

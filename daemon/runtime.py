@@ -115,7 +115,7 @@ class NodeDaemon:
         offline = NodeState(state="offline", boot_id=self.boot_id, version=__version__)
         self.bus = Bus(
             config.broker,
-            config.broker.client_id or f"mtor-node-{nid}",
+            config.daemon_client_id("node"),
             password=config.broker_password(),
             will=(self.state_topic, offline),
         )

@@ -102,22 +102,26 @@ NODE_TASK: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/task")
 EVENT_ROOT: Final = TopicPattern(ROOT + "/{realm}/event")  # + a filter below it
 EVENT: Final = TopicPattern(ROOT + "/{realm}/event/{node_id}/{domain}/{name}")
 MEDIA: Final = TopicPattern(ROOT + "/{realm}/media/{node_id}/{stream...}")
-TASK_SUBMIT: Final = TopicPattern(ROOT + "/{realm}/task/submit")
-TASK_CONTROL: Final = TopicPattern(ROOT + "/{realm}/task/control")
+# Request topics end in the sender's identity: its MQTT username, which the
+# generated broker ACL lets each account write only as itself (docs/security.md).
+TASK_SUBMIT: Final = TopicPattern(ROOT + "/{realm}/task/submit/{user}")
+TASK_CONTROL: Final = TopicPattern(ROOT + "/{realm}/task/control/{user}")
 TASK_WORKER: Final = TopicPattern(ROOT + "/{realm}/task/worker/{node_id}")
 ORCH_STATE: Final = TopicPattern(ROOT + "/{realm}/orchestrator/state")
 ORCH_STATS: Final = TopicPattern(ROOT + "/{realm}/orchestrator/stats")
-ORCH_ADMIN: Final = TopicPattern(ROOT + "/{realm}/orchestrator/admin")
-CLI_SENTINEL: Final = TopicPattern(ROOT + "/{realm}/cli/{token}")  # see cli.inspect
-REPLY: Final = TopicPattern(ROOT + "/{realm}/reply/{client_id}/{rest...}")
+ORCH_ADMIN: Final = TopicPattern(ROOT + "/{realm}/orchestrator/admin/{user}")
+# Replies to an account: only the orchestrator writes other accounts' reply topics,
+# and each account reads only its own.
+REPLY: Final = TopicPattern(ROOT + "/{realm}/reply/{user}/{rest...}")
+CLI_SENTINEL: Final = TopicPattern(ROOT + "/{realm}/reply/{user}/cli/{token}")  # cli.inspect
 # Realm state (armed, mode, presence, ...): the retained value, and where to ask to change it.
 STATE: Final = TopicPattern(ROOT + "/{realm}/state/{key}")
-STATE_SET: Final = TopicPattern(ROOT + "/{realm}/state/{key}/set")
+STATE_SET: Final = TopicPattern(ROOT + "/{realm}/state/{key}/set/{user}")
 # Commands to a node's controllable entity (daemon.entities.EntityCommand).
 ENTITY_SET: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/entity/{object_id}/set")
 # Workflows: run events of one workflow, and requests (run / list / history) to the engine.
 WORKFLOW_EVENT: Final = TopicPattern(ROOT + "/{realm}/workflow/{name}/event")
-WORKFLOW_REQUEST: Final = TopicPattern(ROOT + "/{realm}/workflows/request")
+WORKFLOW_REQUEST: Final = TopicPattern(ROOT + "/{realm}/workflows/request/{user}")
 
 
 def shared(group: str, topic_filter: str) -> str:

@@ -111,7 +111,7 @@ async def test_bad_submissions_get_error_replies(realm_env: Realm) -> None:
     await realm_env.start_worker("w1")
     await realm_env.wait_peers("echo", 1)
     cfg = realm_env.config()
-    submit = f"mtor/{realm_env.realm}/task/submit"
+    submit = f"mtor/{realm_env.realm}/task/submit/raw"
     reply = f"mtor/{realm_env.realm}/reply/raw/x"
     async with running_bus(cfg) as bus:
         got = Collector()
@@ -249,15 +249,28 @@ async def test_queue_full_is_refused(realm_env: Realm) -> None:
 async def test_breaker_blacklists_failing_peer_and_sysop_ops(realm_env: Realm) -> None:
     orch = await realm_env.start_orchestrator()
     await realm_env.start_worker("good", max_concurrency=4)
-    await realm_env.start_worker("bad", max_concurrency=4)
+    await realm_env.start_worker("bad", max_concurrency=4, fail_with="internal")
     await realm_env.wait_peers("sleep", 2)
     async with client(realm_env) as c:
-        # 'bad' fails everything it gets: the breaker opens after 3 failures.
+        # Failures the submitter chose never count against a peer: its input asking to
+        # fail, and its own short deadline.
+        good = orch.registry.peers["good"].slots["sleep"]
+        pin = Constraints(node="good")
+        for _ in range(4):
+            with pytest.raises(TaskFailed):
+                await asyncio.wait_for(
+                    c.call("sleep", {"seconds": 0, "fail": "internal"}, constraints=pin), 10
+                )
+            with pytest.raises(TaskFailed) as timed_out:
+                await asyncio.wait_for(
+                    c.call("sleep", {"seconds": 2}, timeout=0.1, constraints=pin), 10
+                )
+            assert timed_out.value.code == "timeout"
+        assert good.breaker.state == "closed" and good.failed == 0
+        # 'bad' fails everything it gets (a broken node): the breaker opens after 3.
         bad = orch.registry.peers["bad"].slots["sleep"]
         for _ in range(3):
-            await c.submit(
-                "sleep", {"seconds": 0, "fail": "internal"}, constraints=Constraints(node="bad")
-            )
+            await c.submit("sleep", {"seconds": 0}, constraints=Constraints(node="bad"))
         async with asyncio.timeout(10):
             while bad.breaker.state != "open":
                 await asyncio.sleep(0.01)

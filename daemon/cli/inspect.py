@@ -10,8 +10,9 @@ import uuid
 from typing import Any
 
 from daemon import topics
+from daemon.accounts import ANONYMOUS, account_name
 from daemon.bus import Inbound
-from daemon.cli.common import client_bus
+from daemon.cli.common import client_bus, environ
 from daemon.config import Config
 from daemon.errors import MessageError
 from daemon.messages import decode
@@ -26,7 +27,8 @@ async def collect_nodes(config: Config) -> dict[str, dict[str, Any]]:
     """The retained state/info/health of every node in the realm."""
     nodes: dict[str, dict[str, Any]] = {}
     done = asyncio.Event()
-    sentinel = topics.CLI_SENTINEL.build(realm=config.realm, token=uuid.uuid4().hex)
+    me = account_name(config.broker.username, environ().get("MTOR_USER") or ANONYMOUS)
+    sentinel = topics.CLI_SENTINEL.build(realm=config.realm, user=me, token=uuid.uuid4().hex)
 
     async def on_node(msg: Inbound) -> None:
         for pattern, cls, key in (

@@ -88,12 +88,16 @@ def cmd_workflows(args: argparse.Namespace, config: Config) -> int:
 
 async def _remote(args: argparse.Namespace, config: Config) -> int:
     from daemon import topics
+    from daemon.accounts import ANONYMOUS, account_name
     from daemon.bus import Inbound
     from daemon.messages import decode
     from daemon.protocol.workflow import WorkflowEvent, WorkflowReply, WorkflowRequest
 
     async with client_bus(config, "workflows") as bus:
-        reply_topic = topics.REPLY.build(realm=config.realm, client_id=bus.client_id, rest="wf")
+        me = account_name(config.broker.username, environ().get("MTOR_USER") or ANONYMOUS)
+        reply_topic = topics.REPLY.build(
+            realm=config.realm, user=me, rest=f"{uuid.uuid4().hex[:16]}/wf"
+        )
         replies: asyncio.Queue[WorkflowReply] = asyncio.Queue()
         events: asyncio.Queue[WorkflowEvent] = asyncio.Queue()
 
@@ -120,7 +124,7 @@ async def _remote(args: argparse.Namespace, config: Config) -> int:
         else:
             req = WorkflowRequest(op="list", token=token)
         await bus.publish(
-            topics.WORKFLOW_REQUEST.build(realm=config.realm),
+            topics.WORKFLOW_REQUEST.build(realm=config.realm, user=me),
             req,
             response_topic=reply_topic,
             correlation_data=uuid.uuid4().hex.encode(),

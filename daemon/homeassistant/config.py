@@ -32,6 +32,12 @@ class HomeAssistantConfig(BaseModel):
         default="homeassistant/status",
         description="Where Home Assistant announces itself; 'online' here re-announces all.",
     )
+    account: str = Field(
+        default="homeassistant",
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$",
+        description="The MQTT username Home Assistant connects with: its alarm panel's "
+        "commands go to state/armed/set/<account> (docs/security.md).",
+    )
     device_name: str | None = Field(
         default=None, description="Device name shown in Home Assistant (default: the node id)."
     )

@@ -30,7 +30,11 @@ ALARM_PAYLOADS: Final = {
     "armed_vacation": "payload_arm_vacation",
 }
 # What Home Assistant sends becomes a StateSet; "{{ action }}" is the payload_* chosen.
-STATE_SET_TEMPLATE: Final = '{"type":"state.set","v":1,"value":"{{ action }}","by":"homeassistant"}'
+STATE_SET_TEMPLATE: Final = '{"type":"state.set","v":1,"value":"{{ action }}"}'
+# With an alarm code, Home Assistant asks for it and passes it on: the orchestrator checks it.
+STATE_SET_CODE_TEMPLATE: Final = (
+    '{"type":"state.set","v":1,"value":"{{ action }}","code":"{{ code }}"}'
+)
 
 
 def armed_panel(config: Config) -> EntitySpec:
@@ -42,15 +46,25 @@ def armed_panel(config: Config) -> EntitySpec:
     extra["supported_features"] = [
         ALARM_PAYLOADS[v].removeprefix("payload_") for v in values if v != "disarmed"
     ]
-    extra["command_template"] = STATE_SET_TEMPLATE
-    extra["code_arm_required"] = False
-    extra["code_disarm_required"] = False
+    orch = config.orchestrator
+    if orch.alarm_code is not None or orch.alarm_code_file is not None:
+        extra["code"] = "REMOTE_CODE"  # HA asks for a code; the realm checks it
+        extra["command_template"] = STATE_SET_CODE_TEMPLATE
+        extra["code_arm_required"] = False
+        extra["code_disarm_required"] = True
+    else:
+        extra["command_template"] = STATE_SET_TEMPLATE
+        extra["code_arm_required"] = False
+        extra["code_disarm_required"] = False
     return EntitySpec(
         component="alarm_control_panel",
         object_id=ARMED_KEY,
         name="Armed",
         state_topic=topics.STATE.build(realm=realm, key=ARMED_KEY),
-        command_topic=topics.STATE_SET.build(realm=realm, key=ARMED_KEY),
+        # Under Home Assistant's own account: only it may write there (the broker ACL).
+        command_topic=topics.STATE_SET.build(
+            realm=realm, key=ARMED_KEY, user=config.homeassistant.account
+        ),
         options=tuple(values),
         extra=extra,
     )

@@ -1,9 +1,11 @@
-"""Sysop administration over ``orchestrator/admin`` (request/response).
+"""Sysop administration over ``orchestrator/admin/<account>`` (request/response).
 
 Read-only views (``tasks``, ``stats``, ``peers``) are open to any known
-identity; everything else needs a sysop token.  On first start a ``sysop``
-user is created and its token written to ``<state_dir>/sysop.token`` (0600),
-which ``mtor admin`` on the same machine reads.
+identity; everything else needs the sysop role: a broker account with role
+sysop (``mtor broker``), or on a broker the realm did not configure, a sysop
+API token.  On first start a ``sysop`` user is created and its token written
+to ``<state_dir>/sysop.token`` (0600), which ``mtor admin`` on the same
+machine reads.  Answers go only to the requester's own ``reply/<account>/...``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from daemon import topics
 from daemon.bus import Inbound
 from daemon.errors import MessageError
 from daemon.messages import decode
+from daemon.orchestrator.identity import Identity, Refused
 from daemon.protocol.admin import AdminReply, AdminRequest
 
 if TYPE_CHECKING:
@@ -54,13 +57,20 @@ class Admin:
         log.info("created the sysop user; its token is in %s", path)
 
     async def on_request(self, msg: Inbound) -> None:
+        fields = topics.ORCH_ADMIN.parse(msg.topic)
+        if fields is None or msg.retain:
+            return
+        account = fields["user"]
+        if not self.orch.requests.allow(account):
+            log.warning("admin requests from %s over the rate limit: dropped", account)
+            return
         reply_topic = msg.response_topic
         correlation: str | None = None
         try:
             req = decode(msg.payload, AdminRequest)
             correlation = req.correlation
             reply_topic = reply_topic or req.reply_to
-            result = await self.handle(req)
+            result = await self.handle(req, account)
             reply = AdminReply(ok=True, result=result, correlation=correlation)
         except MessageError as exc:
             log.warning("bad admin request: %s (%s)", exc, msg.preview())
@@ -80,22 +90,30 @@ class Admin:
                 code="internal",
                 correlation=correlation,
             )
-        if topics.valid_reply_topic(reply_topic):
+        if self.orch._reply_ok(reply_topic, account):
             self.orch.bus.post(reply_topic, reply, correlation_data=msg.correlation_data)
+        elif reply_topic:
+            log.warning(
+                "admin reply to %r refused: outside %s's reply topics", reply_topic[:200], account
+            )
 
-    def _authorise(self, req: AdminRequest) -> str:
-        from daemon.orchestrator.service import Refused
-
+    def _authorise(self, req: AdminRequest, account: str) -> Identity:
         try:
-            name, role = self.orch.identify(req.user, req.token)
+            ident = self.orch.identify(account, req.token, req.user)
         except Refused as exc:
             raise AdminError(exc.code, str(exc)) from exc
-        if req.op not in OPEN_OPS and role != "sysop":
-            raise AdminError("forbidden", f"'{req.op}' needs a sysop token")
-        return name
+        if req.op not in OPEN_OPS and ident.role not in ("sysop", "orchestrator"):
+            raise AdminError("forbidden", f"'{req.op}' needs the sysop role")
+        if ident.role == "guest":
+            raise AdminError("forbidden", "guests have no admin views")
+        return ident
 
-    async def handle(self, req: AdminRequest) -> Any:
-        self._authorise(req)
+    async def handle(self, req: AdminRequest, account: str) -> Any:
+        ident = self._authorise(req, account)
+        if req.op not in OPEN_OPS:
+            log.info("sysop %s: %s %s", ident.name, req.op, _args_for_log(req.args))
+        # Others' tasks are theirs: a non-sysop sees only its own in the task list.
+        mine_only = ident.role not in ("sysop", "orchestrator")
         orch = self.orch
         a = req.args
         op = req.op
@@ -116,6 +134,7 @@ class Admin:
                     "age_s": round(time.time() - t.submitted, 3),
                 }
                 for t in orch.tasks.values()
+                if not mine_only or t.user == ident.name
             ]
         if op == "history":
             return await orch.store.history(
@@ -125,7 +144,7 @@ class Admin:
             return orch.users.all()
         if op == "user_add":
             role = a.get("role", "user")
-            if role not in ("sysop", "user", "guest", "device"):
+            if role not in ("sysop", "user", "guest", "node", "device"):
                 raise AdminError("bad_request", f"unknown role {role!r}")
             return {"name": _name(a), "role": role, "token": await orch.users.add(_name(a), role)}
         if op == "user_remove":
@@ -137,9 +156,7 @@ class Admin:
             return self._peer_op(op, str(a.get("node", "")))
         if op == "cancel":
             task_id = str(a.get("task_id", ""))
-            ok = orch.cancel(
-                task_id, None, None, a.get("reason") or "cancelled by sysop", sysop=True
-            )
+            ok = orch.cancel(task_id, None, a.get("reason") or "cancelled by sysop")
             if not ok:
                 raise AdminError("not_found", f"no active task {task_id!r}")
             return {"cancelled": task_id}
@@ -159,6 +176,14 @@ class Admin:
             orch._dispatch(name)
         log.info("sysop: %s %s", op, node_id)
         return {"node": node_id, "drained": peer.drained, "blacklisted": peer.blacklisted}
+
+
+def _args_for_log(args: dict[str, Any]) -> str:
+    """Admin arguments for a log line: short, no secrets."""
+    return ", ".join(
+        f"{k}={'***' if k in ('token', 'password') else str(v)[:64]}"
+        for k, v in list(args.items())[:8]
+    )
 
 
 def _name(args: dict[str, Any]) -> str:

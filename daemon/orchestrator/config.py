@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 class _Strict(BaseModel):
@@ -23,8 +23,26 @@ def _default_roles() -> dict[str, RoleLimits]:
     return {
         "sysop": RoleLimits(max_concurrent=0, rate_per_s=0, burst=1),
         "user": RoleLimits(),
-        "device": RoleLimits(max_concurrent=32, rate_per_s=200, burst=400),
+        "node": RoleLimits(max_concurrent=32, rate_per_s=200, burst=400),
+        "device": RoleLimits(max_concurrent=32, rate_per_s=200, burst=400),  # older name of node
         "guest": RoleLimits(max_concurrent=2, rate_per_s=2, burst=5),
+        "orchestrator": RoleLimits(max_concurrent=0, rate_per_s=0, burst=1),
+    }
+
+
+class RequestLimits(_Strict):
+    """Per-identity rate of requests on the admin, workflow and state topics."""
+
+    rate_per_s: float = Field(default=5.0, ge=0, description="Sustained requests per second.")
+    burst: int = Field(default=20, ge=1, description="Requests allowed in a burst.")
+
+
+def _default_state_roles() -> dict[str, list[str]]:
+    # Who may change a realm state key ("*": every key not listed).  Guests never; nodes
+    # (local workflows) may set other keys but not the alarm.
+    return {
+        "armed": ["orchestrator", "sysop", "user", "homeassistant"],
+        "*": ["orchestrator", "sysop", "user", "homeassistant", "node"],
     }
 
 
@@ -74,10 +92,38 @@ class OrchestratorConfig(_Strict):
         default=10_000, ge=100, description="Finished tasks remembered for idempotent resubmits."
     )
     direct_replies: bool = Field(
-        default=True,
+        default=False,
         description="Let workers send 'done' straight to submitters that ask for it "
-        "(TaskSubmit.direct). Node users then need write access to reply topics in the "
-        "broker ACL; set false where they have none.",
+        "(TaskSubmit.direct): one hop less, but then every node account needs write access "
+        "to every reply topic. Off by default (the generated broker ACL gives nodes none).",
+    )
+    accounts_file: Path | None = Field(
+        default=None,
+        description="The broker's accounts.json (mtor broker init): identities are then the "
+        "MQTT usernames the broker authenticated, with the roles written there. Unset: a "
+        "request topic's name is only a claim (an unconfigured broker).",
+    )
+    offers: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Which capabilities a node account may offer (glob patterns), by account; "
+        "accounts not listed may offer any. Person accounts never offer any.",
+    )
+    requests: RequestLimits = Field(default_factory=RequestLimits)
+    state_roles: dict[str, list[str]] = Field(
+        default_factory=_default_state_roles,
+        description="Roles that may change each realm state key ('*': the others).",
+    )
+    alarm_code: SecretStr | None = Field(
+        default=None,
+        description="Code needed to disarm (state armed -> disarmed); Home Assistant's panel "
+        "then asks for it. Prefer alarm_code_file.",
+    )
+    alarm_code_file: Path | None = Field(default=None, description="File holding the alarm code.")
+    max_peers: int = Field(
+        default=5000, ge=1, description="Peers kept in the registry; the longest gone go first."
+    )
+    forget_after: float = Field(
+        default=3600.0, gt=0, description="An offline peer is forgotten after this long (s)."
     )
     state_values: dict[str, list[str | int | float | bool]] = Field(
         default_factory=_default_state_values,

@@ -23,19 +23,29 @@ import functools
 import itertools
 import logging
 import random
+import secrets
 import time
 import uuid
 from collections import Counter, OrderedDict
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from daemon import __version__, gctune, topics
+from daemon.accounts import Accounts
 from daemon.bus import Bus, Inbound
 from daemon.config import Config
-from daemon.errors import MessageError
+from daemon.errors import ConfigError, MessageError
 from daemon.messages import M, decode, now
 from daemon.orchestrator import policy
+from daemon.orchestrator.identity import (
+    Identities,
+    Identity,
+    Refused,
+    RequestLimiter,
+    check_code,
+)
 from daemon.orchestrator.queues import FairQueue
 from daemon.orchestrator.registry import Peer, Registry
+from daemon.orchestrator.state import StateError
 from daemon.orchestrator.stats import Stats
 from daemon.orchestrator.store import Store
 from daemon.orchestrator.tasks import Task, TokenBucket, bucket_for
@@ -43,6 +53,7 @@ from daemon.orchestrator.users import Users
 from daemon.protocol.admin import OrchestratorState, OrchestratorStats
 from daemon.protocol.node import NodeHealth, NodeInfo, NodeState
 from daemon.protocol.task import (
+    PEER_FAULT_CODES,
     Constraints,
     DirectReply,
     ErrorInfo,
@@ -59,22 +70,18 @@ from daemon.timers import TimerWheel
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL: Final = 1.0
-# Worker failure codes that say nothing about the peer's health.
-NOT_PEER_FAULTS: Final = frozenset({"bad_input", "cancelled", "unsupported", "too_large"})
 # Worker rejections that hand a task back without counting against the peer.
 NEUTRAL_REJECTIONS: Final = frozenset({"overloaded", "shutting_down", "timeout"})
 # Tasks a single dispatch pass may set aside because their constraints fit no free peer.
 MAX_PARKED: Final = 64
+# Random bytes in an orchestrator-made task id (not guessable, unlike a counter).
+TASK_ID_BYTES: Final = 12
+
+__all__ = ["Orchestrator", "Refused"]
 
 
 # A final update as remembered for duplicates: the update, or how to make it.
 RememberedFinal = TaskUpdate | functools.partial[TaskUpdate]
-
-
-class Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Orchestrator:
@@ -89,7 +96,7 @@ class Orchestrator:
         offline = OrchestratorState(state="offline", boot_id=self.boot_id, version=__version__)
         self.bus = Bus(
             config.broker,
-            config.broker.client_id or f"mtor-orchestrator-{config.effective_node_id}",
+            config.daemon_client_id("orchestrator"),
             password=config.broker_password(),
             will=(self.state_topic, offline),
         )
@@ -110,13 +117,18 @@ class Orchestrator:
             self.cfg.history_max_rows,
         )
         self.users = Users(state_dir / "users.json")
+        accounts_file = self.cfg.accounts_file
+        self.accounts = Accounts(accounts_file, self.realm) if accounts_file else None
+        self.identities = Identities(self.cfg, self.users, self.accounts)
+        self.requests = RequestLimiter(self.cfg.requests)
+        self.reply_root = topics.REPLY.filter(realm=self.realm).removesuffix("+/#")
         self.rng = random.Random()
         # One loop timer per tick in use rather than two per task (see timers.py).
         self.deadlines: TimerWheel[Task] = TimerWheel(self._on_deadline)
         self.ack_timeouts: TimerWheel[Task] = TimerWheel(self._on_ack_timeout)
         self._node_topics: dict[str, str] = {}  # node id -> its task topic
         self._report_nodes: dict[str, str] = {}  # report topic -> node id (known peers)
-        # Task ids made here: unique per boot (boot id + counter), cheaper than uuid4.
+        # Task ids made here: random, so another account cannot guess one.
         self._task_ids = itertools.count(1)
         self._online = asyncio.Event()
         from daemon.orchestrator.admin import Admin
@@ -124,8 +136,14 @@ class Orchestrator:
 
         self.admin = Admin(self)
         self.state = RealmStateStore(
-            self.bus, self.realm, self.cfg.state_values, strict=self.cfg.state_strict
+            self.bus,
+            self.realm,
+            self.cfg.state_values,
+            strict=self.cfg.state_strict,
+            authorise=self._authorise_state,
+            reply_ok=self._reply_ok,
         )
+        self._alarm_code = self._read_alarm_code()
         from daemon.workflows.realm import RealmWorkflows
 
         self.workflows = RealmWorkflows(self)
@@ -141,10 +159,10 @@ class Orchestrator:
         await sub(topics.NODE_STATE.filter(realm=r), self._on_state)
         await sub(topics.NODE_INFO.filter(realm=r), self._on_info)
         await sub(topics.NODE_HEALTH.filter(realm=r), self._on_health, qos=0)
-        await sub(topics.TASK_SUBMIT.build(realm=r), self._on_submit)
-        await sub(topics.TASK_CONTROL.build(realm=r), self._on_control)
+        await sub(topics.TASK_SUBMIT.filter(realm=r), self._on_submit)
+        await sub(topics.TASK_CONTROL.filter(realm=r), self._on_control)
         await sub(topics.TASK_WORKER.filter(realm=r), self._on_report)
-        await sub(topics.ORCH_ADMIN.build(realm=r), self.admin.on_request)
+        await sub(topics.ORCH_ADMIN.filter(realm=r), self.admin.on_request)
         await self.state.start()
         await self.workflows.start()
         from daemon.homeassistant.realm import attach as attach_homeassistant
@@ -217,6 +235,7 @@ class Orchestrator:
                     reply_topic=doc.get("reply_topic"),
                     correlation=bytes.fromhex(corr) if corr else None,
                     submitted=float(doc.get("submitted", time.time())),
+                    peer_timeout=bool(doc.get("peer_timeout", True)),
                 )
             except (KeyError, ValueError, TypeError) as exc:
                 log.warning("dropping unreadable journal entry: %s", exc)
@@ -242,8 +261,18 @@ class Orchestrator:
     async def _on_info(self, msg: Inbound) -> None:
         got = _node_message(msg, topics.NODE_INFO, NodeInfo)
         if got is not None:
-            self.registry.on_info(got[0], got[1], time.monotonic())
-            self._dispatch_peer(got[0])
+            node_id, info = got
+            self.registry.on_info(node_id, self._authorised(node_id, info), time.monotonic())
+            self._dispatch_peer(node_id)
+
+    def _authorised(self, node_id: str, info: NodeInfo) -> NodeInfo:
+        """The advert with only the capabilities this account may offer."""
+        allowed = [c for c in info.capabilities if self.identities.may_offer(node_id, c.name)]
+        if len(allowed) == len(info.capabilities):
+            return info
+        refused = sorted({c.name for c in info.capabilities} - {c.name for c in allowed})
+        log.warning("%s may not offer %s: ignored", node_id, ", ".join(refused)[:200])
+        return info.model_copy(update={"capabilities": allowed})
 
     async def _on_health(self, msg: Inbound) -> None:
         got = _node_message(msg, topics.NODE_HEALTH, NodeHealth)
@@ -278,12 +307,20 @@ class Orchestrator:
     # ============================================================ submission
 
     async def _on_submit(self, msg: Inbound) -> None:
+        fields = topics.TASK_SUBMIT.parse(msg.topic)
+        if fields is None:
+            return
+        account = fields["user"]
+        if msg.retain:
+            # A retained request would be replayed at every restart: never served.
+            log.warning("retained submission from %s ignored", account)
+            return
         reply_topic = msg.response_topic
         try:
             submit = decode(msg.payload, TaskSubmit)
         except MessageError as exc:
-            log.warning("rejected submission: %s (payload %s)", exc, msg.preview())
-            if reply_topic:
+            log.warning("rejected submission from %s: %s (payload %s)", account, exc, msg.preview())
+            if self._reply_ok(reply_topic, account):
                 self._send(
                     reply_topic,
                     msg.correlation_data,
@@ -295,12 +332,19 @@ class Orchestrator:
                 )
             return
         reply_topic = reply_topic or submit.reply_to
-        if reply_topic is not None and not topics.valid_reply_topic(reply_topic):
-            log.warning("submission with an invalid reply topic %r dropped", reply_topic)
+        if reply_topic is not None and not self._reply_ok(reply_topic, account):
+            log.warning(
+                "submission from %s with reply topic %r outside %s%s/ dropped",
+                account,
+                reply_topic[:200],
+                self.reply_root,
+                account,
+            )
             return
-        task_id = submit.task_id or f"{self.boot_id}-{next(self._task_ids)}"
+        task_id = submit.task_id or f"{secrets.token_urlsafe(TASK_ID_BYTES)}-{next(self._task_ids)}"
         try:
-            user, role = self.identify(submit.user, submit.token)
+            ident = self.identify(account, submit.token, submit.user)
+            user, role = ident.name, ident.role
             # A resubmission joins (or gets the result of) the task it repeats;
             # it is checked before admission so a cached result is never refused.
             if self._join_existing(submit, user, task_id, reply_topic, msg):
@@ -314,7 +358,7 @@ class Orchestrator:
                 error=ErrorInfo(code=exc.code, message=str(exc)),
                 correlation=submit.correlation,
             )
-            log.info("refused %s task from %s: %s", submit.capability, submit.user, exc)
+            log.info("refused %s task from %s: %s", submit.capability, account, exc)
             if reply_topic:
                 self._send(reply_topic, msg.correlation_data, update)
             return
@@ -330,6 +374,7 @@ class Orchestrator:
             reply_topic=reply_topic,
             correlation=msg.correlation_data,
             input_bytes=len(msg.payload),
+            peer_timeout=deadline - now >= self.cfg.default_timeout * 0.999,
         )
         if submit.idempotency_key:
             self.idempotency[(user, submit.idempotency_key)] = task_id
@@ -388,27 +433,52 @@ class Orchestrator:
                 live.watchers.append(watcher)
         return True
 
-    def identify(self, name: str | None, token: str | None) -> tuple[str, str]:
-        """(user, role) of a request: by API token, else by name (never sysop);
-        :class:`Refused` when the token is wrong or required, or the user banned."""
-        if token:
-            user = self.users.by_token(token)
-            if user is None:
-                raise Refused("unauthorized", "invalid API token")
-            name, role = user["name"], user["role"]
-        elif self.cfg.require_token:
-            raise Refused("unauthorized", "this realm requires an API token")
-        else:
-            name = name or "anonymous"
-            known = self.users.get(name)
-            role = known["role"] if known else self.cfg.anonymous_role
-            if role == "sysop":
-                role = self.cfg.anonymous_role  # sysop rights need the token
-        known = self.users.get(name)
-        if known is not None and known.get("banned"):
-            reason = f": {known['reason']}" if known.get("reason") else ""
-            raise Refused("banned", f"user {name!r} is banned{reason}")
-        return name, role
+    def identify(
+        self, account: str, token: str | None = None, on_behalf: str | None = None
+    ) -> Identity:
+        """Who a request from ``account`` (its topic's identity level) is for, and
+        with which role; :class:`Refused` when unknown, unauthorised or banned."""
+        return self.identities.identify(account, token, on_behalf)
+
+    def _reply_ok(self, topic: str | None, account: str) -> TypeGuard[str]:
+        """May ``account`` be answered on ``topic``?  Only inside its own reply space
+        (``reply/<account>/...``): the orchestrator writes nowhere else for anyone."""
+        return (
+            topics.valid_reply_topic(topic)
+            and topic.startswith(self.reply_root)
+            and topic[len(self.reply_root) :].startswith(account + "/")
+        )
+
+    def _read_alarm_code(self) -> str | None:
+        if self.cfg.alarm_code is not None:
+            return self.cfg.alarm_code.get_secret_value()
+        if self.cfg.alarm_code_file is not None:
+            try:
+                return self.cfg.alarm_code_file.read_text().strip() or None
+            except OSError as exc:
+                raise ConfigError(
+                    f"orchestrator.alarm_code_file: cannot read {self.cfg.alarm_code_file}: "
+                    f"{exc.strerror}"
+                ) from exc
+        return None
+
+    def _authorise_state(self, account: str, key: str, value: Any, code: str | None) -> str:
+        """May ``account`` set realm state ``key`` to ``value``?  Returns who it is (for
+        the record); raises StateError.  Roles per key (``orchestrator.state_roles``), a
+        rate limit per identity, and the alarm code for disarming."""
+        if not self.requests.allow(account):
+            raise StateError("rate_limited", f"{account} sends state requests too fast")
+        try:
+            ident = self.identify(account)
+        except Refused as exc:
+            raise StateError(exc.code, str(exc)) from exc
+        roles = self.cfg.state_roles
+        allowed = roles.get(key, roles.get("*", []))
+        if ident.role not in allowed:
+            raise StateError("forbidden", f"a {ident.role} may not set {key!r}")
+        if key == "armed" and value == "disarmed" and not check_code(self._alarm_code, code):
+            raise StateError("bad_code", "disarming needs the alarm code")
+        return ident.name
 
     def _admit(self, submit: TaskSubmit, user: str, role: str) -> None:
         limits = self.cfg.roles.get(role)
@@ -626,6 +696,13 @@ class Orchestrator:
                 )
         self.registry.refresh(peer, task.capability, time.monotonic())
 
+    @staticmethod
+    def _measured_ms(task: Task) -> float | None:
+        """Assignment to result as this orchestrator saw it (never the worker's own word)."""
+        if task.assigned_mono is None:
+            return None
+        return round((time.monotonic() - task.assigned_mono) * 1000, 3)
+
     def _cancel_ack(self, task: Task) -> None:
         self.ack_timeouts.discard(task, task.ack_key)
         task.ack_key = None
@@ -647,7 +724,9 @@ class Orchestrator:
             return
         if task.state in ("assigned", "running"):
             self._abort(task, "deadline")
-            self._peer_outcome(task, ok=False)
+            if task.peer_timeout:
+                # The submitter's own short deadline says nothing of the peer.
+                self._peer_outcome(task, ok=False)
             self._release(task)
         self._finish(task, "failed", error=ErrorInfo(code="timeout", message="deadline passed"))
 
@@ -677,16 +756,12 @@ class Orchestrator:
         task = self.tasks.get(report.task_id)
         if task is None:
             return  # already final: a late or duplicate report
-        current = task.node == node_id and task.attempt == report.attempt
-        status = report.status
-        if not current:
-            # A result from an earlier attempt (or from before a restart) still
-            # counts if nobody else finished first; other reports are stale.
-            if status == "done" and task.state in ("queued", "released"):
-                self._finish(
-                    task, "done", output=report.output, run_ms=report.run_ms, sent=report.replied
-                )
+        if task.node != node_id or task.attempt != report.attempt:
+            # Only the (node, attempt) assigned now may move a task on: a report from
+            # another node, an earlier attempt or before a restart is stale (or forged).
+            log.debug("stale report for %s from %s (attempt %d)", task.id, node_id, report.attempt)
             return
+        status = report.status
         if status in ("started", "partial") and task.state == "assigned":
             task.state = "running"
             task.started_mono = time.monotonic()
@@ -697,7 +772,7 @@ class Orchestrator:
             if task.submit.stream:
                 self._reply(task, "partial", output=report.output)
         elif status == "done":
-            self._peer_outcome(task, ok=True, run_ms=report.run_ms)
+            self._peer_outcome(task, ok=True, run_ms=self._measured_ms(task))
             self._release(task)
             if report.replied:  # the worker numbered its final after every relayed partial
                 task.seq = max(task.seq, report.seq - 1)
@@ -706,7 +781,8 @@ class Orchestrator:
             )
         elif status == "failed":
             error = report.error or ErrorInfo(code="internal", message="worker failed")
-            self._peer_outcome(task, ok=error.code in NOT_PEER_FAULTS)
+            if error.code in PEER_FAULT_CODES:  # a failure the input chose is not the peer's
+                self._peer_outcome(task, ok=False)
             self._release(task)
             self._finish(task, "failed", error=error, run_ms=report.run_ms)
         elif status == "rejected":
@@ -798,35 +874,32 @@ class Orchestrator:
     # ============================================================== control
 
     async def _on_control(self, msg: Inbound) -> None:
+        fields = topics.TASK_CONTROL.parse(msg.topic)
+        if fields is None or msg.retain:
+            return
+        account = fields["user"]
         try:
             cancel = decode(msg.payload, TaskCancel)
         except MessageError as exc:
-            log.warning("bad control message: %s (%s)", exc, msg.preview())
+            log.warning("bad control message from %s: %s (%s)", account, exc, msg.preview())
             return
         try:
-            ok = self.cancel(cancel.task_id, cancel.user, cancel.token, cancel.reason)
+            ident = self.identify(account, cancel.token, cancel.user)
+            ok = self.cancel(cancel.task_id, ident, cancel.reason)
         except Refused as exc:
-            log.warning("refused cancel of %s: %s", cancel.task_id, exc)
+            log.warning("refused cancel of %s by %s: %s", cancel.task_id, account, exc)
             return
         if not ok:
             log.info("cancel of unknown or finished task %s", cancel.task_id)
 
-    def cancel(
-        self,
-        task_id: str,
-        user: str | None,
-        token: str | None,
-        reason: str | None,
-        *,
-        sysop: bool = False,
-    ) -> bool:
+    def cancel(self, task_id: str, ident: Identity | None, reason: str | None) -> bool:
+        """Cancel an active task; ``ident`` None: the realm itself (a sysop op, a workflow)."""
         task = self.tasks.get(task_id)
         if task is None:
             return False
-        if not sysop:
-            name, role = self.identify(user, token)
-            if role != "sysop" and name != task.user:
-                raise Refused("forbidden", "only the submitter or a sysop may cancel a task")
+        privileged = ident is None or ident.role in ("sysop", "orchestrator")
+        if not privileged and ident is not None and ident.name != task.user:
+            raise Refused("forbidden", "only the submitter or a sysop may cancel a task")
         if task.state in ("assigned", "running"):
             self._abort(task, reason or "cancelled")
             self._release(task)

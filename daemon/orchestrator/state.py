@@ -29,6 +29,19 @@ log = logging.getLogger(__name__)
 
 # (key, new value, previous value) after every change.
 StateListener = Callable[[str, Any, Any], Awaitable[None]]
+# (account of the request topic, key, value, alarm code) -> who sets it, for the record;
+# raises StateError when that account may not.  The orchestrator's rules (roles, code).
+StateAuthoriser = Callable[[str, str, Any, "str | None"], str]
+# (reply topic, account) -> may that account be answered there?
+ReplyCheck = Callable[["str | None", str], bool]
+
+
+def _anyone(account: str, key: str, value: Any, code: str | None) -> str:
+    return account
+
+
+def _any_topic(topic: str | None, account: str) -> bool:
+    return topics.valid_reply_topic(topic)
 
 
 class StateError(Exception):
@@ -107,10 +120,14 @@ class RealmStateStore(StateView):
         allowed: Mapping[str, list[Any]] | None = None,
         *,
         strict: bool = False,
+        authorise: StateAuthoriser = _anyone,
+        reply_ok: ReplyCheck = _any_topic,
     ) -> None:
         super().__init__(bus, realm)
         self.allowed = dict(allowed or {})
         self.strict = strict
+        self.authorise = authorise
+        self.reply_ok = reply_ok
         # Own publishes not yet seen back: their echoes are skipped so that two quick
         # sets never flip the in-memory value back to the older one.
         self._pending: dict[str, int] = {}
@@ -161,24 +178,25 @@ class RealmStateStore(StateView):
 
     async def _on_set(self, msg: Inbound) -> None:
         fields = topics.STATE_SET.parse(msg.topic)
-        if fields is None:
+        if fields is None or msg.retain:  # a retained request would replay at every start
             return
-        key = fields["key"]
+        key, account = fields["key"], fields["user"]
         value: Any = None
         try:
             req = decode(msg.payload, StateSet)
             value = req.value
-            await self.set(key, value, req.by)
+            self.check(key, value)
+            by = self.authorise(account, key, value, req.code)
+            await self.set(key, value, by)
         except (MessageError, StateError) as exc:
-            log.warning("refused state set of %r: %s (payload %s)", key, exc, msg.preview())
-            if msg.response_topic:
-                err = ErrorInfo(code=exc.code, message=str(exc))
-                self._reply(msg, StateReply(ok=False, key=key, value=value, error=err))
+            log.warning(
+                "refused state set of %r by %s: %s (payload %s)", key, account, exc, msg.preview()
+            )
+            err = ErrorInfo(code=exc.code, message=str(exc))
+            self._reply(account, msg, StateReply(ok=False, key=key, value=value, error=err))
             return
-        if msg.response_topic:
-            self._reply(msg, StateReply(ok=True, key=key, value=value))
+        self._reply(account, msg, StateReply(ok=True, key=key, value=value))
 
-    def _reply(self, msg: Inbound, reply: StateReply) -> None:
-        if not topics.valid_reply_topic(msg.response_topic):
-            return
-        self.bus.post(msg.response_topic, reply, correlation_data=msg.correlation_data)
+    def _reply(self, account: str, msg: Inbound, reply: StateReply) -> None:
+        if msg.response_topic and self.reply_ok(msg.response_topic, account):
+            self.bus.post(msg.response_topic, reply, correlation_data=msg.correlation_data)

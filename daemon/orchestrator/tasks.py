@@ -34,6 +34,9 @@ class Task:
     started_mono: float | None = None
     queue_ms: float | None = None
     input_bytes: int = 0
+    # Does a deadline passing count against the peer?  Not when the submitter chose a
+    # deadline shorter than the realm's default (its own tiny timeout).
+    peer_timeout: bool = True
     # Keys of this task's entries in the orchestrator's TimerWheels (None: not armed).
     deadline_key: int | None = None
     ack_key: int | None = None
@@ -49,10 +52,12 @@ class Task:
     def journal_doc(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "submit": self.submit.model_dump(mode="json", exclude_none=True),
+            # The API token is never journalled: it proved who submitted, once.
+            "submit": self.submit.model_dump(mode="json", exclude_none=True, exclude={"token"}),
             "user": self.user,
             "role": self.role,
             "deadline": self.deadline,
+            "peer_timeout": self.peer_timeout,
             "reply_topic": self.reply_topic,
             "correlation": self.correlation.hex() if self.correlation else None,
             "submitted": self.submitted,

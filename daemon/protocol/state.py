@@ -28,17 +28,25 @@ class RealmState(Message):
     TYPE = "state"
 
     value: Any = None
-    by: str = Field(default="", description="Who set it: a user, a workflow run or a node.")
+    by: str = Field(
+        default="", max_length=128, description="Who set it: an account, or a workflow run."
+    )
     ts: float = Field(default_factory=now)
 
 
 class StateSet(Message):
-    """A request to change a realm state key (``state/<key>/set``)."""
+    """A request to change a realm state key (``state/<key>/set/<account>``).
+
+    Who asks is the topic's account (authenticated by the broker's ACL), never ``by``:
+    that field is ignored and kept only so older clients' payloads still validate."""
 
     TYPE = "state.set"
 
     value: Any = None
-    by: str = ""
+    by: str = Field(default="", max_length=64)
+    code: str | None = Field(
+        default=None, max_length=64, description="The alarm code, where disarming needs one."
+    )
 
 
 class StateReply(Message):

@@ -23,6 +23,9 @@ PRIORITY_RANK: Final[dict[str, int]] = {"alarm": 0, "interactive": 1, "batch": 2
 CAPABILITY_RE: Final = r"^[a-z][a-z0-9_.-]{0,63}$"
 TASK_ID_RE: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
 FINAL_STATUSES: Final = frozenset({"done", "failed", "cancelled"})
+# Failure codes that count against the peer's breaker: the node itself broke.  Any
+# other code (bad_input, a code the input asked for, ...) is the submitter's doing.
+PEER_FAULT_CODES: Final = frozenset({"internal", "backend_error", "crashed", "unavailable"})
 
 UpdateStatus = Literal["queued", "assigned", "started", "partial", "done", "failed", "cancelled"]
 

@@ -67,8 +67,13 @@ class WorkflowRequest(Message):
     limit: int = Field(default=20, ge=1, le=1000)
     user: str | None = Field(default=None, max_length=64)
     token: str | None = Field(default=None, max_length=256, description="API token.")
-    reply_to: str | None = None
-    correlation: str | None = None
+    run_id: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="The run's id, chosen by the orchestrator when it hands a run to a node.",
+    )
+    reply_to: str | None = Field(default=None, max_length=512)
+    correlation: str | None = Field(default=None, max_length=256)
 
 
 class WorkflowReply(Message):

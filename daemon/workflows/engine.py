@@ -268,7 +268,9 @@ class Engine:
             return
         self._start(flow, data, None)
 
-    def start_manual(self, name: str, input: Any = None, user: str | None = None) -> str:
+    def start_manual(
+        self, name: str, input: Any = None, user: str | None = None, run_id: str | None = None
+    ) -> str:
         """Start a run by hand; returns its id (raises :class:`EngineError`)."""
         flow = self.flows.get(name)
         if flow is None:
@@ -279,7 +281,7 @@ class Engine:
             flow.counts["max_concurrent"] += 1
             raise EngineError("busy", f"{name} already runs {len(flow.running)} time(s)")
         data = {"type": "manual", "user": user, "input": input}
-        return self._start(flow, data, input)
+        return self._start(flow, data, input, run_id)
 
     def _skipped(self, flow: Flow, reason: str, data: dict[str, Any]) -> None:
         flow.counts[reason] += 1
@@ -297,8 +299,10 @@ class Engine:
 
     # =============================================================== runs
 
-    def _start(self, flow: Flow, data: dict[str, Any], input: Any) -> str:
-        run_id = uuid.uuid4().hex[:16]
+    def _start(
+        self, flow: Flow, data: dict[str, Any], input: Any, run_id: str | None = None
+    ) -> str:
+        run_id = run_id or uuid.uuid4().hex[:16]
         flow.last_start = time.monotonic()
         flow.counts["started"] += 1
 

@@ -18,11 +18,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from daemon import topics
+from daemon.accounts import ORCHESTRATOR_ACCOUNT
 from daemon.bus import Inbound
 from daemon.errors import MessageError, TaskError
 from daemon.messages import decode
 from daemon.orchestrator.state import StateView
-from daemon.protocol.workflow import WorkflowReply, WorkflowRequest
+from daemon.protocol.workflow import WorkflowRequest
 from daemon.worker import TaskRun
 from daemon.workflows.engine import Engine, EngineError
 from daemon.workflows.loader import load_workflows
@@ -87,34 +88,30 @@ class LocalWorkflows:
     async def start(self) -> None:
         await self.view.start()
         await self.engine.start()
-        topic = topics.WORKFLOW_REQUEST.build(realm=self.daemon.config.realm)
+        # Runs come only from the orchestrator, which checked who asked (docs/security.md).
+        realm = self.daemon.config.realm
+        topic = topics.WORKFLOW_REQUEST.build(realm=realm, user=ORCHESTRATOR_ACCOUNT)
         await self.daemon.bus.subscribe(topic, self.on_request)
 
     async def stop(self) -> None:
         await self.engine.stop()
 
     async def on_request(self, msg: Inbound) -> None:
-        """Only ``run`` of this node's own workflows is answered (the orchestrator: the rest)."""
+        """A ``run`` of one of this node's workflows, handed on by the orchestrator (which
+        answered the requester); the run's events tell how it went."""
+        if msg.retain:
+            return
         try:
             req = decode(msg.payload, WorkflowRequest)
-        except MessageError:
-            return  # the orchestrator answers malformed requests
+        except MessageError as exc:
+            log.warning("bad workflow run request: %s", exc)
+            return
         if req.op != "run" or req.name not in self.engine.flows:
             return
         try:
-            run_id = self.engine.start_manual(req.name, req.input, req.user)
-            reply = WorkflowReply(
-                ok=True,
-                result={"run_id": run_id, "workflow": req.name},
-                correlation=req.correlation,
-            )
+            self.engine.start_manual(req.name, req.input, req.user, run_id=req.run_id)
         except EngineError as exc:
-            reply = WorkflowReply(
-                ok=False, error=str(exc), code=exc.code, correlation=req.correlation
-            )
-        topic = msg.response_topic or req.reply_to
-        if topics.valid_reply_topic(topic):
-            self.daemon.bus.post(topic, reply, correlation_data=msg.correlation_data)
+            log.warning("workflow %s not started: %s", req.name, exc)
 
 
 async def start_local_workflows(daemon: NodeDaemon) -> LocalWorkflows | None:

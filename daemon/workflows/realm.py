@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from daemon import topics
+from daemon.accounts import ORCHESTRATOR_ACCOUNT
 from daemon.bus import Inbound
 from daemon.client import RealmClient, TaskFailed
 from daemon.errors import MessageError
@@ -88,7 +90,9 @@ class RealmWorkflows:
         every = load_workflows(orch.config)  # a bad workflows_dir file stops the start-up
         flows = {n: w for n, w in every.items() if not w.local}
         self.local_names = {n for n, w in every.items() if w.local}  # answered by their node
-        self.client = RealmClient(orch.bus, orch.realm, user=WORKFLOW_USER)
+        self.client = RealmClient(
+            orch.bus, orch.realm, user=WORKFLOW_USER, account=ORCHESTRATOR_ACCOUNT
+        )
         self.engine = Engine(
             orch.bus,
             orch.realm,
@@ -104,7 +108,7 @@ class RealmWorkflows:
         await self.client.start()
         await self.engine.start()
         realm = self.orch.realm
-        await self.orch.bus.subscribe(topics.WORKFLOW_REQUEST.build(realm=realm), self.on_request)
+        await self.orch.bus.subscribe(topics.WORKFLOW_REQUEST.filter(realm=realm), self.on_request)
         await self.orch.bus.subscribe(
             topics.WORKFLOW_EVENT.filter(realm=realm), self.local_runs.on_event
         )
@@ -123,32 +127,52 @@ class RealmWorkflows:
             for p in self.orch.registry.peers.values()
         )
 
-    def _identify(self, req: WorkflowRequest) -> tuple[str, str]:
-        """Who asks, as for task submissions (token, require_token, bans)."""
-        from daemon.orchestrator.service import Refused
+    def _identify(self, account: str, req: WorkflowRequest) -> tuple[str, str]:
+        """Who asks, as for task submissions (the topic's account, bans)."""
+        from daemon.orchestrator.identity import Refused
 
         try:
-            return self.orch.identify(req.user, req.token)
+            ident = self.orch.identify(account, req.token, req.user)
         except Refused as exc:
             raise EngineError(exc.code, str(exc)) from exc
+        return ident.name, ident.role
+
+    def _hand_to_node(self, req: WorkflowRequest, user: str) -> dict[str, Any]:
+        """A local workflow runs on its node: the request, checked here, goes on under the
+        orchestrator's own identity (nodes take runs only from it); answered here."""
+        run_id = uuid.uuid4().hex[:16]
+        forward = WorkflowRequest(
+            op="run", name=req.name, input=req.input, user=user, run_id=run_id
+        )
+        topic = topics.WORKFLOW_REQUEST.build(realm=self.orch.realm, user=ORCHESTRATOR_ACCOUNT)
+        self.orch.bus.post(topic, forward)
+        return {"run_id": run_id, "workflow": req.name, "where": "node"}
 
     async def on_request(self, msg: Inbound) -> None:
+        fields = topics.WORKFLOW_REQUEST.parse(msg.topic)
+        if fields is None or msg.retain:
+            return
+        account = fields["user"]
+        if not self.orch.requests.allow(account):
+            log.warning("workflow requests from %s over the rate limit: dropped", account)
+            return
         reply_topic = msg.response_topic
         correlation = None
         try:
             req = decode(msg.payload, WorkflowRequest)
             correlation = req.correlation
             reply_topic = reply_topic or req.reply_to
-            if req.op == "run" and self._runs_elsewhere(req.name):
-                return  # a node daemon that runs it answers
-            user, role = self._identify(req)
+            user, role = self._identify(account, req)
             if req.op == "run":
                 if req.name is None:
                     raise EngineError("bad_request", "run needs a workflow name")
-                if role == "guest":
-                    raise EngineError("forbidden", "guests may not start workflows")
-                run_id = self.engine.start_manual(req.name, req.input, user)
-                result: Any = {"run_id": run_id, "workflow": req.name}
+                if role in ("guest", "homeassistant"):
+                    raise EngineError("forbidden", f"a {role} may not start workflows")
+                if self._runs_elsewhere(req.name):
+                    result: Any = self._hand_to_node(req, user)
+                else:
+                    run_id = self.engine.start_manual(req.name, req.input, user)
+                    result = {"run_id": run_id, "workflow": req.name}
             elif req.op == "list":
                 result = self.engine.summary()
             else:
@@ -160,5 +184,5 @@ class RealmWorkflows:
         except EngineError as exc:
             log.info("workflow request refused: %s", exc)
             reply = WorkflowReply(ok=False, error=str(exc), code=exc.code, correlation=correlation)
-        if topics.valid_reply_topic(reply_topic):
+        if self.orch._reply_ok(reply_topic, account):
             self.orch.bus.post(reply_topic, reply, correlation_data=msg.correlation_data)

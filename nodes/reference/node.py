@@ -8,6 +8,7 @@ from typing import Any
 from daemon.errors import TaskError
 from daemon.node import Node
 from daemon.protocol.node import Capability
+from daemon.protocol.task import PEER_FAULT_CODES
 from daemon.worker import TaskRun
 from nodes.reference.config import ReferenceConfig
 
@@ -29,6 +30,8 @@ class ReferenceNode(Node):
         ]
 
     async def execute(self, task: TaskRun) -> Any:
+        if self.config.fail_with:
+            raise TaskError(self.config.fail_with, "this node is configured to fail (fail_with)")
         if task.capability == "echo":
             return task.input
         if task.capability == "sleep":
@@ -58,5 +61,11 @@ class ReferenceNode(Node):
         else:
             await asyncio.sleep(seconds)
         if fail:
-            raise TaskError(str(fail), "failed on request (sleep input 'fail')")
+            # A failure the input asked for is never the node's fault: a code that
+            # would count against the peer's breaker becomes 'requested'.
+            code = str(fail)[:64]
+            raise TaskError(
+                "requested" if code in PEER_FAULT_CODES else code,
+                f"failed on request (sleep input 'fail': {code})",
+            )
         return {"slept": seconds, "node": self.ctx.node_id}
