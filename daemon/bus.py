@@ -15,6 +15,13 @@ only seen once the node can hear replies.
   QoS 1 publishes the broker had not acknowledged when the connection dropped
   are put back there too.
 * Refused credentials or authorisation is fatal (:class:`BusAuthError`).
+* Topics made from data are checked before anything is sent: a topic that is
+  not a valid MQTT topic name (empty, a wildcard, U+0000, not UTF-8, too long)
+  or a payload that cannot be encoded is refused — :meth:`Bus.publish` raises
+  :class:`BusPublishError`, :meth:`Bus.post` drops it with a log line — so it
+  never gets the connection closed.  A publish the broker refuses (a reason
+  code, or closing the connection on it) is never replayed forever either:
+  see :class:`daemon.mqtt.PublishRejected` and ``MAX_STRIKES``.
 """
 
 from __future__ import annotations
@@ -29,19 +36,27 @@ import ssl
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from daemon.config import BrokerConfig
-from daemon.errors import BusAuthError, BusError, BusNotConnectedError
+from daemon.errors import (
+    BusAuthError,
+    BusError,
+    BusNotConnectedError,
+    BusPublishError,
+    MessageError,
+)
 from daemon.messages import Message, encode
 from daemon.mqtt import (
     Connection,
+    ConnectionLost,
     ConnectParams,
     ConnectRefused,
     MqttError,
     Outgoing,
     Publish,
+    PublishRejected,
     Will,
     connect,
 )
@@ -55,6 +70,7 @@ from daemon.mqtt.codec import (
     reason_text,
     subscribe_options,
 )
+from daemon.textcheck import text_problem, topic_name_problem, valid_topic_name
 from daemon.topics import matches, validate_filter
 
 log = logging.getLogger(__name__)
@@ -76,6 +92,12 @@ PUBLISH_TIMEOUT: Final = 10.0
 # *silently*: a process whose loop is busy for a moment lost messages in a burst.  The
 # connection acknowledges on read, so the real bound is MAX_QUEUED_INCOMING on our side.
 RECEIVE_MAXIMUM: Final = 65_535
+# A publish that was the oldest one the broker had not acknowledged when it closed the
+# connection, this many times, is dropped: a broker that closes on a bad packet without
+# saying why would otherwise get it first on every reconnect, forever.
+MAX_STRIKES: Final = 3
+# Refused posts: each of the first ones gets a log line, then every 1000th.
+LOGGED_REFUSALS: Final = 10
 
 Payload = bytes | str | Message
 
@@ -125,6 +147,24 @@ def to_bytes(payload: Payload) -> bytes:
     return payload.encode() if isinstance(payload, str) else payload
 
 
+def _check_properties(props: dict[str, Any]) -> None:
+    """The strings of a PUBLISH's properties: a response topic must be a topic name;
+    no string may hold U+0000 or a lone surrogate (MQTT 5, 1.5.4)."""
+    response_topic = props.get("response_topic")
+    if response_topic and not valid_topic_name(response_topic):
+        raise BusPublishError(
+            f"response topic {response_topic[:200]!r} is not a valid topic name "
+            f"({topic_name_problem(response_topic)})"
+        )
+    texts = [props.get("content_type") or ""]
+    for key, value in (props.get("user_properties") or {}).items():
+        texts += [key, value]
+    for text in texts:
+        problem = text_problem(text)
+        if problem is not None:
+            raise BusPublishError(f"property {text[:200]!r} {problem}")
+
+
 class Bus:
     """One MQTT 5 connection with reconnect, resubscribe, hooks and flow control."""
 
@@ -157,6 +197,7 @@ class Bus:
         self._background: set[asyncio.Task[None]] = set()
         self.connects = 0
         self.dropped = 0
+        self.refused = 0
         self.handler_errors = 0
 
     # ------------------------------------------------------------------ state
@@ -232,9 +273,20 @@ class Bus:
         retain: bool,
         **props: Any,
     ) -> Outgoing:
+        """What to send; :class:`BusPublishError` when it could not be sent as asked."""
         if qos not in (0, 1, 2):
             raise ValueError(f"QoS must be 0, 1 or 2, not {qos!r}")
-        return Outgoing(topic, to_bytes(payload), qos, retain, publish_properties(**props))
+        if not valid_topic_name(topic):
+            raise BusPublishError(
+                f"not a valid MQTT topic name ({topic_name_problem(topic)}): {topic[:200]!r}"
+            )
+        if props.get("response_topic") or props.get("content_type") or props.get("user_properties"):
+            _check_properties(props)
+        try:
+            data = to_bytes(payload)
+        except (MessageError, UnicodeEncodeError) as exc:
+            raise BusPublishError(f"cannot publish to {topic[:200]!r}: {exc}") from exc
+        return Outgoing(topic, data, qos, retain, publish_properties(**props))
 
     async def publish(
         self,
@@ -256,6 +308,10 @@ class Bus:
         the broker's acknowledgement; with ``wait=False`` it returns as soon as
         the message is handed over.  While disconnected the message is kept in
         the outbox and sent on reconnect.
+
+        :class:`BusPublishError` when the topic is not a valid topic name or
+        the payload cannot be encoded (at once), or, with ``wait=True``, when
+        the broker refused the publish.
         """
         out = self._outgoing(
             topic,
@@ -271,7 +327,7 @@ class Bus:
         await self._acquire()
         if wait:
             try:
-                await self._send(out)
+                await self._send(out, waiter=True)
             finally:
                 self._release()
             return
@@ -296,18 +352,23 @@ class Bus:
         (``MAX_QUEUED_OUTGOING``) — no task per message, which is what the
         orchestrator's throughput depends on.  Otherwise (offline, or that
         queue full) it takes the flow-controlled path: a backlog that drains
-        in order, or the outbox while disconnected.
+        in order, or the outbox while disconnected.  A topic that is not a valid
+        topic name, or a payload that cannot be encoded, is dropped with a log line.
         """
-        out = self._outgoing(
-            topic,
-            payload,
-            qos,
-            retain,
-            correlation_data=correlation_data,
-            expiry=expiry,
-            content_type=content_type,
-            response_topic=response_topic,
-        )
+        try:
+            out = self._outgoing(
+                topic,
+                payload,
+                qos,
+                retain,
+                correlation_data=correlation_data,
+                expiry=expiry,
+                content_type=content_type,
+                response_topic=response_topic,
+            )
+        except BusPublishError as exc:
+            self._refused(exc)
+            return
         if self._thread is not None and threading.get_ident() != self._thread:
             # A worker thread (inference, a sensor driver): hand it to the loop's thread.
             assert self._loop is not None
@@ -323,8 +384,13 @@ class Bus:
             and not self._backlog
             and conn.queued < MAX_QUEUED_OUTGOING
         ):
-            with contextlib.suppress(MqttError):  # if lost since: the slow path keeps it
+            try:
                 conn.publish(out.topic, out.payload, out.qos, out.retain, out.props)
+            except PublishRejected:
+                return  # it can never be sent (the connection logged why)
+            except MqttError:
+                pass  # lost since: the slow path keeps it
+            else:
                 return
         if self._inflight_n < self.config.max_inflight and not self._backlog:
             self._inflight_n += 1
@@ -367,21 +433,56 @@ class Bus:
         if not task.cancelled() and task.exception() is not None:
             log.error("background publish failed", exc_info=task.exception())
 
-    async def _send(self, out: Outgoing) -> None:
+    async def _send(self, out: Outgoing, *, waiter: bool = False) -> None:
+        """Send and await the broker's acknowledgement; kept for the next connection
+        if this one is lost.  A refusal raises :class:`BusPublishError` for a
+        ``waiter`` (else the connection has logged it)."""
         conn = self._conn
         if conn is None or not self.connected:
             self._keep(out)
             return
         try:
-            acked = conn.publish(out.topic, out.payload, out.qos, out.retain, out.props, ack=True)
+            acked = conn.publish(
+                out.topic,
+                out.payload,
+                out.qos,
+                out.retain,
+                out.props,
+                ack=True,
+                strikes=out.strikes,
+            )
             if acked is not None:
                 async with asyncio.timeout(PUBLISH_TIMEOUT):
-                    await acked
+                    reason = await acked
+                if reason >= 0x80 and waiter:
+                    raise BusPublishError(
+                        f"the broker refused the publish to {out.topic[:200]!r} "
+                        f"({reason_text(reason)})"
+                    )
+        except PublishRejected as exc:
+            if waiter:
+                raise BusPublishError(str(exc)) from exc
         except (MqttError, TimeoutError) as exc:
             log.debug("publish to %s failed (%s); kept for reconnect", out.topic, exc)
+            if isinstance(exc, ConnectionLost) and exc.strike:
+                out = replace(out, strikes=out.strikes + 1)
             self._keep(out)
 
+    def _refused(self, exc: BusPublishError) -> None:
+        self.refused += 1
+        if self.refused <= LOGGED_REFUSALS or self.refused % 1000 == 0:
+            log.warning("publish dropped: %s (%d refused so far)", exc, self.refused)
+
     def _keep(self, out: Outgoing) -> None:
+        if out.strikes >= MAX_STRIKES:
+            self.dropped += 1
+            log.warning(
+                "publish to %s dropped: the broker closed the connection %d times while it "
+                "was the oldest unacknowledged one",
+                out.topic[:200],
+                out.strikes,
+            )
+            return
         if self._outbox.maxlen == 0 or out.qos == 0:
             self.dropped += 1
             return
@@ -499,7 +600,10 @@ class Bus:
         pending = list(self._outbox)
         self._outbox.clear()
         for out in pending:  # in order, through the in-flight window; unacked ones come back
-            conn.publish(out.topic, out.payload, out.qos, out.retain, out.props)
+            with contextlib.suppress(PublishRejected):  # never sendable here (logged)
+                conn.publish(
+                    out.topic, out.payload, out.qos, out.retain, out.props, strikes=out.strikes
+                )
         for hook in self._hooks:
             try:
                 await hook()

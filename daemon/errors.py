@@ -27,8 +27,14 @@ class BusNotConnectedError(BusError):
     """An operation needed a live broker connection and there was none in time."""
 
 
+class BusPublishError(BusError):
+    """A publish was refused: its topic is not a valid MQTT topic name, its payload or
+    properties cannot be encoded, or the broker refused it (a reason code >= 0x80,
+    or it closed the connection on it).  It is not sent again."""
+
+
 class MessageError(MtorError):
-    """A payload from the network failed validation.
+    """A payload from the network failed validation (or a message could not be encoded).
 
     ``code`` is the machine-readable error code sent back in error replies.
     """

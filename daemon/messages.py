@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import PydanticSerializationError
 
 from daemon.errors import MessageError
+from daemon.textcheck import MAX_NESTING, json_too_deep, lone_surrogate_escape
 
-MAX_PAYLOAD_BYTES = 1 << 20  # JSON control messages are small; media has its own topics
+MAX_PAYLOAD_BYTES: Final = 1 << 20  # JSON control messages are small; media has its own topics
 
 _REGISTRY: dict[str, type[Message]] = {}
 
@@ -78,8 +80,15 @@ def _head(cls: type[Message]) -> bytes:
 
 
 def encode(msg: Message) -> bytes:
-    """Compact JSON with ``type`` and ``v`` first; ``None`` fields are left out."""
-    body = msg.__pydantic_serializer__.to_json(msg, exclude_none=True)
+    """Compact JSON with ``type`` and ``v`` first; ``None`` fields are left out.
+
+    A value that has no JSON form (a str holding a lone surrogate, an object of
+    no JSON type) raises :class:`MessageError` with code ``unencodable``.
+    """
+    try:
+        body = msg.__pydantic_serializer__.to_json(msg, exclude_none=True)
+    except PydanticSerializationError as exc:
+        raise MessageError(f"cannot encode {msg.TYPE}: {exc}", code="unencodable") from exc
     head = _head(type(msg))
     return head + b"," + body[1:] if body != b"{}" else head + b"}"
 
@@ -93,7 +102,7 @@ def _fast(data: bytes | bytearray | str, cls: type[M]) -> M | None:
         return None
     head = _head(cls)
     n = len(head)
-    if not data.startswith(head) or data[n : n + 1] != b",":
+    if not data.startswith(head) or data[n : n + 1] != b"," or json_too_deep(data):
         return None
     try:
         return cls.model_validate_json(b"{" + data[n + 1 :])
@@ -146,15 +155,42 @@ def decode_dict(raw: dict[str, Any], expected: type[M]) -> M:
         raise MessageError(f"invalid {expected.TYPE}: {_explain(exc)}") from exc
 
 
-def _load(data: bytes | bytearray | str) -> dict[str, Any]:
+def load_json(data: bytes | bytearray | str) -> Any:
+    """Parse a JSON payload from the network, refusing what could hurt a receiver.
+
+    Strict: the bytes must be UTF-8 (no encoded surrogates), no ``\\uD800``-style
+    escape may leave a lone surrogate in a string, nesting is bounded
+    (:data:`~daemon.textcheck.MAX_NESTING`), and so is the size
+    (:data:`MAX_PAYLOAD_BYTES`).  Anything else raises :class:`MessageError`.
+    """
     if len(data) > MAX_PAYLOAD_BYTES:
         raise MessageError(
             f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}", code="too_large"
         )
     try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        text = raw.decode()  # strict: Python's json would take encoded surrogates as text
+    except UnicodeError as exc:
+        raise MessageError(f"payload is not valid UTF-8: {exc}") from exc
+    if json_too_deep(raw):
+        raise MessageError(f"payload nests deeper than {MAX_NESTING} levels", code="too_deep")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
         raise MessageError(f"payload is not valid JSON: {exc}") from exc
+    if lone_surrogate_escape(raw):  # pairs are fine; a lone half is not a character
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError as exc:
+            raise MessageError(
+                "payload is not valid JSON: a \\u escape encodes a lone surrogate, "
+                "which is not a Unicode character"
+            ) from exc
+    return value
+
+
+def _load(data: bytes | bytearray | str) -> dict[str, Any]:
+    raw = load_json(data)
     if not isinstance(raw, dict):
         raise MessageError("payload must be a JSON object")
     return raw

@@ -12,6 +12,7 @@ from daemon.mqtt.connection import (
     ConnectRefused,
     MqttError,
     Outgoing,
+    PublishRejected,
     connect,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "MqttError",
     "Outgoing",
     "Publish",
+    "PublishRejected",
     "Will",
     "connect",
 ]

@@ -94,6 +94,20 @@ class ProtocolError(ValueError):
     """Bytes that are not valid MQTT 5: the connection must be closed."""
 
 
+class InvalidString(ProtocolError):
+    """A UTF-8 Encoded String (1.5.4) that is not UTF-8 or holds U+0000."""
+
+
+class InvalidPublish(ProtocolError):
+    """A PUBLISH whose framing is sound but whose topic or a string property is
+    not valid text (1.5.4): that one message is dropped, the connection goes on."""
+
+    def __init__(self, message: str, qos: int, packet_id: int) -> None:
+        super().__init__(message)
+        self.qos = qos
+        self.packet_id = packet_id
+
+
 # --------------------------------------------------------------- primitives
 
 _VARINT_1: Final = [bytes((n,)) for n in range(128)]
@@ -161,10 +175,18 @@ def _read_utf8(data: bytes, pos: int) -> tuple[str, int]:
     end = pos + 2 + (data[pos] << 8 | data[pos + 1])
     if end > len(data):
         raise ProtocolError("string runs past the packet")
+    return _text(data[pos + 2 : end]), end
+
+
+def _text(raw: bytes) -> str:
+    """Strict UTF-8 (Python's codec refuses encoded surrogates too), no U+0000 (1.5.4)."""
     try:
-        return data[pos + 2 : end].decode(), end
+        text = raw.decode()
     except UnicodeDecodeError as exc:
-        raise ProtocolError(f"string is not UTF-8: {exc}") from exc
+        raise InvalidString(f"string is not UTF-8: {exc}") from exc
+    if "\0" in text:
+        raise InvalidString("string contains U+0000")
+    return text
 
 
 def _read_binary(data: bytes, pos: int) -> tuple[bytes, int]:
@@ -334,9 +356,12 @@ def encode_publish(
     return bytes((first,)) + varint(len(head) + len(props) + len(payload)) + head + props + payload
 
 
-def encode_ack(kind: int, packet_id: int) -> bytes:
-    """PUBACK / PUBREC / PUBREL / PUBCOMP with reason 0 (3.4-3.7)."""
-    return bytes((kind << 4 | (0x02 if kind == PUBREL else 0), 2)) + packet_id.to_bytes(2, "big")
+def encode_ack(kind: int, packet_id: int, reason: int = 0) -> bytes:
+    """PUBACK / PUBREC / PUBREL / PUBCOMP (3.4-3.7); reason 0 (success) is left out."""
+    first = kind << 4 | (0x02 if kind == PUBREL else 0)
+    if reason:
+        return bytes((first, 3)) + packet_id.to_bytes(2, "big") + bytes((reason,))
+    return bytes((first, 2)) + packet_id.to_bytes(2, "big")
 
 
 def encode_subscribe(packet_id: int, topic_filter: str, options: int, sub_id: int) -> bytes:
@@ -376,20 +401,32 @@ class Publish:
 
 
 def decode_publish(first: int, data: bytes) -> Publish:
-    """The body of a PUBLISH (3.3) whose fixed header's first byte is ``first``."""
+    """The body of a PUBLISH (3.3) whose fixed header's first byte is ``first``.
+
+    A topic or string property that is not valid text raises
+    :class:`InvalidPublish` (with the QoS and packet id, so it can be acknowledged
+    and dropped) rather than a plain :class:`ProtocolError`.
+    """
     qos = first >> 1 & 3
     if qos == 3:
         raise ProtocolError("PUBLISH with QoS 3")
-    topic, pos = _read_utf8(data, 0)
+    pos = 2 + (data[0] << 8 | data[1])
+    if pos > len(data):
+        raise ProtocolError("topic name runs past the packet")
+    raw_topic = data[2:pos]
     packet_id = 0
     if qos:
         packet_id = data[pos] << 8 | data[pos + 1]
         pos += 2
-    if data[pos] == 0:  # the common case: no properties
-        props: Properties = {}
-        pos += 1
-    else:
-        props, pos = read_properties(data, pos)
+    try:
+        if data[pos] == 0:  # the common case: no properties
+            props: Properties = {}
+            pos += 1
+        else:
+            props, pos = read_properties(data, pos)
+        topic = _text(raw_topic)
+    except InvalidString as exc:
+        raise InvalidPublish(f"PUBLISH dropped: {exc}", qos, packet_id) from exc
     return Publish(topic, data[pos:], qos, bool(first & 1), packet_id, props)
 
 

@@ -18,7 +18,13 @@ a 27-entry property table per PUBLISH.  Here:
   acknowledged when the connection drops can be taken back with
   :meth:`Connection.take_unacked` and sent again on the next connection;
 * keep-alive: PINGREQ when nothing was sent for half the interval, and a
-  connection that has heard nothing for 1.5 intervals is dropped.
+  connection that has heard nothing for 1.5 intervals is dropped;
+* a publish the broker will never take is not sent again: one over the
+  broker's Maximum Packet Size, or whose topic cannot be encoded, is refused
+  at once (:class:`PublishRejected`); one the broker closed the connection on
+  is identified and dropped (see :meth:`Connection.connection_lost`); a
+  PUBLISH from the broker whose topic is not valid text is acknowledged and
+  dropped, the connection goes on.
 
 What it leaves out, because nothing in the realm uses it: sessions that
 outlive the connection, topic aliases, enhanced authentication (AUTH).
@@ -45,6 +51,14 @@ log = logging.getLogger(__name__)
 MAX_QUEUED_INCOMING: Final = 50_000
 # Dispatch has caught up again below this many: reading resumes.
 RESUME_BELOW: Final = MAX_QUEUED_INCOMING // 2
+# DISCONNECT reasons by which a broker refuses the packet it just read (2.4): malformed
+# packet, protocol error, topic name invalid, packet too large, payload format invalid,
+# retain or QoS not supported.  Acknowledgements come in order, so when one of these
+# arrives the oldest unacknowledged publish is the one refused (if nothing else was
+# sent between it and the last acknowledged packet).
+REJECTING_REASONS: Final = frozenset({0x81, 0x82, 0x90, 0x95, 0x99, 0x9A, 0x9B})
+# Topics whose refusal (PUBACK >= 0x80) gets a log line of its own; later ones are counted.
+MAX_LOGGED_TOPICS: Final = 256
 
 
 class MqttError(BusError):
@@ -52,7 +66,25 @@ class MqttError(BusError):
 
 
 class ConnectionLost(MqttError):
-    """The connection is gone (closed by either side, or unreachable)."""
+    """The connection is gone (closed by either side, or unreachable).
+
+    ``strike`` is set on the error of the one publish that was the oldest
+    unacknowledged when the broker closed the connection: the prime suspect
+    (see :attr:`Outgoing.strikes`).
+    """
+
+    def __init__(self, message: str, *, strike: bool = False) -> None:
+        super().__init__(message)
+        self.strike = strike
+
+
+class PublishRejected(MqttError):
+    """The broker will never take this publish (a reason code >= 0x80, or it closed
+    the connection on it), or it cannot be sent at all: it is not sent again."""
+
+    def __init__(self, message: str, reason: int) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ConnectRefused(MqttError):
@@ -88,7 +120,19 @@ class ConnectParams:
 class _InFlight:
     """A QoS 1/2 publish until the broker has acknowledged it."""
 
-    __slots__ = ("future", "packet_id", "payload", "props", "qos", "released", "retain", "topic")
+    __slots__ = (
+        "future",
+        "others_before",
+        "packet_id",
+        "payload",
+        "props",
+        "qos",
+        "released",
+        "retain",
+        "seq",
+        "strikes",
+        "topic",
+    )
 
     def __init__(
         self,
@@ -99,6 +143,7 @@ class _InFlight:
         retain: bool,
         props: bytes,
         future: asyncio.Future[int] | None,
+        strikes: int = 0,
     ) -> None:
         self.topic = topic
         self.payload = payload
@@ -106,8 +151,11 @@ class _InFlight:
         self.retain = retain
         self.props = props
         self.future = future
+        self.strikes = strikes
         self.packet_id = 0
         self.released = False  # QoS 2: PUBREC seen, PUBREL sent
+        self.seq = 0  # when it was written (Connection._seq)
+        self.others_before = 0  # the last other packet the broker does not acknowledge
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +168,9 @@ class Outgoing:
     qos: int
     retain: bool
     props: bytes  # the encoded MQTT 5 property block
+    # How often the broker closed the connection while this was the oldest publish
+    # it had not acknowledged (the owner gives up on it after a few).
+    strikes: int = 0
 
 
 class Connection(asyncio.Protocol):
@@ -155,6 +206,15 @@ class Connection(asyncio.Protocol):
         self._last_sent = self._last_heard = time.monotonic()
         self._ping_timer: asyncio.TimerHandle | None = None
         self._refused_publishes = 0
+        self._refused_topics: set[str] = set()
+        self._bad_incoming = 0
+        self._max_send = 0  # the broker's Maximum Packet Size (0: none said)
+        # Packets written, in order: what a broker's DISCONNECT can be blamed on.
+        self._seq = 0
+        self._last_other = 0  # seq of the last packet not acknowledged by the broker
+        self._last_acked = 0  # seq of the newest packet the broker acknowledged
+        self._request_seqs: dict[int, int] = {}
+        self._broker_reason: int | None = None  # a DISCONNECT's reason; -1: closed silently
         self.inbox: deque[Publish] = deque()
         self.server: Properties = {}
 
@@ -169,9 +229,13 @@ class Connection(asyncio.Protocol):
         if self._error is None:
             detail = f": {exc}" if exc else ""
             self._error = ConnectionLost(f"connection to the broker lost{detail}")
+            if self._connack.done():
+                self._broker_reason = -1  # not us: the broker (or the network) closed it
         self._transport = self._write_transport = None
         if self._ping_timer is not None:
             self._ping_timer.cancel()
+        if self._broker_reason is not None:
+            self._blame(self._broker_reason, self._error)
         error = self._error
         futures: list[asyncio.Future[Any]] = [self._connack, *self._requests.values()]
         futures += [o.future for o in self._inflight.values() if o.future is not None]
@@ -214,6 +278,43 @@ class Connection(asyncio.Protocol):
                 self._handle(first, body)
         except (ProtocolError, IndexError, ValueError) as exc:
             self._fail(f"malformed packet from the broker: {exc}")
+
+    def _blame(self, reason: int, error: MqttError) -> None:
+        """The broker closed the connection: find the publish it refused.
+
+        Mosquitto acknowledges every good packet before the DISCONNECT that
+        refuses a bad one, so with a refusing reason the oldest unacknowledged
+        publish is the bad one, unless a packet the broker does not acknowledge
+        (QoS 0, SUBSCRIBE still unanswered) went out between it and the last
+        acknowledged one.  That publish is dropped and its waiter told.  In any
+        other case (no reason, another reason, doubt) it only gets a strike: its
+        owner gives up after a few, so nothing is replayed into the broker forever.
+        """
+        head = next((o for o in self._inflight.values() if not o.released), None)
+        if head is None:
+            return
+        if reason in REJECTING_REASONS and head.others_before <= self._last_acked:
+            del self._inflight[head.packet_id]
+            log.warning(
+                "the broker closed the connection (%s) on our publish to %s (%d bytes): "
+                "dropped, it is not sent again",
+                reason_text(reason),
+                head.topic,
+                len(head.payload),
+            )
+            if head.future is not None and not head.future.done():
+                head.future.set_exception(
+                    PublishRejected(
+                        f"the broker refused the publish to {head.topic} ({reason_text(reason)})",
+                        reason,
+                    )
+                )
+                head.future.exception()  # retrieved: the waiter may be gone
+            return
+        head.strikes += 1
+        if head.future is not None and not head.future.done():
+            head.future.set_exception(ConnectionLost(str(error), strike=True))
+            head.future.exception()
 
     def pause_writing(self) -> None:  # the transport buffers; our windows bound it
         pass
@@ -296,6 +397,7 @@ class Connection(asyncio.Protocol):
     async def wait_connack(self) -> None:
         self.server = await self._connack
         self._window = min(self.params.max_inflight, self.server.get(codec.RECEIVE_MAXIMUM, 65_535))
+        self._max_send = self.server.get(codec.MAXIMUM_PACKET_SIZE, 0)
         self._keepalive = self.server.get(codec.SERVER_KEEP_ALIVE, self.params.keepalive)
         # A broker that supports less than QoS 2 disconnects a client that publishes above it.
         self._max_qos = self.server.get(codec.MAXIMUM_QOS, 2)
@@ -323,15 +425,26 @@ class Connection(asyncio.Protocol):
         props: bytes = b"\x00",
         *,
         ack: bool = False,
+        strikes: int = 0,
     ) -> asyncio.Future[int] | None:
         """Send a PUBLISH.  With ``ack`` (QoS 1/2 only), a future for the broker's
-        reason code; otherwise fire and forget (see :meth:`take_unacked`)."""
+        reason code; otherwise fire and forget (see :meth:`take_unacked`).
+
+        :class:`PublishRejected` at once for a packet over the broker's Maximum
+        Packet Size or a topic that is not encodable (the caller validates topics;
+        this keeps a bad one from closing the connection)."""
         if self._error is not None or self._transport is None:
             raise self._error or ConnectionLost("not connected")
         if threading.get_ident() != self._thread:
             raise MqttError("publish from outside the connection's event loop thread")
+        if not topic.isascii() or (
+            self._max_send and len(payload) + len(props) + len(topic) + 9 > self._max_send
+        ):
+            self._check_sendable(topic, payload, props)
         qos = min(qos, self._max_qos)
         if not qos:
+            self._seq += 1
+            self._last_other = self._seq
             self._write(
                 codec.encode_publish(
                     topic.encode(), payload, qos=0, retain=retain, packet_id=0, props=props
@@ -339,16 +452,53 @@ class Connection(asyncio.Protocol):
             )
             return None
         future = self._loop.create_future() if ack else None
-        out = _InFlight(topic, payload, qos=qos, retain=retain, props=props, future=future)
+        out = _InFlight(
+            topic, payload, qos=qos, retain=retain, props=props, future=future, strikes=strikes
+        )
         if len(self._inflight) < self._window and not self._queued:
             self._send(out)
         else:
             self._queued.append(out)
         return future
 
+    def _check_sendable(self, topic: str, payload: bytes, props: bytes) -> None:
+        """The slow part of :meth:`publish`'s checks (a non-ASCII topic, or a packet
+        that may be over the broker's limit)."""
+        try:
+            topic_size = len(topic.encode())
+        except UnicodeEncodeError as exc:
+            raise self._refuse(topic, 0x90, "its topic is not UTF-8") from exc
+        # topic length + topic + packet id + properties + payload (3.3.1), then the fixed header
+        remaining = 2 + topic_size + 2 + len(props) + len(payload)
+        size = 1 + len(codec.varint(min(remaining, codec.MAX_REMAINING_LENGTH))) + remaining
+        if self._max_send and size > self._max_send:
+            raise self._refuse(
+                topic, 0x95, f"{size} bytes, over the broker's Maximum Packet Size {self._max_send}"
+            )
+
+    def _refuse(self, topic: str, reason: int, why: str) -> PublishRejected:
+        self._count_refusal(topic, "refused to send a publish to %s (%s)", why)
+        return PublishRejected(f"publish to {topic!r} not sent: {why}", reason)
+
+    def _count_refusal(self, topic: str, text: str, *args: object) -> None:
+        """One log line per topic (the first few hundred topics), then every 1000th.
+
+        ``text`` is a %-format whose first argument is the topic."""
+        self._refused_publishes += 1
+        first = topic not in self._refused_topics and len(self._refused_topics) < MAX_LOGGED_TOPICS
+        if first:
+            self._refused_topics.add(topic)
+        if first or self._refused_publishes % 1000 == 0:
+            log.warning(
+                "%s (%d refused so far)", text % (topic[:200], *args), self._refused_publishes
+            )
+
     def _send(self, out: _InFlight) -> None:
         out.packet_id = packet_id = self._packet_id()
         self._inflight[packet_id] = out
+        self._seq += 1
+        out.seq = self._seq
+        out.others_before = self._last_other
         self._write(
             codec.encode_publish(
                 out.topic.encode(),
@@ -376,6 +526,8 @@ class Connection(asyncio.Protocol):
             raise self._error or ConnectionLost("not connected")
         packet_id = self._packet_id()
         self._requests[packet_id] = self._loop.create_future()
+        self._seq += 1
+        self._last_other = self._request_seqs[packet_id] = self._seq
         return packet_id
 
     def take_unacked(self) -> list[Outgoing]:
@@ -385,7 +537,7 @@ class Connection(asyncio.Protocol):
         self._inflight.clear()
         self._queued.clear()
         return [
-            Outgoing(o.topic, o.payload, o.qos, o.retain, o.props)
+            Outgoing(o.topic, o.payload, o.qos, o.retain, o.props, o.strikes)
             for o in left
             if o.future is None and not o.released  # QoS 2 past PUBREC has arrived
         ]
@@ -433,7 +585,12 @@ class Connection(asyncio.Protocol):
     def _handle(self, first: int, body: bytes) -> None:
         kind = first >> 4
         if kind == codec.PUBLISH:
-            self._on_publish(codec.decode_publish(first, body))
+            try:
+                message = codec.decode_publish(first, body)
+            except codec.InvalidPublish as exc:
+                self._drop_incoming(exc)
+                return
+            self._on_publish(message)
         elif kind in (codec.PUBACK, codec.PUBCOMP):
             packet_id, reason, props = codec.decode_ack(body)
             self._acked(packet_id, reason, props)
@@ -444,6 +601,7 @@ class Connection(asyncio.Protocol):
                 self._acked(packet_id, reason, props)
             else:
                 out.released = True
+                self._last_acked = max(self._last_acked, out.seq)
                 self._ack(codec.encode_ack(codec.PUBREL, packet_id))
         elif kind == codec.PUBREL:
             packet_id = codec.decode_ack(body)[0]
@@ -451,6 +609,7 @@ class Connection(asyncio.Protocol):
             self._ack(codec.encode_ack(codec.PUBCOMP, packet_id))
         elif kind in (codec.SUBACK, codec.UNSUBACK):
             packet_id, codes, _props = codec.decode_suback(body)
+            self._last_acked = max(self._last_acked, self._request_seqs.pop(packet_id, 0))
             future = self._requests.pop(packet_id, None)
             if future is not None and not future.done():
                 future.set_result(codes)
@@ -461,11 +620,21 @@ class Connection(asyncio.Protocol):
         elif kind == codec.DISCONNECT:
             reason, props = codec.decode_disconnect(body)
             why = props.get(codec.REASON_STRING)
+            self._broker_reason = reason
             self._fail(
                 f"the broker disconnected us ({reason_text(reason)}{': ' + why if why else ''})"
             )
         else:
             raise ProtocolError(f"unexpected packet type {kind} from the broker")
+
+    def _drop_incoming(self, exc: codec.InvalidPublish) -> None:
+        """Acknowledge (0x90 topic name invalid) and drop a PUBLISH that is not valid text."""
+        self._bad_incoming += 1
+        if self._bad_incoming in (1, 10, 100) or self._bad_incoming % 1000 == 0:
+            log.warning("%s (%d such message(s) so far)", exc, self._bad_incoming)
+        if exc.qos:
+            kind = codec.PUBACK if exc.qos == 1 else codec.PUBREC
+            self._ack(codec.encode_ack(kind, exc.packet_id, 0x90))
 
     def _on_publish(self, message: Publish) -> None:
         if message.qos == 2:
@@ -493,17 +662,15 @@ class Connection(asyncio.Protocol):
         out = self._inflight.pop(packet_id, None)
         if out is None:
             return
+        self._last_acked = max(self._last_acked, out.seq)
         if reason >= 0x80:
-            self._refused_publishes += 1
-            if self._refused_publishes in (1, 10, 100) or self._refused_publishes % 1000 == 0:
-                why = props.get(codec.REASON_STRING)
-                log.warning(
-                    "the broker refused a publish to %s (%s%s): check the ACL (%d refused so far)",
-                    out.topic,
-                    reason_text(reason),
-                    f": {why}" if why else "",
-                    self._refused_publishes,
-                )
+            why = props.get(codec.REASON_STRING)
+            self._count_refusal(
+                out.topic,
+                "the broker refused a publish to %s (%s%s): check the ACL",
+                reason_text(reason),
+                f": {why}" if why else "",
+            )
         if out.future is not None and not out.future.done():
             out.future.set_result(reason)
         queued = self._queued
