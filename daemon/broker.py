@@ -1,8 +1,11 @@
-"""A private Mosquitto broker: for ``mtor up`` when none is reachable, and for tests.
+"""A private Mosquitto broker child process: ``mtor up``'s, and the tests'.
 
-The broker listens on loopback only, keeps nothing on disk, sets TCP_NODELAY
-and is ready once its log says `` running``.  ``stop()`` and ``restart()`` keep
-the same port, so clients can reconnect to it.
+Two kinds: an anonymous one from a throw-away config (the tests ask for it:
+loopback only, nothing on disk), and one run from a generated broker
+directory's ``mosquitto.conf`` (:meth:`PrivateBroker.generated`,
+:mod:`daemon.provision`): authenticated and ACL'd, what ``mtor up`` starts.
+Either sets TCP_NODELAY and is ready once its log says `` running``.
+``stop()`` and ``restart()`` keep the same port, so clients can reconnect.
 """
 
 from __future__ import annotations
@@ -56,15 +59,26 @@ class PrivateBroker:
         host: str = "127.0.0.1",
         extra_config: str = "",
         websocket_port: int | None = None,
+        config_file: Path | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.websocket_port = websocket_port
         self.extra_config = extra_config
-        self._dir = Path(tempfile.mkdtemp(prefix="mtor-broker-"))
+        # A given config is someone else's (a broker directory): never written or removed.
+        self._given = config_file
+        self._dir = (
+            config_file.parent if config_file else Path(tempfile.mkdtemp(prefix="mtor-broker-"))
+        )
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: deque[str] = deque(maxlen=200)
         self._pump: threading.Thread | None = None
+
+    @classmethod
+    def generated(cls, config_file: Path, port: int, host: str = "127.0.0.1") -> PrivateBroker:
+        """A broker run from a generated ``mosquitto.conf`` whose plain listener is
+        ``host:port`` (daemon.provision writes it; this only starts and stops it)."""
+        return cls(port, host=host, config_file=config_file)
 
     @property
     def url(self) -> str:
@@ -77,9 +91,11 @@ class PrivateBroker:
 
     @property
     def config_file(self) -> Path:
-        return self._dir / "mosquitto.conf"
+        return self._given or self._dir / "mosquitto.conf"
 
     def _write_config(self) -> None:
+        if self._given is not None:
+            return
         lines = [
             "persistence false",
             "log_dest stderr",  # stdout is block-buffered into a pipe; stderr is not
@@ -164,7 +180,8 @@ class PrivateBroker:
 
     def cleanup(self) -> None:
         self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._given is None:
+            shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> PrivateBroker:
         self.start()
