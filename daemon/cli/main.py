@@ -101,6 +101,7 @@ EXTENSION_MODULES: list[str] = [
     "daemon.cli.workflows_cmd",
     "daemon.cli.vision_cmd",
     "daemon.cli.voice_cmd",
+    "daemon.cli.broker_cmd",
 ]
 
 
