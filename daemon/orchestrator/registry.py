@@ -4,20 +4,31 @@ Fed by the retained ``state`` / ``info`` and the periodic ``health`` of every
 node.  A will from an older boot is ignored.  The capability index
 (capability → peers) and the "has a free slot" sets are updated
 incrementally, so an assignment never scans the whole realm.
+
+Bounded against hostile input: at most ``MAX_PEERS`` peers are remembered (a
+flood of made-up node ids is refused, not stored), and the index forgets a
+capability name no peer offers any more.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
+from typing import Final
 
 from daemon.orchestrator.breaker import Breaker
 from daemon.orchestrator.config import BreakerConfig
 from daemon.orchestrator.policy import Candidate
 from daemon.protocol.node import Capability, NodeHealth, NodeInfo, NodeState
 
+log = logging.getLogger(__name__)
+
 # Weight of the newest sample in the latency and success EWMAs.
-EWMA_ALPHA = 0.2
+EWMA_ALPHA: Final = 0.2
+# Peers remembered at most: a realm is tens or hundreds of nodes; a flood of
+# made-up node ids (retained state/info on node/<random>/...) must not grow memory.
+MAX_PEERS: Final = 10_000
 
 
 class IndexedSet:
@@ -142,6 +153,7 @@ class Registry:
         self.peers: dict[str, Peer] = {}
         self.index: dict[str, set[str]] = {}
         self.free: dict[str, IndexedSet] = {}
+        self.refused = 0  # messages of new peers past MAX_PEERS
 
     def peer(self, node_id: str) -> Peer:
         p = self.peers.get(node_id)
@@ -149,11 +161,46 @@ class Registry:
             p = self.peers[node_id] = Peer(node_id)
         return p
 
+    def _known(self, node_id: str) -> Peer | None:
+        """The peer a message is about.  A new one past ``MAX_PEERS`` takes the place
+        of a gone peer with nothing running (and no sysop flag); if there is none, the
+        message is ignored (None, counted and logged)."""
+        p = self.peers.get(node_id)
+        if p is not None:
+            return p
+        if len(self.peers) < MAX_PEERS or self._evict():
+            return self.peer(node_id)
+        self.refused += 1
+        if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+            log.warning(
+                "%d peers known already: message of new peer %r ignored (%d so far)",
+                len(self.peers),
+                node_id[:100],
+                self.refused,
+            )
+        return None
+
+    def _evict(self) -> bool:
+        """Forget the oldest peer that is gone, runs nothing and carries no sysop flag."""
+        for node_id, p in self.peers.items():
+            if (
+                (not p.online or p.stale)
+                and not p.drained
+                and not p.blacklisted
+                and not any(s.in_use for s in p.slots.values())
+            ):
+                self._set_slots(p, [])
+                del self.peers[node_id]
+                return True
+        return False
+
     # ----------------------------------------------------------- messages
 
     def on_state(self, node_id: str, state: NodeState, now: float) -> bool:
         """Apply a birth or will.  Returns True when the peer just went away."""
-        p = self.peer(node_id)
+        p = self._known(node_id)
+        if p is None:
+            return False
         if state.state == "offline":
             if p.boot_id is not None and state.boot_id != p.boot_id:
                 return False  # the will of an older boot: the peer is already back
@@ -173,7 +220,9 @@ class Registry:
         return False
 
     def on_info(self, node_id: str, info: NodeInfo, now: float) -> None:
-        p = self.peer(node_id)
+        p = self._known(node_id)
+        if p is None:
+            return
         if p.boot_id is not None and info.boot_id != p.boot_id:
             if p.online:
                 return  # an advert of an older boot
@@ -183,8 +232,8 @@ class Registry:
         self._set_slots(p, info.capabilities)
 
     def on_health(self, node_id: str, health: NodeHealth, now: float) -> None:
-        p = self.peer(node_id)
-        if p.boot_id is not None and health.boot_id != p.boot_id:
+        p = self._known(node_id)
+        if p is None or (p.boot_id is not None and health.boot_id != p.boot_id):
             return
         p.health = health
         self.seen(node_id, now)
@@ -223,8 +272,16 @@ class Registry:
             else:
                 new[name] = Slot(group, Breaker(self.breaker_config))
         for name in set(p.slots) - set(new):
-            self.index.get(name, set()).discard(p.node_id)
-            self.free.get(name, IndexedSet()).discard(p.node_id)
+            offering = self.index.get(name)
+            if offering is not None:
+                offering.discard(p.node_id)
+            free = self.free.get(name)
+            if free is not None:
+                free.discard(p.node_id)
+            if not offering:  # nobody offers it any more: forget the name
+                self.index.pop(name, None)
+                if free is not None and not free:
+                    del self.free[name]
         p.slots = new
         for name in new:
             self.index.setdefault(name, set()).add(p.node_id)

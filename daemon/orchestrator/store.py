@@ -11,6 +11,11 @@ submission and deleted when it ends; on start-up every row is queued again
 (at-least-once, deduplicated by task id).  A task that ends before that flush
 is never written (its history row is): at high rates most tasks never touch
 the journal.
+
+A row SQLite cannot take (a string that is not UTF-8, a value of no SQL type) is
+logged and skipped: the batch is written again one row at a time without it.
+The writer task itself never dies of a bad row: a crash there would take the
+orchestrator down with it.
 """
 
 from __future__ import annotations
@@ -86,6 +91,14 @@ HISTORY_ROWS_PER_INSERT: Final = 64
 def _history_insert(rows: int) -> str:
     one = "(" + ",".join("?" * len(HISTORY_COLUMNS)) + ")"
     return "INSERT OR REPLACE INTO history VALUES " + ",".join([one] * rows)
+
+
+def _execute(db: sqlite3.Connection, sql: str, args: Any) -> None:
+    """One statement; named parameters come as a 1-tuple holding the row's dict."""
+    if isinstance(args, tuple) and len(args) == 1 and isinstance(args[0], dict):
+        db.execute(sql, args[0])
+    else:
+        db.execute(sql, args)
 
 
 @dataclass(slots=True)
@@ -183,17 +196,22 @@ class Store:
         while True:
             await self._wake.wait()
             await asyncio.sleep(FLUSH_INTERVAL if self.pending < FLUSH_BATCH else 0)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:  # never let one bad batch end the writer (and the process)
+                log.exception("history flush failed; the writer goes on")
 
     async def flush(self) -> None:
         self._wake.clear()
         if not self.pending or self._db is None:
             return
         # Journal documents are built here, on the loop, for the tasks still active.
-        adds = [
-            (task_id, submitted, json.dumps(doc(), separators=(",", ":")))
-            for task_id, (submitted, doc) in self._adds.items()
-        ]
+        adds = []
+        for task_id, (submitted, doc) in self._adds.items():
+            try:
+                adds.append((task_id, submitted, json.dumps(doc(), separators=(",", ":"))))
+            except (TypeError, ValueError, RecursionError) as exc:
+                log.warning("task %s not journalled: its document is not JSON (%s)", task_id, exc)
         batch = _Batch(self._ops, self._history, self._removes, adds)
         self._ops, self._history, self._removes, self._adds = [], [], [], {}
         await self._call(self._apply, batch)
@@ -207,10 +225,7 @@ class Store:
         try:
             db.execute("BEGIN")
             for sql, args in batch.ops:
-                if len(args) == 1 and isinstance(args[0], dict):
-                    db.execute(sql, args[0])
-                else:
-                    db.execute(sql, args)
+                _execute(db, sql, args)
             history, step = batch.history, HISTORY_ROWS_PER_INSERT
             for start in range(0, len(history), step):
                 chunk = history[start : start + step]
@@ -223,13 +238,36 @@ class Store:
             if batch.adds:
                 db.executemany("INSERT OR REPLACE INTO active VALUES (?, ?, ?)", batch.adds)
             db.execute("COMMIT")
-        except sqlite3.Error:
-            log.exception("history write failed (%d operations lost)", batch.size)
-            db.execute("ROLLBACK")
+        except Exception as exc:
+            # Not only sqlite3.Error: a lone surrogate raises UnicodeEncodeError, a huge
+            # int OverflowError, a value of no SQL type ProgrammingError, a missing column
+            # KeyError.  Which row it was is found by writing them one by one.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            log.warning("history batch refused (%s): writing it row by row", exc)
+            self._apply_rows(db, batch)
         now = time.time()
         if now - self._last_retention > RETENTION_EVERY:
             self._last_retention = now
-            self._retention(db, now)
+            try:
+                self._retention(db, now)
+            except sqlite3.Error:
+                log.exception("history retention failed")
+
+    def _apply_rows(self, db: sqlite3.Connection, batch: _Batch) -> None:
+        """The batch again, each row on its own (autocommit): a bad one is skipped."""
+        steps: list[tuple[str, Any]] = list(batch.ops)
+        steps += [
+            (_history_insert(1), [row.get(name) for name in HISTORY_COLUMNS])
+            for row in batch.history
+        ]
+        steps += [("DELETE FROM active WHERE task_id = ?", r) for r in batch.removes]
+        steps += [("INSERT OR REPLACE INTO active VALUES (?, ?, ?)", a) for a in batch.adds]
+        for sql, args in steps:
+            try:
+                _execute(db, sql, args)
+            except (sqlite3.Error, ValueError, TypeError, OverflowError) as exc:
+                log.warning("history row skipped (%s): %.200r", exc, args)
 
     def _retention(self, db: sqlite3.Connection, now: float) -> None:
         db.execute("DELETE FROM history WHERE submitted < ?", (now - self.retention_s,))

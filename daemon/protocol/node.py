@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from daemon.messages import Message, Part, now
+from daemon.protocol.common import (
+    MAX_ITEMS,
+    MAX_LABEL,
+    MAX_TEXT,
+    Attrs,
+    Label,
+    Name,
+    Text,
+)
+from daemon.protocol.task import CAPABILITY_RE
 
-Scalar = float | int | str | bool | None
+# An event's value: a reading, a state, a transcript (bounded like any free text).
+Scalar = float | int | Annotated[str, Field(max_length=MAX_TEXT)] | bool | None
+Version = Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f]*$", max_length=64)]
 
 
 class NodeState(Message):
@@ -21,40 +33,42 @@ class NodeState(Message):
     TYPE = "node.state"
 
     state: Literal["online", "offline"]
-    boot_id: str
+    boot_id: Name
     ts: float = Field(default_factory=now)
-    version: str | None = None
-    reason: str | None = None
+    version: Version | None = None
+    reason: Text | None = None
 
 
 class Hardware(Part):
-    arch: str
-    cpu_model: str | None = None
-    cpu_count: int
-    ram_mb: int
-    board: str | None = None
-    accelerators: list[str] = Field(default_factory=list)
+    arch: Label
+    cpu_model: Label | None = None
+    cpu_count: int = Field(ge=0, le=1 << 20)
+    ram_mb: int = Field(ge=0, le=1 << 40)
+    board: Label | None = None
+    accelerators: list[Label] = Field(default_factory=list, max_length=64)
 
 
 class Capability(Part):
     """One thing a node can do for the realm (a task it accepts)."""
 
-    name: str
-    node: str
-    backend: str | None = None
-    model: str | None = None
-    languages: list[str] = Field(default_factory=list)
-    max_concurrency: int = Field(default=1, ge=1)
+    name: str = Field(pattern=CAPABILITY_RE)
+    node: Name
+    backend: Name | None = None
+    model: Label | None = None
+    languages: list[Annotated[str, Field(pattern=r"^[^\x00-\x1f\x7f]*$", max_length=64)]] = Field(
+        default_factory=list, max_length=MAX_ITEMS
+    )
+    max_concurrency: int = Field(default=1, ge=1, le=1 << 16)
     streaming: bool = False
-    attrs: dict[str, Any] = Field(default_factory=dict)
+    attrs: Attrs = Field(default_factory=dict)
 
 
 class NodeSummary(Part):
-    name: str
-    type: str
+    name: Name
+    type: Name
     status: Literal["starting", "running", "restarting", "failed", "stopped"]
-    restarts: int = 0
-    error: str | None = None
+    restarts: int = Field(default=0, ge=0)
+    error: Text | None = None
 
 
 class NodeInfo(Message):
@@ -62,16 +76,18 @@ class NodeInfo(Message):
 
     TYPE = "node.info"
 
-    node_id: str
-    boot_id: str
-    version: str
-    hostname: str
-    area: str | None = None
+    node_id: Name
+    boot_id: Name
+    version: Version
+    hostname: Label
+    area: Annotated[str, Field(max_length=MAX_LABEL)] | None = None
     hardware: Hardware
-    nodes: list[NodeSummary] = Field(default_factory=list)
-    capabilities: list[Capability] = Field(default_factory=list)
-    workflows: list[str] = Field(
-        default_factory=list, description="Local workflows this daemon runs (and answers for)."
+    nodes: list[NodeSummary] = Field(default_factory=list, max_length=MAX_ITEMS)
+    capabilities: list[Capability] = Field(default_factory=list, max_length=MAX_ITEMS)
+    workflows: list[Name] = Field(
+        default_factory=list,
+        max_length=MAX_ITEMS,
+        description="Local workflows this daemon runs (and answers for).",
     )
     ts: float = Field(default_factory=now)
 
@@ -81,7 +97,7 @@ class NodeHealth(Message):
 
     TYPE = "node.health"
 
-    boot_id: str
+    boot_id: Name
     ts: float = Field(default_factory=now)
     uptime_s: float
     cpu_percent: float | None = None
@@ -93,7 +109,7 @@ class NodeHealth(Message):
     battery_percent: float | None = None
     active_tasks: int = 0
     queue_depth: int = 0
-    nodes: list[NodeSummary] = Field(default_factory=list)
+    nodes: list[NodeSummary] = Field(default_factory=list, max_length=MAX_ITEMS)
 
 
 class Event(Message):
@@ -103,9 +119,9 @@ class Event(Message):
 
     ts: float = Field(default_factory=now)
     value: Scalar = None
-    unit: str | None = None
-    device_class: str | None = None
-    attrs: dict[str, Any] = Field(default_factory=dict)
+    unit: Label | None = None
+    device_class: Name | None = None
+    attrs: Attrs = Field(default_factory=dict)
 
 
 class NodeCommand(Message):
@@ -113,5 +129,5 @@ class NodeCommand(Message):
 
     TYPE = "node.command"
 
-    node: str | None = None
-    args: dict[str, Any] = Field(default_factory=dict)
+    node: Name | None = None
+    args: Attrs = Field(default_factory=dict)
