@@ -143,7 +143,7 @@ def test_armed_panel_payload_and_command_template() -> None:
     _, cfg = entity_config(spec, DEVICE, realm="home", node_id="realm")
     assert schema.problems("alarm_control_panel", cfg) == []
     assert cfg["state_topic"] == "mtor/home/state/armed"
-    assert cfg["command_topic"] == "mtor/home/state/armed/set"
+    assert cfg["command_topic"] == "mtor/home/state/armed/set/homeassistant"
     assert set(cfg["supported_features"]) == {"arm_home", "arm_away", "arm_night"}
     # What Home Assistant publishes when someone presses "arm away":
     out = render(cfg["command_template"], "", action=cfg["payload_arm_away"], code=None)

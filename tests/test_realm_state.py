@@ -44,7 +44,7 @@ async def _request(
     bus: Bus, realm: str, key: str, payload: bytes, *, got: Collector, n: int
 ) -> StateReply:
     await bus.publish(
-        f"mtor/{realm}/state/{key}/set",
+        f"mtor/{realm}/state/{key}/set/test",
         payload,
         response_topic=f"mtor/{realm}/reply/test/state",
         correlation_data=str(n).encode(),
@@ -60,13 +60,14 @@ async def test_set_get_round_trip_and_refusals(orch: Orchestrator, realm: str) -
         retained = Collector()
         await bus.subscribe(f"mtor/{realm}/state/+", retained)
 
+        # 'by' in the payload is a claim: the record names the topic's account.
         ok = await _request(
             bus, realm, "armed", encode(StateSet(value="armed_away", by="alice")), got=replies, n=1
         )
         assert ok.ok and ok.value == "armed_away"
         msg = await retained.wait_for(lambda m: m.topic.endswith("/state/armed"))
         st = decode(msg.payload, RealmState)
-        assert (st.value, st.by) == ("armed_away", "alice")
+        assert (st.value, st.by) == ("armed_away", "test")
         assert orch.state.get("armed") == "armed_away"
 
         cases = {

@@ -169,7 +169,8 @@ async def test_armed_porch_person_is_announced_in_the_kitchen_once(
 
 
 async def set_armed(bus: Any, realm: str, value: str) -> None:
-    await bus.publish(topics.STATE_SET.build(realm=realm, key="armed"), StateSet(value=value))
+    topic = topics.STATE_SET.build(realm=realm, key="armed", user="test")
+    await bus.publish(topic, StateSet(value=value))
 
 
 def is_new(m: Any) -> bool:

@@ -115,12 +115,12 @@ def wf_events(got: Collector, name: str | None = None) -> list[WorkflowEvent]:
     return [e for e in out if name is None or e.workflow == name]
 
 
-async def request(bus: Bus, realm: str, **fields: Any) -> WorkflowReply:
-    reply_topic = f"mtor/{realm}/reply/test-{uuid.uuid4().hex[:6]}/wf"
+async def request(bus: Bus, realm: str, account: str = "test", **fields: Any) -> WorkflowReply:
+    reply_topic = f"mtor/{realm}/reply/{account}/{uuid.uuid4().hex[:6]}/wf"
     got = Collector()
     await bus.subscribe(reply_topic, got)
     await bus.publish(
-        f"mtor/{realm}/workflows/request",
+        f"mtor/{realm}/workflows/request/{account}",
         encode(WorkflowRequest(**fields)),
         response_topic=reply_topic,
         correlation_data=b"1",
@@ -276,8 +276,14 @@ async def test_local_workflow_runs_without_the_orchestrator(env: Env) -> None:
         msg = await out.wait_for(lambda m: m.topic.endswith("/out/hot"))
         assert json.loads(msg.payload) == {"t": 35}
         assert len(out.messages) == 1
-        reply = await request(bus, env.realm, op="run", name="hot")  # answered by the node
-        assert reply.ok
+        # A manual run comes from the orchestrator (which checks who asked): as it
+        # hands one on, the node runs it with the run id it was given.
+        runs = Collector()
+        await bus.subscribe(f"mtor/{env.realm}/workflow/hot/event", runs)
+        handed = WorkflowRequest(op="run", name="hot", run_id="r-by-orch", user="ann")
+        await bus.publish(f"mtor/{env.realm}/workflows/request/orchestrator", encode(handed))
+        ev = await runs.wait_for(lambda m: b"r-by-orch" in m.payload, timeout=10)
+        assert decode(ev.payload, WorkflowEvent).where == "w1"
 
 
 async def test_local_runs_land_in_the_orchestrator_history(env: Env) -> None:
@@ -295,7 +301,7 @@ async def test_local_runs_land_in_the_orchestrator_history(env: Env) -> None:
     async with running_bus(env.config()) as bus:
         runs = Collector()
         await bus.subscribe(f"mtor/{env.realm}/workflow/tick/event", runs)
-        started = await request(bus, env.realm, op="run", name="tick")  # answered by w1
+        started = await request(bus, env.realm, op="run", name="tick")  # handed on to w1
         assert started.ok, started
         await runs.wait_for(finished(runs, "tick"), timeout=10)
         async with asyncio.timeout(10):

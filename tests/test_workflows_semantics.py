@@ -69,7 +69,7 @@ async def test_state_trigger_to_and_from(env: Env) -> None:
         await orch.state.set("mode", "night")  # evening -> night: not from day
         await orch.state.set("mode", "day")
         # A change requested over MQTT, as any client would: day -> night runs again.
-        await bus.publish(f"mtor/{env.realm}/state/mode/set", encode(StateSet(value="night")))
+        await bus.publish(f"mtor/{env.realm}/state/mode/set/test", encode(StateSet(value="night")))
         await until(lambda: counts["done"] >= 2)
         await runs.wait_count(6)  # started, step, finished twice
         assert payloads(out, "/out/mode") == [b"day->night", b"day->night"]
