@@ -24,7 +24,7 @@ import yaml
 
 from bench.common import cpu_seconds, mtor_command, spawn, stop
 from daemon import topics
-from daemon.broker import PrivateBroker
+from daemon.broker import PrivateBroker, free_port
 from daemon.bus import Bus, Inbound
 from daemon.client import RealmClient, TaskFailed
 from daemon.config import build_config
@@ -44,17 +44,27 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def orchestrator_config(directory: Path, broker_url: str, realm: str) -> Path:
+def orchestrator_config(
+    directory: Path,
+    broker_url: str,
+    realm: str,
+    *,
+    credentials: dict[str, Any] | None = None,
+    accounts_file: Path | None = None,
+    direct_replies: bool = True,
+) -> Path:
     data = {
         "realm": realm,
         "node_id": "orch",
-        "broker": {"url": broker_url},
+        "broker": {"url": broker_url, **(credentials or {})},
         "logging": {"level": "warning"},
         "daemon": {"state_dir": str(directory / "orch-daemon")},
         "orchestrator": {
             "state_dir": str(directory / "orch-state"),
             "queue_size": 100_000,
             "roles": {"user": UNLIMITED},
+            "direct_replies": direct_replies,
+            "accounts_file": str(accounts_file) if accounts_file else None,
         },
         "nodes": {},
     }
@@ -69,11 +79,12 @@ def worker_config(
     node_id: str,
     max_concurrency: int,
     capabilities: Sequence[str] = ("echo", "sleep"),
+    credentials: dict[str, Any] | None = None,
 ) -> Path:
     data = {
         "realm": realm,
         "node_id": node_id,
-        "broker": {"url": broker_url},
+        "broker": {"url": broker_url, **(credentials or {})},
         "logging": {"level": "warning"},
         "daemon": {"state_dir": str(directory / f"{node_id}-state")},
         "nodes": {
@@ -158,14 +169,26 @@ async def measured(
 class Realm:
     """Broker + processes + a client bus in this process; everything stopped on exit."""
 
-    def __init__(self, broker: PrivateBroker, directory: Path) -> None:
+    def __init__(
+        self,
+        broker: PrivateBroker,
+        directory: Path,
+        *,
+        realm: str | None = None,
+        secure: SecureRealm | None = None,
+    ) -> None:
         self.broker = broker
         self.dir = directory
-        self.realm = "bench" + uuid.uuid4().hex[:8]
+        self.realm = realm or "bench" + uuid.uuid4().hex[:8]
+        self.secure = secure
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        mine = secure.credentials(secure.client) if secure else {}
         self.bus = Bus(
-            build_config({"realm": self.realm, "broker": {"url": broker.url}, "nodes": {}}).broker,
+            build_config(
+                {"realm": self.realm, "broker": {"url": broker.url, **mine}, "nodes": {}}
+            ).broker,
             f"bench-client-{uuid.uuid4().hex[:6]}",
+            password=secure.password(secure.client) if secure else None,
         )
         self.client = RealmClient(self.bus, self.realm)
         self.online: dict[str, asyncio.Event] = {}
@@ -216,6 +239,7 @@ class Realm:
             realm=self.realm,
             node_id=node_id,
             max_concurrency=max_concurrency,
+            credentials=self.secure.credentials(node_id) if self.secure else None,
         )
         event = self.online.setdefault(node_id, asyncio.Event())
         event.clear()
@@ -223,8 +247,18 @@ class Realm:
         async with asyncio.timeout(ONLINE_TIMEOUT):
             await event.wait()
 
-    async def start_orchestrator(self, *, profile: Path | None = None) -> None:
-        config = orchestrator_config(self.dir, self.broker.url, self.realm)
+    async def start_orchestrator(
+        self, *, profile: Path | None = None, direct_replies: bool = True
+    ) -> None:
+        secure = self.secure
+        config = orchestrator_config(
+            self.dir,
+            self.broker.url,
+            self.realm,
+            credentials=secure.credentials("orchestrator") if secure else None,
+            accounts_file=secure.accounts_file if secure else None,
+            direct_replies=direct_replies,
+        )
         cmd = [*mtor_command(), "orchestrator", "--config", str(config)]
         if profile is not None:  # cProfile writes its file when the process exits normally
             cmd = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "daemon.cli.main"]
@@ -248,6 +282,33 @@ class Realm:
 
     async def call(self, capability: str, payload: Any, *, direct: bool = True) -> Any:
         return await self.client.call(capability, payload, direct=direct)
+
+
+class SecureRealm:
+    """A generated broker directory (``mtor broker init``): accounts, passwords, ACL."""
+
+    def __init__(self, directory: Path, realm: str, nodes: Sequence[str], client: str) -> None:
+        from daemon.provision.brokerdir import BrokerDir
+
+        self.realm, self.client = realm, client
+        self.port = free_port()
+        self.dir = BrokerDir.init(directory, realm, port=self.port, tls_port=None)
+        for node in nodes:
+            self.dir.add(node, "node")
+        self.dir.add(client, "user")
+        self.accounts_file = self.dir.accounts_file
+
+    def password(self, name: str) -> str:
+        return self.dir.password(name)
+
+    def credentials(self, name: str) -> dict[str, Any]:
+        return {
+            "username": name,
+            "password_file": str(self.dir.client_dir(name) / "password"),
+        }
+
+    def broker(self) -> PrivateBroker:
+        return PrivateBroker.generated(self.dir.conf_file, self.port)
 
 
 class DirectWorker:
