@@ -119,9 +119,6 @@ class OrchestratorConfig(_Strict):
         "then asks for it. Prefer alarm_code_file.",
     )
     alarm_code_file: Path | None = Field(default=None, description="File holding the alarm code.")
-    max_peers: int = Field(
-        default=5000, ge=1, description="Peers kept in the registry; the longest gone go first."
-    )
     forget_after: float = Field(
         default=3600.0, gt=0, description="An offline peer is forgotten after this long (s)."
     )
