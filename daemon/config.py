@@ -30,7 +30,7 @@ from daemon.workflows.model import WorkflowConfig, check_name
 from nodes.catalog import NodeConfig, node_types
 from nodes.sensors.config import SensorsConfig
 
-SECRET_KEYS = frozenset({"password", "api_key", "token", "secret"})
+SECRET_KEYS = frozenset({"password", "api_key", "token", "secret", "alarm_code"})
 SEARCH_PATH = (Path("config.yaml"), Path("/etc/mtor/config.yaml"))
 NAME_RE = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 Scheme = Literal["mqtt", "mqtts", "ws", "wss", "unix"]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 
 class _Strict(BaseModel):
@@ -24,7 +25,6 @@ def _default_roles() -> dict[str, RoleLimits]:
         "sysop": RoleLimits(max_concurrent=0, rate_per_s=0, burst=1),
         "user": RoleLimits(),
         "node": RoleLimits(max_concurrent=32, rate_per_s=200, burst=400),
-        "device": RoleLimits(max_concurrent=32, rate_per_s=200, burst=400),  # older name of node
         "guest": RoleLimits(max_concurrent=2, rate_per_s=2, burst=5),
         "orchestrator": RoleLimits(max_concurrent=0, rate_per_s=0, burst=1),
     }
@@ -79,7 +79,9 @@ class OrchestratorConfig(_Strict):
         default=False,
         description="Refuse submissions without a valid API token (recommended off-localhost).",
     )
-    anonymous_role: str = Field(default="user", description="Role of a named user without token.")
+    anonymous_role: Literal["user", "guest", "node"] = Field(
+        default="user", description="Role of a named user without token (never sysop)."
+    )
     state_dir: Path = Field(default=Path("state"), description="History DB, users DB, tokens.")
     history_retention_days: float = Field(default=30.0, gt=0)
     history_max_rows: int = Field(default=1_000_000, ge=1000)
@@ -113,15 +115,19 @@ class OrchestratorConfig(_Strict):
         default_factory=_default_state_roles,
         description="Roles that may change each realm state key ('*': the others).",
     )
+
+    @field_validator("alarm_code", mode="before")
+    @classmethod
+    def _code_text(cls, v: object) -> object:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # YAML: 1234
+
     alarm_code: SecretStr | None = Field(
         default=None,
         description="Code needed to disarm (state armed -> disarmed); Home Assistant's panel "
         "then asks for it. Prefer alarm_code_file.",
     )
     alarm_code_file: Path | None = Field(default=None, description="File holding the alarm code.")
-    forget_after: float = Field(
-        default=3600.0, gt=0, description="An offline peer is forgotten after this long (s)."
-    )
+
     state_values: dict[str, list[str | int | float | bool]] = Field(
         default_factory=_default_state_values,
         description="Realm state keys whose values are restricted, with their allowed values.",

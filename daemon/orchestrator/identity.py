@@ -10,7 +10,7 @@ the realm did not configure, the level is only a claim: roles then come from
 API tokens (``users.json``), and a claimed name never gets sysop rights.
 
 The orchestrator's own account may act on behalf of a named user (workflow
-runs submit as ``workflow``); no other account can.
+runs submit as ``workflows``); no other account can.
 """
 
 from __future__ import annotations

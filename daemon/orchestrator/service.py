@@ -454,12 +454,16 @@ class Orchestrator:
             return self.cfg.alarm_code.get_secret_value()
         if self.cfg.alarm_code_file is not None:
             try:
-                return self.cfg.alarm_code_file.read_text().strip() or None
+                code = self.cfg.alarm_code_file.read_text().strip()
             except OSError as exc:
                 raise ConfigError(
                     f"orchestrator.alarm_code_file: cannot read {self.cfg.alarm_code_file}: "
                     f"{exc.strerror}"
                 ) from exc
+            if not code:  # the panel would ask for a code nobody checks
+                path = self.cfg.alarm_code_file
+                raise ConfigError(f"orchestrator.alarm_code_file: {path} is empty")
+            return code
         return None
 
     def _authorise_state(self, account: str, key: str, value: Any, code: str | None) -> str:

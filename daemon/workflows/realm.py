@@ -160,6 +160,8 @@ class RealmWorkflows:
         correlation = None
         try:
             req = decode(msg.payload, WorkflowRequest)
+            if account == ORCHESTRATOR_ACCOUNT and req.run_id is not None:
+                return  # our own hand-on of a run to a node (_hand_to_node), not a request
             correlation = req.correlation
             reply_topic = reply_topic or req.reply_to
             user, role = self._identify(account, req)
