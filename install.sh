@@ -16,6 +16,7 @@ APT_PACKAGES=(
     espeak-ng          # speech synthesis fallback
     sox                # audio conversion
     libportaudio2      # microphone / speaker access
+    openssl            # the broker's CA and server certificate (mtor broker init)
 )
 
 # pyproject.toml extras installed on every run.  Later issues add theirs here
@@ -41,6 +42,11 @@ SYSTEM_USER=mtor
 SYSTEM_CONFIG_DIR=/etc/mtor
 SYSTEM_STATE_DIR=/var/lib/mtor
 SYSTEMD_UNIT_DIR=/etc/systemd/system
+# The realm's generated broker configuration (mtor broker init; docs/operations-broker.md).
+SYSTEM_BROKER_DIR=$SYSTEM_CONFIG_DIR/broker
+MOSQUITTO_USER=mosquitto
+MOSQUITTO_DATA_DIR=/var/lib/mosquitto
+MOSQUITTO_PID_FILE=/run/mosquitto/mosquitto.pid  # /run/mosquitto: made by Debian's unit
 
 # ------------------------------------------------------------------------ plumbing
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -69,8 +75,8 @@ trap 'on_error "$LINENO"' ERR
 
 usage() {
     cat <<EOF
-Usage: ./install.sh [--dev] [--no-chat] [--no-voice] [--no-vision] [--system] [--prefix DIR]
-                    [--no-apt] [--help]
+Usage: ./install.sh [--dev] [--no-chat] [--no-voice] [--no-vision] [--secure] [--system]
+                    [--prefix DIR] [--no-apt] [--help]
 
 Sets up M-TOR: system packages (apt), a Python virtual environment with the
 project installed in it, and optionally the systemd services.  Safe to run
@@ -82,12 +88,18 @@ again (it upgrades in place).
                 Pi does not need it)
   --no-voice    skip the voice extra (wake word, speech-to-text, text-to-speech)
   --no-vision   skip the vision extra (OpenCV, onnxruntime: cameras, detection)
+  --secure      also make ./state/broker with \`mtor broker init\` (if absent): mtor up's
+                broker then has a TLS listener on port 8883 for other devices
+                (mtor broker add-node NAME gives each one an account)
   --prefix DIR  put the venv at DIR/venv instead of ./.venv
   --system      system install (needs root): venv at ${SYSTEM_PREFIX}/venv (or --prefix),
                 project copied into it (not editable), user '${SYSTEM_USER}',
                 ${SYSTEM_CONFIG_DIR}/config.yaml (only if absent), ${SYSTEM_STATE_DIR},
                 and the units mtor-node.service / mtor-orchestrator.service in
-                ${SYSTEMD_UNIT_DIR}.  No service is enabled or started.
+                ${SYSTEMD_UNIT_DIR}.  No service is enabled or started.  The system
+                Mosquitto runs the generated ${SYSTEM_BROKER_DIR} (made if absent:
+                passwords, ACL, TLS on 8883; a running one is restarted), and the
+                units log in with their own accounts.
   --no-apt      skip the system packages (install them yourself)
   -h, --help    this text
 
@@ -102,6 +114,7 @@ EOF
 DEV=0
 SKIP=()  # extras left out with --no-<extra>
 SYSTEM=0
+SECURE=0
 APT=1
 PREFIX=""
 while [[ $# -gt 0 ]]; do
@@ -111,6 +124,7 @@ while [[ $# -gt 0 ]]; do
         --no-voice) SKIP+=(voice) ;;
         --no-vision) SKIP+=(vision) ;;
         --system) SYSTEM=1 ;;
+        --secure) SECURE=1 ;;
         --no-apt) APT=0 ;;
         --prefix)
             [[ $# -ge 2 && -n "$2" ]] || die "--prefix needs a directory"
@@ -193,6 +207,35 @@ choose_python() {
         fi
     done
     return 1
+}
+
+# ---------------------------------------------------------------------------- system
+# A systemd drop-in: $1 unit, $2 file name, $3 the [Service] lines.
+write_dropin() {
+    local dir="$SYSTEMD_UNIT_DIR/$1.d"
+    install -d -m 0755 "$dir"
+    printf '# Written by install.sh --system (rewritten on every run).\n[Service]\n%s\n' "$3" \
+        >"$dir/$2.new"
+    chmod 0644 "$dir/$2.new"
+    mv -f "$dir/$2.new" "$dir/$2"
+    note "$1 drop-in $dir/$2"
+}
+
+# orchestrator.accounts_file in a config file, when it is unset there (null or absent).
+set_accounts_file() {
+    local file="$1" value="$2"
+    if grep -Eq '^  accounts_file: *[^ n#]' "$file"; then
+        note "orchestrator.accounts_file already set in $file: kept"
+    elif grep -Eq '^  accounts_file: *(null)? *(#.*)?$' "$file"; then
+        sed -i -E "s#^  accounts_file: *(null)? *(\#.*)?\$#  accounts_file: $value#" "$file"
+        note "orchestrator.accounts_file: $value (in $file)"
+    elif grep -q '^orchestrator:' "$file"; then
+        sed -i "/^orchestrator:/a\\  accounts_file: $value" "$file"
+        note "orchestrator.accounts_file: $value (in $file)"
+    else
+        printf '\norchestrator:\n  accounts_file: %s\n' "$value" >>"$file"
+        note "orchestrator.accounts_file: $value (in $file)"
+    fi
 }
 
 # ------------------------------------------------------------------------------- apt
@@ -319,6 +362,37 @@ if [[ $SYSTEM -eq 1 ]]; then
     fi
     "$VENV/bin/mtor" config validate "$SYSTEM_CONFIG_DIR/config.yaml"
 
+    step "broker configuration $SYSTEM_BROKER_DIR"
+    MTOR_SYS=("$VENV/bin/mtor" --config "$SYSTEM_CONFIG_DIR/config.yaml")
+    if [[ -e "$SYSTEM_BROKER_DIR/accounts.json" ]]; then
+        note "exists, kept (mtor broker add-node|add-user|revoke --dir $SYSTEM_BROKER_DIR)"
+    else
+        getent passwd "$MOSQUITTO_USER" >/dev/null ||
+            die "no user '$MOSQUITTO_USER': install mosquitto (or run without --no-apt)"
+        "${MTOR_SYS[@]}" broker init "$SYSTEM_BROKER_DIR" \
+            --host "$(hostname -f 2>/dev/null || hostname)" \
+            --broker-user "$MOSQUITTO_USER" --accounts-user "$SYSTEM_USER" \
+            --data-dir "$MOSQUITTO_DATA_DIR" --pid-file "$MOSQUITTO_PID_FILE" </dev/null
+    fi
+    NODE_ID="$("${MTOR_SYS[@]}" config show --json |
+        "$VENV/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["node_id"])')"
+    if "${MTOR_SYS[@]}" broker list --dir "$SYSTEM_BROKER_DIR" --json |
+        "$VENV/bin/python" -c 'import json, sys; sys.exit(sys.argv[1] not in
+            {a["name"] for a in json.load(sys.stdin)["accounts"]})' "$NODE_ID"; then
+        note "node account '$NODE_ID' exists"
+    else
+        "${MTOR_SYS[@]}" broker add-node "$NODE_ID" --local --dir "$SYSTEM_BROKER_DIR" </dev/null
+    fi
+    set_accounts_file "$SYSTEM_CONFIG_DIR/config.yaml" "$SYSTEM_BROKER_DIR/accounts.json"
+    "$VENV/bin/mtor" config validate "$SYSTEM_CONFIG_DIR/config.yaml"
+    # systemd reads EnvironmentFile= as root: the accounts' passwords stay root's.
+    write_dropin mosquitto.service mtor.conf "ExecStart=
+ExecStart=$(command -v mosquitto || echo /usr/sbin/mosquitto) -c $SYSTEM_BROKER_DIR/mosquitto.conf"
+    write_dropin mtor-orchestrator.service broker.conf \
+        "EnvironmentFile=$SYSTEM_BROKER_DIR/clients/orchestrator/environment"
+    write_dropin mtor-node.service broker.conf \
+        "EnvironmentFile=$SYSTEM_BROKER_DIR/clients/$NODE_ID/environment"
+
     step "systemd units in $SYSTEMD_UNIT_DIR"
     install -d -m 0755 "$SYSTEMD_UNIT_DIR"
     for unit in "$REPO_DIR"/systemd/*.service; do
@@ -330,9 +404,24 @@ if [[ $SYSTEM -eq 1 ]]; then
     done
     if [[ -d /run/systemd/system ]]; then
         systemctl daemon-reload
+        # The broker Debian started is anonymous: from now on it runs the generated config.
+        systemctl try-restart mosquitto.service
     else
         note "systemd is not running here: skipped 'systemctl daemon-reload'"
     fi
+fi
+
+# ------------------------------------------------------------------------- secure
+if [[ $SECURE -eq 1 && $SYSTEM -eq 0 ]]; then
+    step "broker configuration $REPO_DIR/state/broker"
+    if [[ -e "$REPO_DIR/state/broker/accounts.json" ]]; then
+        note "exists, kept"
+    else
+        # From the checkout, so ./config.yaml's realm is the broker's.
+        (cd "$REPO_DIR" && "$VENV/bin/mtor" broker init state/broker </dev/null)
+    fi
+elif [[ $SECURE -eq 1 ]]; then
+    note "--secure: the system install always makes $SYSTEM_BROKER_DIR"
 fi
 
 # ------------------------------------------------------------------------------ done
@@ -340,8 +429,11 @@ CURRENT_STEP="done"
 printf '\n==> done\n'
 if [[ $SYSTEM -eq 1 ]]; then
     note "edit $SYSTEM_CONFIG_DIR/config.yaml, then:"
-    note "  systemctl enable --now mtor-node.service"
+    note "  systemctl enable --now mtor-orchestrator.service mtor-node.service"
     note "  journalctl -u mtor-node -f"
+    note "the CLI as the broker's sysop:"
+    note "  $VENV/bin/mtor --config $SYSTEM_BROKER_DIR/clients/admin/config.yaml status"
+    note "other devices: $VENV/bin/mtor broker add-node NAME --dir $SYSTEM_BROKER_DIR"
 elif [[ -z "$PREFIX" ]]; then
     note "run the realm:   .venv/bin/mtor up"
     [[ $DEV -eq 1 ]] && note "run the tests:   scripts/check"
