@@ -9,7 +9,13 @@ A *node daemon* (one MQTT identity, ``node/<node_id>/...``) hosts several
   dashboards can show and control through :meth:`Node.entities`;
 * does its continuous job (reading sensors, watching a camera) in
   :meth:`Node.run`, supervised: if it raises it is restarted with backoff;
-* executes assigned tasks in :meth:`Node.execute` (see ``daemon.worker``).
+* executes assigned tasks in :meth:`Node.execute` (see ``daemon.worker``);
+* lets go of everything :meth:`Node.setup` loaded in :meth:`Node.close`.
+
+A restart (``node/<id>/cmd/restart``) cancels :meth:`Node.run`, calls
+:meth:`Node.close` and then :meth:`Node.setup` again on the same object, so
+setup must start from what close left, and what lives as long as the node
+(bus subscriptions: the bus stacks handlers per filter) is made only once.
 """
 
 from __future__ import annotations
@@ -124,4 +130,5 @@ class Node:
         raise NotImplementedError(f"node {self.name} executes no tasks")
 
     async def close(self) -> None:
-        """Release resources (models, devices) on shutdown."""
+        """Release what :meth:`setup` loaded (models, devices, clients): on shutdown,
+        and before :meth:`setup` runs again on a restart."""

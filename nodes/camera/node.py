@@ -60,6 +60,7 @@ class CameraNode(Node):
         self.alarms_suppressed = 0
         self.remote_failures = 0
         self._stores: dict[str, SnapshotStore] = {}
+        self._subscribed = False
 
     @property
     def armed(self) -> bool:
@@ -88,11 +89,20 @@ class CameraNode(Node):
             c.spec.detect.where == "realm" or (c.spec.alarm and c.spec.alarm.verify)
             for c in self.cameras.values()
         )
-        if needs_realm:
+        # The client and the subscription live as long as the node: a setup after a
+        # restart must not stack a second handler on the same filters.
+        if needs_realm and self.client is None:
             self.client = self.ctx.realm_client()
             await self.client.start()
-        armed = topics.STATE.build(realm=self.ctx.realm, key=ARMED_KEY)
-        await self.ctx.bus.subscribe(armed, self._on_armed)
+        if not self._subscribed:
+            self._subscribed = True
+            armed = topics.STATE.build(realm=self.ctx.realm, key=ARMED_KEY)
+            await self.ctx.bus.subscribe(armed, self._on_armed)
+
+    async def close(self) -> None:
+        """Drop the detectors (a restart loads them again); run() closed the sources."""
+        for cam in self.cameras.values():
+            cam.detector = None
 
     async def _on_armed(self, msg: Inbound) -> None:
         if not msg.payload:  # retained state cleared

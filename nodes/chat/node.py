@@ -146,12 +146,13 @@ class ChatNode(Node):
             delay = min(delay * RETRY_FACTOR, self.config.retry_delay * RETRY_MAX_FACTOR)
 
     async def close(self) -> None:
-        for backend in self.backends:
+        """Close every backend (a local model is unloaded once no backend uses it)."""
+        backends, self.backends, self._pending = self.backends, [], []
+        for backend in backends:
             try:
                 await backend.close()
             except Exception:
                 self.log.exception("closing chat backend %s failed", backend.type_name)
-        self.backends.clear()
 
     def capabilities(self) -> list[Capability]:
         return [

@@ -159,7 +159,11 @@ class VisionNode(Node):
         return caps
 
     async def close(self) -> None:
-        for backend in (self.describer, self.imaginer):
+        """Drop the models and close the API clients (a restart sets them up again)."""
+        remote = (self.describer, self.imaginer)
+        self.detectors = []
+        self.faces = self.describer = self.imaginer = None
+        for backend in remote:
             if backend is not None:
                 await backend.close()
 

@@ -110,6 +110,7 @@ class VoiceNode(Node):
     def _load(self) -> None:
         cfg = self.config
         store = self._store()
+        self.problems = {}  # this setup's, not a previous one's
         stt_cfg = cfg.stt
         phrase = cfg.wake.phrase if cfg.wake.engine == "phrase" else None
         if phrase and phrase.lower() not in (stt_cfg.initial_prompt or "").lower():
@@ -215,7 +216,15 @@ class VoiceNode(Node):
         if self.config.source.type != "none" and (pipeline := self.make_pipeline()):
             self.pipeline = pipeline
             live = self.config.source.type != "file" or self.config.source.realtime
-            await pipeline.run(await self._source(), live=live)
+            source = await self._source()
+            try:
+                await pipeline.run(source, live=live)
+            finally:
+                # Close the microphone now, not when the generator is collected: a
+                # restarted node opens the device again at once.
+                aclose = getattr(source, "aclose", None)
+                if aclose is not None:
+                    await aclose()
         await asyncio.Event().wait()  # serving tasks (or a finished file) until stopped
 
     def make_pipeline(self, sink: audio.Sink | None = None) -> Pipeline | None:
@@ -286,7 +295,9 @@ class VoiceNode(Node):
         return audio.NullSink()
 
     async def close(self) -> None:
+        """Drop the models (a restart loads them again); subscriptions stay with the node."""
         self.stt = self.tts = self.wake = self.vad = None
+        self.pipeline = None
 
     # ------------------------------------------------------------ pipeline hooks
 
