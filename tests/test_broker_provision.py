@@ -507,7 +507,7 @@ async def test_generated_client_config_loads_and_connects(
     assert orch_cfg.broker_password() == d.password("orchestrator")
 
 
-async def test_revoked_account_is_refused_after_sighup(
+async def test_rotated_and_revoked_accounts_after_sighup(
     realm_broker: tuple[BrokerDir, int],
 ) -> None:
     d, _ = realm_broker
@@ -520,8 +520,18 @@ async def test_revoked_account_is_refused_after_sighup(
                     break
             except BusAuthError:
                 await asyncio.sleep(0.05)
-    password = d.password("temp")
     port = d.settings().port
+    # rotated: the old password's session is closed, the new password works
+    old = ConnectParams("127.0.0.1", port, "t-old", username="temp", password=d.password("temp"))
+    held = await connect(old)
+    d.add("temp", None, rotate=True)
+    assert d.reload() is not None
+    with pytest.raises(MqttError):
+        async with asyncio.timeout(WAIT):
+            await held.wait_message()
+    with pytest.raises(ConnectRefused):
+        await connect(old)
+    password = d.password("temp")
     params = ConnectParams("127.0.0.1", port, "t-revoked", username="temp", password=password)
     held = await connect(params)
     d.revoke("temp")
