@@ -27,8 +27,6 @@ async def collect_nodes(config: Config) -> dict[str, dict[str, Any]]:
     """The retained state/info/health of every node in the realm."""
     nodes: dict[str, dict[str, Any]] = {}
     done = asyncio.Event()
-    me = account_name(config.broker.username, environ().get("MTOR_USER") or ANONYMOUS)
-    sentinel = topics.CLI_SENTINEL.build(realm=config.realm, user=me, token=uuid.uuid4().hex)
 
     async def on_node(msg: Inbound) -> None:
         for pattern, cls, key in (
@@ -48,6 +46,9 @@ async def collect_nodes(config: Config) -> dict[str, dict[str, Any]]:
         done.set()
 
     async with client_bus(config) as bus:
+        # The account client_bus logged in as (mtor up's private broker: admin).
+        me = account_name(bus.config.username, environ().get("MTOR_USER") or ANONYMOUS)
+        sentinel = topics.CLI_SENTINEL.build(realm=config.realm, user=me, token=uuid.uuid4().hex)
         await bus.subscribe(topics.NODE_ANY.filter(realm=config.realm), on_node)
         await bus.subscribe(sentinel, on_sentinel)
         await bus.publish(sentinel, b"", qos=1)

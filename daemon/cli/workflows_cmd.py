@@ -94,7 +94,7 @@ async def _remote(args: argparse.Namespace, config: Config) -> int:
     from daemon.protocol.workflow import WorkflowEvent, WorkflowReply, WorkflowRequest
 
     async with client_bus(config, "workflows") as bus:
-        me = account_name(config.broker.username, environ().get("MTOR_USER") or ANONYMOUS)
+        me = account_name(bus.config.username, environ().get("MTOR_USER") or ANONYMOUS)
         reply_topic = topics.REPLY.build(
             realm=config.realm, user=me, rest=f"{uuid.uuid4().hex[:16]}/wf"
         )

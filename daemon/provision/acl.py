@@ -159,8 +159,10 @@ def _node(u: str, root: str, realm: str, ha: str) -> list[Rule]:
         *_watcher(root),
         # its own tasks (camera detection, voice chat, remote stt)
         *_requester(u, root),
-        _rw(f"{root}/workflows/request/{u}"),
-        _r(f"{root}/workflows/request/+"),
+        _w(f"{root}/workflows/request/{u}"),
+        # runs of its local workflows, handed on by the orchestrator (never other
+        # accounts' requests: their inputs are theirs)
+        _r(f"{root}/workflows/request/orchestrator"),
         _rw(f"{root}/workflow/+/event"),
         _w(f"{root}/state/+/set/{u}"),
         # Home Assistant: its own device's discovery configs; HA's birth and the
