@@ -615,9 +615,7 @@ class Bus:
         while True:
             if not inbox:
                 await conn.wait_message()  # MqttError once the connection is gone
-            message = inbox.popleft()
-            conn.taken()
-            await self._dispatch(message)
+            await self._dispatch(conn.take())
 
     async def _dispatch(self, message: Publish) -> None:
         props = message.properties

@@ -290,6 +290,61 @@ async def test_a_publish_with_a_bad_topic_from_the_broker_is_dropped_not_fatal()
         await conn.close()
 
 
+def _publish_packet(topic: bytes, size: int, packet_id: int) -> bytes:
+    return codec.encode_publish(
+        topic, b"p" * size, qos=1, retain=False, packet_id=packet_id, props=b"\x00"
+    )
+
+
+async def test_a_flood_of_large_messages_is_bounded_in_bytes() -> None:
+    """Past the byte bound, large arrivals are dropped (acknowledged), small ones kept."""
+    acks: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for first, body in read_packets(reader):
+            if first >> 4 == codec.CONNECT:
+                writer.write(b"\x20\x03\x00\x00\x00")
+                for i in range(10):
+                    writer.write(_publish_packet(b"large", 100_000, i + 1))
+                for i in range(5):
+                    writer.write(_publish_packet(b"small", 100, i + 11))
+            elif first >> 4 == codec.PUBACK:
+                acks.append(body)
+
+    async with stand_in(serve) as port:
+        params = ConnectParams("127.0.0.1", port, "bytes", max_queued_incoming_bytes=250_000)
+        conn = await connect(params)
+        await until(lambda: len(acks) == 15)  # every one acknowledged, kept or not
+        assert [m.topic for m in conn.inbox] == ["large"] * 3 + ["small"] * 5
+        assert not conn.closed
+        await conn.close()
+
+
+async def test_reading_resumes_when_dispatch_waits_for_an_acknowledgement() -> None:
+    """Paused reading (too many messages waiting) must not deadlock an owner that waits
+    for the broker's PUBACK, which comes behind what the broker queued for it."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for first, body in read_packets(reader):
+            if first >> 4 == codec.CONNECT:
+                writer.write(b"\x20\x03\x00\x00\x00")
+                for i in range(5):
+                    writer.write(_publish_packet(b"early", 10, i + 1))
+            elif first >> 4 == codec.PUBLISH:
+                request = codec.decode_publish(first, body)
+                for i in range(50):  # the acknowledgement comes behind a backlog
+                    writer.write(_publish_packet(b"later", 60_000, i + 100))
+                writer.write(codec.encode_ack(codec.PUBACK, request.packet_id))
+
+    async with stand_in(serve) as port:
+        conn = await connect(ConnectParams("127.0.0.1", port, "stall", max_queued_incoming=2))
+        await until(lambda: conn._paused)
+        acked = conn.publish("request", b"x", 1, ack=True)
+        assert acked is not None
+        assert await asyncio.wait_for(acked, 5) == 0  # nobody took anything meanwhile
+        await conn.close()
+
+
 async def test_bus_refuses_what_is_not_a_topic_name(config: Config, realm: str) -> None:
     async with running_bus(config) as bus:
         got = Collector()

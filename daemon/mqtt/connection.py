@@ -10,9 +10,11 @@ a 27-entry property table per PUBLISH.  Here:
   ``transport.write`` (acks included), and a read takes whatever the kernel
   has — one syscall for many packets each way;
 * incoming PUBLISH packets are acknowledged on read and queued in
-  :attr:`Connection.inbox` for the owner to dispatch; past
-  ``max_queued_incoming`` the socket is paused (TCP back-pressure to the
-  broker) instead of dropping anything;
+  :attr:`Connection.inbox` for the owner to dispatch (:meth:`Connection.take`);
+  past ``max_queued_incoming`` messages the socket is paused (TCP back-pressure
+  to the broker) instead of dropping anything, unless dispatch itself waits for
+  something only reading brings; past ``max_queued_incoming_bytes`` of payload,
+  large messages are dropped (see ``LARGE_INCOMING``);
 * QoS 1 and 2 publishes respect the broker's Receive Maximum and our own
   ``max_inflight``; the rest wait in order.  Publishes that were never
   acknowledged when the connection drops can be taken back with
@@ -51,6 +53,19 @@ log = logging.getLogger(__name__)
 MAX_QUEUED_INCOMING: Final = 50_000
 # Dispatch has caught up again below this many: reading resumes.
 RESUME_BELOW: Final = MAX_QUEUED_INCOMING // 2
+# Payload bytes waiting for dispatch past which an arriving message over
+# LARGE_INCOMING is dropped (acknowledged, counted, logged), and past twice which any
+# is: a flood of large messages (1 MiB each is legal) would otherwise hold tens of GB
+# before the count bound is reached.  Dropping, not pausing: the broker's
+# acknowledgements of our own publishes arrive behind what it queued for us, so a
+# paused socket stalls every handler that publishes (it did: 30 s echo round trips).
+MAX_QUEUED_INCOMING_BYTES: Final = 32 * 1024 * 1024
+LARGE_INCOMING: Final = 64 * 1024
+# While reading is paused, dispatch must keep taking messages; if it takes none for
+# this long it is blocked, most likely on something only reading can bring (an
+# acknowledgement, a flow-control slot that one frees): reading resumes, and does not
+# pause again until dispatch has taken a message.
+STALL_RESUME: Final = 0.1
 # DISCONNECT reasons by which a broker refuses the packet it just read (2.4): malformed
 # packet, protocol error, topic name invalid, packet too large, payload format invalid,
 # retain or QoS not supported.  Acknowledgements come in order, so when one of these
@@ -115,6 +130,7 @@ class ConnectParams:
     max_inflight: int = 65_535  # our own cap on unacknowledged QoS>0 publishes
     connect_timeout: float = 5.0
     max_queued_incoming: int = MAX_QUEUED_INCOMING
+    max_queued_incoming_bytes: int = MAX_QUEUED_INCOMING_BYTES
 
 
 class _InFlight:
@@ -201,6 +217,10 @@ class Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._paused = False
+        self._inbox_bytes = 0  # payload bytes in the inbox
+        self._taken = 0  # messages taken from the inbox, ever (see STALL_RESUME)
+        self._stalled = False  # reading resumed because dispatch was blocked
+        self._dropped_incoming = 0  # over MAX_QUEUED_INCOMING_BYTES
         self._keepalive = params.keepalive
         self._max_qos = 2
         self._last_sent = self._last_heard = time.monotonic()
@@ -526,6 +546,8 @@ class Connection(asyncio.Protocol):
             raise self._error or ConnectionLost("not connected")
         packet_id = self._packet_id()
         self._requests[packet_id] = self._loop.create_future()
+        if self._paused:
+            self._resume()
         self._seq += 1
         self._last_other = self._request_seqs[packet_id] = self._seq
         return packet_id
@@ -569,13 +591,36 @@ class Connection(asyncio.Protocol):
             finally:
                 self._waiter = None
 
+    def take(self) -> Publish:
+        """The oldest message of the inbox (there must be one), for dispatch."""
+        message = self.inbox.popleft()
+        self._inbox_bytes -= len(message.payload)
+        self._taken += 1
+        self._stalled = False
+        if self._paused:
+            self.taken()
+        return message
+
     def taken(self) -> None:
         """The owner took messages from the inbox: resume reading if it had paused."""
         if self._paused and len(self.inbox) < RESUME_BELOW:
-            self._paused = False
-            transport = self._transport
-            if isinstance(transport, asyncio.ReadTransport):
-                transport.resume_reading()
+            self._resume()
+
+    def _check_stall(self, taken: int) -> None:
+        if not self._paused or self._transport is None:
+            return
+        if self._taken == taken:
+            log.debug("dispatch took nothing for %gs while paused: reading resumes", STALL_RESUME)
+            self._stalled = True
+            self._resume()
+        else:
+            self._loop.call_later(STALL_RESUME, self._check_stall, self._taken)
+
+    def _resume(self) -> None:
+        self._paused = False
+        transport = self._transport
+        if isinstance(transport, asyncio.ReadTransport):
+            transport.resume_reading()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -642,21 +687,47 @@ class Connection(asyncio.Protocol):
                 self._ack(codec.encode_ack(codec.PUBREC, message.packet_id))
                 return  # a resend of one we already have
             self._incoming_qos2.add(message.packet_id)
-        self.inbox.append(message)
-        if len(self.inbox) == 1:
-            self._wake()  # before the ack is queued: dispatch runs first, see _flush
-        elif len(self.inbox) > self.params.max_queued_incoming and not self._paused:
-            self._paused = True
-            transport = self._transport
-            if isinstance(transport, asyncio.ReadTransport):
-                transport.pause_reading()
-            log.warning(
-                "%d incoming messages wait for dispatch: reading paused until it catches up",
-                len(self.inbox),
-            )
+        if not self.inbox:
+            self._inbox_bytes = 0  # also right for owners that pop the inbox themselves
+        size = len(message.payload)
+        limit = self.params.max_queued_incoming_bytes
+        if self._inbox_bytes > limit and (size > LARGE_INCOMING or self._inbox_bytes > 2 * limit):
+            self._drop_overflow(message)
+        else:
+            self.inbox.append(message)
+            self._inbox_bytes += size
+            if len(self.inbox) == 1:
+                self._wake()  # before the ack is queued: dispatch runs first, see _flush
+            elif (
+                len(self.inbox) > self.params.max_queued_incoming
+                and not self._paused
+                and not self._stalled
+            ):
+                self._paused = True
+                transport = self._transport
+                if isinstance(transport, asyncio.ReadTransport):
+                    transport.pause_reading()
+                self._loop.call_later(STALL_RESUME, self._check_stall, self._taken)
+                log.warning(
+                    "%d incoming messages wait for dispatch: reading paused until it catches up",
+                    len(self.inbox),
+                )
         if message.qos:
             kind = codec.PUBACK if message.qos == 1 else codec.PUBREC
             self._ack(codec.encode_ack(kind, message.packet_id))
+
+    def _drop_overflow(self, message: Publish) -> None:
+        self._dropped_incoming += 1
+        n = self._dropped_incoming
+        if n in (1, 10, 100) or n % 1000 == 0:
+            log.warning(
+                "%d bytes of incoming messages wait for dispatch: a %d-byte message to %s "
+                "dropped (%d so far)",
+                self._inbox_bytes,
+                len(message.payload),
+                message.topic[:200],
+                n,
+            )
 
     def _acked(self, packet_id: int, reason: int, props: Properties) -> None:
         out = self._inflight.pop(packet_id, None)
