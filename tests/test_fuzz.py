@@ -224,7 +224,11 @@ def fuzz_realm(tmp_path: Path) -> Iterator[FuzzRealm]:
                     **common,
                     "node_id": "orch",
                     "daemon": {"state_dir": str(tmp_path / "orch-daemon")},
-                    "orchestrator": {"state_dir": str(tmp_path / "orch-state")},
+                    # Stats often: the snapshot of what the registry took in is encoded.
+                    "orchestrator": {
+                        "state_dir": str(tmp_path / "orch-state"),
+                        "stats_interval": 0.5,
+                    },
                     "nodes": {},
                 },
             ),
