@@ -83,6 +83,8 @@ def json_too_deep(data: bytes | bytearray, limit: int = MAX_NESTING) -> bool:
     # quotes is outside a string.
     text = data.replace(b"\\\\", b"").replace(b'\\"', b"")
     outside = b"".join(text.split(b'"')[::2])
+    if b"[" * (limit + 1) in outside or b"{" * (limit + 1) in outside:
+        return True  # the usual hostile shape, found without walking every bracket
     steps = memoryview(outside.translate(_DEPTH_TABLE, _NOT_BRACKETS)).cast("b")
     return max(itertools.accumulate(steps), default=0) > limit
 
