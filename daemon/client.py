@@ -131,7 +131,9 @@ class RealmClient:
         except MessageError as exc:
             log.warning("bad task update: %s", exc)
             return
-        key = msg.correlation_data.decode() if msg.correlation_data else update.task_id
+        # Correlation data is bytes from the network: never assume it is text.
+        corr = msg.correlation_data
+        key = corr.decode(errors="replace") if corr else update.task_id
         handle = self.pending.get(key)
         if handle is None:
             return

@@ -177,9 +177,14 @@ class Config(_Strict):
 
     realm: str = Field(default="home", pattern=NAME_RE, description="Realm name (topic root).")
     node_id: str | None = Field(
-        default=None, pattern=NAME_RE, description="This daemon's id (default: the hostname)."
+        default=None,
+        pattern=NAME_RE,
+        max_length=64,
+        description="This daemon's id (default: the broker username, else the hostname).",
     )
-    area: str | None = Field(default=None, description="Where it stands, e.g. kitchen.")
+    area: str | None = Field(
+        default=None, max_length=256, description="Where it stands, e.g. kitchen."
+    )
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)

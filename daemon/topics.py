@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Final, TypeGuard
 
+from daemon.textcheck import valid_topic_name
+
 ROOT: Final = "mtor"
 SHARE_PREFIX: Final = "$share/"
 
@@ -141,10 +143,11 @@ MAX_REPLY_TOPIC: Final = 512
 
 
 def valid_reply_topic(topic: str | None) -> TypeGuard[str]:
-    """A topic a requester may be answered on: set, no wildcards, bounded length."""
-    if not topic:
+    """A topic a requester may be answered on: a valid MQTT topic name (no wildcards,
+    no U+0000, no surrogates), shorter than MAX_REPLY_TOPIC."""
+    if not topic or len(topic) >= MAX_REPLY_TOPIC:
         return False
-    return "+" not in topic and "#" not in topic and len(topic) < MAX_REPLY_TOPIC
+    return valid_topic_name(topic)
 
 
 def validate_filter(topic_filter: str) -> str:

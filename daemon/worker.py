@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from daemon import topics
 from daemon.bus import Bus, Inbound
 from daemon.errors import MessageError, TaskError
 from daemon.messages import decode_any
+from daemon.protocol.common import ERROR_CODE_RE
 from daemon.protocol.task import (
     DirectReply,
     ErrorInfo,
@@ -88,6 +90,8 @@ def task_input(model: type[M], data: Any, what: str = "input") -> M:
         )
         raise TaskError("bad_input", f"invalid {what}: {problems}") from exc
 
+
+_ERROR_CODE: Final = re.compile(ERROR_CODE_RE)
 
 # How long a task may run before the worker acknowledges it with "started".
 # Fast tasks (echo) answer within this time and their result is the ack, which
@@ -311,6 +315,8 @@ class Worker:
 
     @staticmethod
     def _failed(run: TaskRun, code: str, message: str) -> WorkerReport:
+        if not _ERROR_CODE.match(code):  # a node's bug must not stop its own report
+            message, code = f"{code[:64]!r}: {message}", "internal"
         return WorkerReport(
             task_id=run.task_id,
             attempt=run.attempt,

@@ -281,3 +281,56 @@ async def test_admin_rights_follow_the_account(env: Env) -> None:
             assert b"secret-never-kept" not in path.read_bytes(), path
     history = state_dir / "history.sqlite3"
     assert stat.S_IMODE(os.stat(history).st_mode) & 0o077 == 0
+
+
+async def test_odd_account_levels_are_refused_without_a_traceback(env: Env) -> None:
+    orch = await env.start()
+    odd = "x" * 200  # a legal topic level, but no account an ACL could hold
+    async with running_bus(orch.config) as bus:
+        got = Collector()
+        topic = env.t(f"reply/{odd}/r")
+        await bus.subscribe(topic, got)
+        await bus.publish(
+            env.t(f"state/armed/set/{odd}"), StateSet(value="armed_away"), response_topic=topic
+        )
+        await bus.publish(
+            env.t(f"task/submit/{odd}"), TaskSubmit(capability="echo"), response_topic=topic
+        )
+        replies = await got.wait_count(2, timeout=10)
+    codes = set()
+    for m in replies:
+        if b'"state.reply"' in m.payload:
+            err = decode(m.payload, StateReply).error
+        else:
+            err = decode(m.payload, TaskUpdate).error
+        assert err is not None
+        codes.add(err.code)
+    assert codes == {"bad_request"}
+    assert orch.bus.handler_errors == 0
+    assert orch.state.get("armed") is None
+
+
+async def test_remembered_finals_are_bounded_in_bytes(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daemon.orchestrator import service
+
+    monkeypatch.setattr(service, "FINISHED_MAX_BYTES", 250_000)
+    orch = await env.start()
+    async with running_bus(orch.config) as bus:
+        assigned = Collector()
+        await bus.subscribe(env.t("node/kitchen/task"), assigned)
+        await announce(bus, env, "kitchen", ["echo"])
+        await settle(bus, env)
+        big = "x" * 100_000
+        for i in range(5):
+            await bus.publish(env.t("task/submit/ann"), TaskSubmit(capability="echo", input=i))
+            msg = await assigned.wait_for(lambda m, i=i: decode(m.payload, TaskAssign).input == i)
+            job = decode(msg.payload, TaskAssign)
+            done = WorkerReport(task_id=job.task_id, attempt=job.attempt, status="done", output=big)
+            await bus.publish(env.t("task/worker/kitchen"), done)
+        async with asyncio.timeout(10):
+            while orch.tasks:
+                await asyncio.sleep(0.01)
+    assert len(orch.finished) == 2  # 5 x 100 kB against a 250 kB budget
+    assert orch._finished_bytes <= 250_000

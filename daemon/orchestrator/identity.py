@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from daemon.accounts import PERSON_ROLES, Accounts
+from daemon.accounts import PERSON_ROLES, Accounts, valid_account
 from daemon.orchestrator.config import OrchestratorConfig, RequestLimits
 from daemon.orchestrator.tasks import TokenBucket
 from daemon.orchestrator.users import Users
@@ -76,6 +76,10 @@ class Identities:
 
         Raises :class:`Refused` for an unknown account, a wrong or missing token,
         or a banned user."""
+        if not valid_account(account):  # a topic level, but not a name an ACL could hold
+            raise Refused("bad_request", "the account level of the topic is not a valid name")
+        if on_behalf is not None and not valid_account(on_behalf):
+            on_behalf = None
         if self.accounts is not None:
             role = self.account_role(account)
             if role is None:

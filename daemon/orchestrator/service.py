@@ -33,7 +33,7 @@ from daemon import __version__, gctune, topics
 from daemon.accounts import Accounts
 from daemon.bus import Bus, Inbound
 from daemon.config import Config
-from daemon.errors import ConfigError, MessageError
+from daemon.errors import BusError, ConfigError, MessageError
 from daemon.messages import M, decode, now
 from daemon.orchestrator import policy
 from daemon.orchestrator.identity import (
@@ -74,6 +74,9 @@ SWEEP_INTERVAL: Final = 1.0
 NEUTRAL_REJECTIONS: Final = frozenset({"overloaded", "shutting_down", "timeout"})
 # Tasks a single dispatch pass may set aside because their constraints fit no free peer.
 MAX_PARKED: Final = 64
+# Outputs of finished tasks kept for resubmissions, at most (bytes): 10,000 finals of
+# 1 MiB echoes would otherwise hold 10 GB.
+FINISHED_MAX_BYTES: Final = 64 * 1024 * 1024
 # Random bytes in an orchestrator-made task id (not guessable, unlike a counter).
 TASK_ID_BYTES: Final = 12
 
@@ -105,7 +108,10 @@ class Orchestrator:
         self.tasks: dict[str, Task] = {}
         self.by_node: dict[str, set[str]] = {}
         self.idempotency: OrderedDict[tuple[str, str], str] = OrderedDict()
-        self.finished: OrderedDict[str, tuple[str, RememberedFinal]] = OrderedDict()
+        # Finals remembered for resubmissions: (user, final, output size), bounded in
+        # number (dedupe_size) and in bytes of output (FINISHED_MAX_BYTES).
+        self.finished: OrderedDict[str, tuple[str, RememberedFinal, int]] = OrderedDict()
+        self._finished_bytes = 0
         self.user_running: Counter[str] = Counter()
         self.user_roles: dict[str, str] = {}
         self.buckets: dict[str, TokenBucket] = {}
@@ -413,7 +419,7 @@ class Orchestrator:
             return False
         done = self.finished.get(existing_id)
         if done is not None:
-            owner, made = done
+            owner, made, _ = done
             final = made if isinstance(made, TaskUpdate) else made()
             if owner != user:
                 raise Refused("conflict", f"task id {existing_id!r} belongs to another user")
@@ -821,9 +827,13 @@ class Orchestrator:
         update = self._reply(
             task, status, output=output, error=error, run_ms=run_ms, node=task.node, send=not sent
         )
-        self.finished[task.id] = (task.user, update)
-        while len(self.finished) > self.cfg.dedupe_size:
-            self.finished.popitem(last=False)
+        output_bytes = _size(output)
+        self.finished[task.id] = (task.user, update, output_bytes)
+        self._finished_bytes += output_bytes
+        while len(self.finished) > self.cfg.dedupe_size or (
+            self._finished_bytes > FINISHED_MAX_BYTES and len(self.finished) > 1
+        ):
+            self._finished_bytes -= self.finished.popitem(last=False)[1][2]
         self.store.journal_remove(task.id)
         self.store.record(
             {
@@ -840,7 +850,7 @@ class Orchestrator:
                 "error_code": error.code if error else None,
                 "attempts": task.attempt,
                 "input_bytes": task.input_bytes,
-                "output_bytes": _size(output),
+                "output_bytes": output_bytes,
             }
         )
         self.stats.record(task.capability, status, total_ms)
@@ -920,9 +930,12 @@ class Orchestrator:
         topic = topics.ORCH_STATS.build(realm=self.realm)
         while True:
             await asyncio.sleep(self.cfg.stats_interval)
-            await self.bus.publish(
-                topic, self.snapshot(periodic=True), qos=0, retain=True, wait=False
-            )
+            try:
+                await self.bus.publish(
+                    topic, self.snapshot(periodic=True), qos=0, retain=True, wait=False
+                )
+            except (BusError, MessageError):  # one bad snapshot never ends the TaskGroup
+                log.exception("orchestrator stats not published")
 
     def snapshot(self, *, periodic: bool = False) -> OrchestratorStats:
         running: Counter[str] = Counter(

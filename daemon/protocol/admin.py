@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from daemon.messages import Message, now
+from daemon.protocol.common import Attrs, ErrorCode, Text
 
 AdminOp = Literal[
     "users",
@@ -43,11 +44,11 @@ class AdminRequest(Message):
     TYPE = "admin.request"
 
     op: AdminOp
-    args: dict[str, Any] = Field(default_factory=dict)
-    token: str | None = None
-    user: str | None = None
-    reply_to: str | None = None
-    correlation: str | None = None
+    args: Attrs = Field(default_factory=dict)
+    token: str | None = Field(default=None, max_length=256)
+    user: str | None = Field(default=None, max_length=64)
+    reply_to: str | None = Field(default=None, max_length=512)
+    correlation: str | None = Field(default=None, max_length=256)
 
 
 class AdminReply(Message):
@@ -55,9 +56,9 @@ class AdminReply(Message):
 
     ok: bool
     result: Any = None
-    error: str | None = None
-    code: str | None = None
-    correlation: str | None = None
+    error: Text | None = None
+    code: ErrorCode | None = None
+    correlation: str | None = Field(default=None, max_length=256)
 
 
 class OrchestratorStats(Message):

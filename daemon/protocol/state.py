@@ -55,7 +55,7 @@ class StateReply(Message):
     TYPE = "state.reply"
 
     ok: bool
-    key: str
+    key: str = Field(max_length=64)
     value: Any = None
     error: ErrorInfo | None = None
 

@@ -17,6 +17,7 @@ from typing import Any, Final, Literal
 from pydantic import Field
 
 from daemon.messages import Message, Part, now
+from daemon.protocol.common import ErrorCode, Label, Name, Text
 
 Priority = Literal["alarm", "interactive", "batch"]
 PRIORITY_RANK: Final[dict[str, int]] = {"alarm": 0, "interactive": 1, "batch": 2}
@@ -33,17 +34,19 @@ UpdateStatus = Literal["queued", "assigned", "started", "partial", "done", "fail
 class Constraints(Part):
     """Where a task may run."""
 
-    node: str | None = Field(default=None, description="Pin to this node id.")
+    node: Name | None = Field(default=None, description="Pin to this node id.")
     prefer_local: bool = Field(default=False, description="Prefer the submitter's own node.")
     accelerator: bool = Field(default=False, description="Only nodes with an accelerator.")
-    language: str | None = Field(default=None, description="Capability must list it.")
-    backend: str | None = None
-    model: str | None = None
+    language: str | None = Field(
+        default=None, max_length=64, description="Capability must list it."
+    )
+    backend: Name | None = None
+    model: Label | None = None
 
 
 class ErrorInfo(Part):
-    code: str
-    message: str
+    code: ErrorCode
+    message: Text
 
 
 class TaskSubmit(Message):
@@ -58,7 +61,7 @@ class TaskSubmit(Message):
     idempotency_key: str | None = Field(default=None, max_length=128)
     user: str | None = Field(default=None, max_length=64)
     token: str | None = Field(default=None, max_length=256)
-    origin: str | None = Field(default=None, description="Submitting node id.")
+    origin: Name | None = Field(default=None, description="Submitting node id.")
     constraints: Constraints = Field(default_factory=Constraints)
     stream: bool = Field(default=True, description="Relay partial output.")
     progress: bool = Field(default=False, description="Send queued/assigned/started too.")
@@ -70,24 +73,26 @@ class TaskSubmit(Message):
             "a second final may follow for the same task id: the first one counts."
         ),
     )
-    reply_to: str | None = Field(default=None, description="MQTT 3.1.1: reply topic.")
+    reply_to: str | None = Field(
+        default=None, max_length=512, description="MQTT 3.1.1: reply topic."
+    )
     correlation: str | None = Field(default=None, max_length=256)
 
 
 class TaskUpdate(Message):
     TYPE = "task.update"
 
-    task_id: str
+    task_id: str = Field(pattern=TASK_ID_RE)
     status: UpdateStatus
     seq: int = 0
     position: int | None = None
-    node: str | None = None
+    node: Name | None = None
     attempt: int | None = None
     output: Any = None
     error: ErrorInfo | None = None
     queue_ms: float | None = None
     run_ms: float | None = None
-    correlation: str | None = None
+    correlation: str | None = Field(default=None, max_length=256)
     ts: float = Field(default_factory=now)
 
 
@@ -97,17 +102,19 @@ class TaskCancel(Message):
     TYPE = "task.cancel"
 
     task_id: str = Field(pattern=TASK_ID_RE)
-    user: str | None = None
-    token: str | None = None
+    user: str | None = Field(default=None, max_length=64)
+    token: str | None = Field(default=None, max_length=256)
     reason: str | None = Field(default=None, max_length=200)
 
 
 class DirectReply(Part):
     """Where a worker sends the final ``done`` itself (see ``TaskSubmit.direct``)."""
 
-    topic: str
-    correlation_data: str | None = Field(default=None, description="MQTT 5 correlation, hex.")
-    correlation: str | None = None  # TaskUpdate.correlation (MQTT 3.1.1 clients)
+    topic: str = Field(max_length=512)
+    correlation_data: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{0,512}$", description="MQTT 5 correlation, hex."
+    )
+    correlation: str | None = Field(default=None, max_length=256)  # MQTT 3.1.1 clients
     seq: int = Field(ge=0, description="The task's last update seq; the final is seq + 1.")
     queue_ms: float | None = None
 
@@ -115,12 +122,12 @@ class DirectReply(Part):
 class TaskAssign(Message):
     TYPE = "task.assign"
 
-    task_id: str
+    task_id: str = Field(pattern=TASK_ID_RE)
     attempt: int = Field(ge=1)
-    capability: str
+    capability: str = Field(pattern=CAPABILITY_RE)
     input: Any = None
     deadline: float | None = None
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=128)
     stream: bool = True
     constraints: Constraints = Field(default_factory=Constraints)
     reply: DirectReply | None = None
@@ -129,9 +136,9 @@ class TaskAssign(Message):
 class TaskAbort(Message):
     TYPE = "task.abort"
 
-    task_id: str
+    task_id: str = Field(pattern=TASK_ID_RE)
     attempt: int | None = None
-    reason: str = "cancelled"
+    reason: str = Field(default="cancelled", max_length=200)
 
 
 WorkerStatus = Literal["started", "partial", "done", "failed", "rejected"]
@@ -146,10 +153,10 @@ class WorkerReport(Message):
 
     TYPE = "task.report"
 
-    task_id: str
+    task_id: str = Field(pattern=TASK_ID_RE)
     attempt: int = Field(ge=1)
     status: WorkerStatus
-    seq: int = 0
+    seq: int = Field(default=0, ge=0)
     output: Any = None
     error: ErrorInfo | None = None
     run_ms: float | None = None

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from daemon.messages import Message, now
+from daemon.protocol.common import ErrorCode, Text
 from daemon.protocol.state import StateReply
 from daemon.protocol.task import ErrorInfo
 
@@ -81,6 +82,6 @@ class WorkflowReply(Message):
 
     ok: bool
     result: Any = None
-    error: str | None = None
-    code: str | None = None
-    correlation: str | None = None
+    error: Text | None = None
+    code: ErrorCode | None = None
+    correlation: str | None = Field(default=None, max_length=256)

@@ -36,7 +36,7 @@ from typing import Any, Final
 from daemon import topics
 from daemon.bus import Bus, Inbound
 from daemon.errors import MessageError
-from daemon.messages import decode
+from daemon.messages import decode, load_json
 from daemon.orchestrator.state import StateView
 from daemon.protocol.node import Event
 from daemon.protocol.task import ErrorInfo
@@ -446,8 +446,9 @@ def _mqtt_data(msg: Inbound) -> dict[str, Any]:
     if len(msg.payload) <= MAX_TRIGGER_PAYLOAD:
         text = msg.payload.decode("utf-8", errors="replace")
         try:
-            payload = json.loads(text)
-        except ValueError:
+            # Bounded nesting, strict UTF-8: a foreign topic's payload is hostile input too.
+            payload = load_json(msg.payload)
+        except MessageError:
             payload = text
     return {"type": "mqtt", "topic": msg.topic, "payload": payload, "retain": msg.retain}
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from daemon.errors import TaskError
 from daemon.node import Node
+from daemon.protocol.common import ERROR_CODE_RE
 from daemon.protocol.node import Capability
 from daemon.protocol.task import PEER_FAULT_CODES
 from daemon.worker import TaskRun
 from nodes.reference.config import ReferenceConfig
+
+ERROR_CODE = re.compile(ERROR_CODE_RE)
 
 
 class ReferenceNode(Node):
@@ -64,8 +68,9 @@ class ReferenceNode(Node):
             # A failure the input asked for is never the node's fault: a code that
             # would count against the peer's breaker becomes 'requested'.
             code = str(fail)[:64]
+            chosen = code if ERROR_CODE.match(code) and code not in PEER_FAULT_CODES else None
             raise TaskError(
-                "requested" if code in PEER_FAULT_CODES else code,
+                chosen or "requested",
                 f"failed on request (sleep input 'fail': {code})",
             )
         return {"slept": seconds, "node": self.ctx.node_id}
