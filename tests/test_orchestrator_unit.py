@@ -150,3 +150,31 @@ def test_indexed_set() -> None:
     assert sorted(s.items) == ["a", "c", "d", "e"] and "b" not in s and len(s) == 4
     assert sorted(s.sample(10, random.Random(0))) == ["a", "c", "d", "e"]
     assert len(s.sample(2, random.Random(0))) == 2
+
+
+def test_registry_forgets_long_gone_peers_only() -> None:
+    from daemon.orchestrator.config import BreakerConfig
+    from daemon.orchestrator.registry import Registry
+    from daemon.protocol.node import Capability, Hardware, NodeInfo, NodeState
+
+    reg = Registry(BreakerConfig())
+    for node_id in ("gone", "drained", "busy", "here"):
+        reg.on_state(node_id, NodeState(state="online", boot_id="b"), now=0.0)
+        info = NodeInfo(
+            node_id=node_id,
+            boot_id="b",
+            version="t",
+            hostname=node_id,
+            hardware=Hardware(arch="x86_64", cpu_count=1, ram_mb=1),
+            capabilities=[Capability(name="echo", node="n")],
+        )
+        reg.on_info(node_id, info, now=0.0)
+    for node_id in ("gone", "drained", "busy"):
+        reg.on_state(node_id, NodeState(state="offline", boot_id="b"), now=0.0)
+    reg.peers["drained"].drained = True  # a sysop's flag is kept
+    reg.peers["busy"].slots["echo"].in_use = 1  # a task still to be released
+    reg.seen("here", 100.0)
+    assert reg.forget(50.0, after=60.0) == []  # not gone long enough
+    assert reg.forget(100.0, after=60.0) == ["gone"]
+    assert set(reg.peers) == {"drained", "busy", "here"}
+    assert reg.index["echo"] == {"drained", "busy", "here"}

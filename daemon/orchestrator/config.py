@@ -127,6 +127,11 @@ class OrchestratorConfig(_Strict):
         "then asks for it. Prefer alarm_code_file.",
     )
     alarm_code_file: Path | None = Field(default=None, description="File holding the alarm code.")
+    forget_after: float = Field(
+        default=3600.0,
+        gt=0,
+        description="A peer gone (offline or silent) this long is forgotten (s).",
+    )
 
     state_values: dict[str, list[str | int | float | bool]] = Field(
         default_factory=_default_state_values,

@@ -180,19 +180,35 @@ class Registry:
             )
         return None
 
+    @staticmethod
+    def _forgettable(p: Peer) -> bool:
+        """Gone, running nothing, and carrying no sysop flag (drained, blacklisted)."""
+        return (
+            (not p.online or p.stale)
+            and not p.drained
+            and not p.blacklisted
+            and not any(s.in_use for s in p.slots.values())
+        )
+
+    def _drop(self, p: Peer) -> None:
+        self._set_slots(p, [])
+        del self.peers[p.node_id]
+
     def _evict(self) -> bool:
         """Forget the oldest peer that is gone, runs nothing and carries no sysop flag."""
-        for node_id, p in self.peers.items():
-            if (
-                (not p.online or p.stale)
-                and not p.drained
-                and not p.blacklisted
-                and not any(s.in_use for s in p.slots.values())
-            ):
-                self._set_slots(p, [])
-                del self.peers[node_id]
+        for p in self.peers.values():
+            if self._forgettable(p):
+                self._drop(p)
                 return True
         return False
+
+    def forget(self, now: float, after: float) -> list[str]:
+        """Forget peers gone (offline or silent) for longer than ``after`` seconds;
+        returns their ids.  A peer that comes back is learnt again from its birth."""
+        old = [p for p in self.peers.values() if self._forgettable(p) and now - p.last_seen > after]
+        for p in old:
+            self._drop(p)
+        return [p.node_id for p in old]
 
     # ----------------------------------------------------------- messages
 

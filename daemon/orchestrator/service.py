@@ -70,6 +70,8 @@ from daemon.timers import TimerWheel
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL: Final = 1.0
+# How often (s) long-gone peers are looked for (a pass over the whole registry).
+FORGET_INTERVAL: Final = 30.0
 # Worker rejections that hand a task back without counting against the peer.
 NEUTRAL_REJECTIONS: Final = frozenset({"overloaded", "shutting_down", "timeout"})
 # Tasks a single dispatch pass may set aside because their constraints fit no free peer.
@@ -299,6 +301,7 @@ class Orchestrator:
                 self._retry(task, ErrorInfo(code="worker_lost", message=f"{node_id} {why}"))
 
     async def _sweep_loop(self) -> None:
+        next_forget = time.monotonic() + FORGET_INTERVAL
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
@@ -306,6 +309,13 @@ class Orchestrator:
                 log.warning("peer %s missed its heartbeats; treating it as gone", node_id)
                 self._peer_lost(node_id, "stopped sending heartbeats")
             self.registry.reopen_breakers(now)
+            if now >= next_forget:
+                next_forget = now + FORGET_INTERVAL
+                for node_id in self.registry.forget(now, self.cfg.forget_after):
+                    log.info("forgot peer %s (gone for over %.0fs)", node_id, self.cfg.forget_after)
+                    self._node_topics.pop(node_id, None)
+                    report = topics.TASK_WORKER.build(realm=self.realm, node_id=node_id)
+                    self._report_nodes.pop(report, None)
             for cap, q in self.queues.items():
                 if len(q):
                     self._dispatch(cap)
