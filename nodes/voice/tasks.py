@@ -56,7 +56,8 @@ class TtsInput(BaseModel):
 
 async def execute_stt(node: VoiceNode, task: TaskRun) -> Any:
     """Transcribe the retained audio the task's ``media_topic`` names."""
-    if node.stt is None:
+    stt = node.stt  # this one, even if a restart of the node drops it meanwhile
+    if stt is None:
         raise TaskError("unavailable", "no speech-to-text backend here")
     inp = task_input(SttInput, task.input, "stt input")
     fields = topics.MEDIA.parse(inp.media_topic)
@@ -81,7 +82,6 @@ async def execute_stt(node: VoiceNode, task: TaskRun) -> Any:
     if len(msg.payload) > MAX_STT_BYTES:
         raise TaskError("bad_input", f"audio longer than {MAX_STT_S:g} s")
     started = time.perf_counter()
-    stt = node.stt
     result = await asyncio.to_thread(stt.transcribe, msg.payload)
     return {
         "text": result.text,
@@ -95,7 +95,8 @@ async def execute_stt(node: VoiceNode, task: TaskRun) -> Any:
 
 async def execute_tts(node: VoiceNode, task: TaskRun) -> Any:
     """Speak the text as audio chunks on ``media/<node>/tts/<task_id>`` (and the sink)."""
-    if node.tts is None:
+    tts = node.tts  # this one, even if a restart of the node drops it meanwhile
+    if tts is None:
         raise TaskError("unavailable", "no text-to-speech backend here")
     inp = task_input(TtsInput, task.input, "tts input")
     stream_name = f"tts/{task.task_id}"
@@ -105,7 +106,7 @@ async def execute_tts(node: VoiceNode, task: TaskRun) -> Any:
     first: float | None = None
     chunks = total = 0
     await sink.start()
-    async for pcm in stream(node.tts, inp.text, node.tts_lock, task.cancel_flag):
+    async for pcm in stream(tts, inp.text, node.tts_lock, task.cancel_flag):
         if first is None:
             first = time.perf_counter()
         await node.ctx.publish_media(stream_name, pcm, audio.CONTENT_TYPE)
