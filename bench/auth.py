@@ -11,9 +11,10 @@ worker with the reference ``echo``, one ``mtor orchestrator``):
   roles from accounts.json, reply-space checks), node and client with their
   own accounts.
 
-Both use the relayed path (the orchestrator sends the final update): the
-generated ACL gives nodes no write access to reply topics, so direct replies
-are off there, and comparing like with like keeps the ACL's cost visible.
+Both use the default path of a ``RealmClient``: the assigned worker sends the
+final straight to the client's ``reply/<account>/<x>/direct`` with the
+client's reply key (what the generated ACL lets node accounts write), and
+reports to the orchestrator.
 
     .venv/bin/python -m bench.auth [--pairs 3] [--n 4000] [--n1 1000] [--inflight 16]
 """
@@ -48,10 +49,10 @@ async def one(secure: bool, args: argparse.Namespace) -> dict[str, Any]:
             realm = Realm(broker, directory, realm=realm_name, secure=sec)
             async with realm.running():
                 await realm.start_worker(WORKER, args.max_concurrency)
-                await realm.start_orchestrator(direct_replies=False)
+                await realm.start_orchestrator(direct_replies=True)
 
                 async def call(_i: int) -> Any:
-                    return await realm.call("echo", PAYLOAD, direct=False)
+                    return await realm.call("echo", PAYLOAD, direct=True)
 
                 await measured(call, args.warmup, args.inflight, realm.pids())
                 single = await measured(call, args.n1, 1, realm.pids())

@@ -17,8 +17,10 @@ each task still ends exactly once.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -112,6 +114,11 @@ class RealmClient:
         me = uuid.uuid4().hex[:16]  # not guessable: nobody else predicts the reply topic
         self.reply_topic = topics.REPLY.build(realm=realm, user=self.account, rest=f"{me}/tasks")
         self.admin_topic = topics.REPLY.build(realm=realm, user=self.account, rest=f"{me}/admin")
+        # Direct finals from the assigned worker (TaskSubmit.direct): node accounts may
+        # write here, so a final counts only with this client's secret reply key.
+        self.direct_topic = topics.REPLY.build(realm=realm, user=self.account, rest=f"{me}/direct")
+        self._reply_key = secrets.token_urlsafe(24)
+        self.forged = 0  # direct finals dropped for a missing or wrong key
         self.submit_topic = topics.TASK_SUBMIT.build(realm=realm, user=self.account)
         self.pending: dict[str, TaskHandle] = {}
         # Task ids: one random prefix per client and a counter (cheaper than uuid4 each).
@@ -122,6 +129,7 @@ class RealmClient:
 
     async def start(self) -> None:
         await self.bus.subscribe(self.reply_topic, self._on_reply)
+        await self.bus.subscribe(self.direct_topic, self._on_direct)
         await self.bus.subscribe(self.admin_topic, self._on_admin_reply)
         await self.bus.subscribe(topics.ORCH_STATE.build(realm=self.realm), self._on_orch)
 
@@ -140,6 +148,21 @@ class RealmClient:
         if update.status in FINAL_STATUSES:
             self.pending.pop(key, None)
         handle._deliver(update)
+
+    async def _on_direct(self, msg: Inbound) -> None:
+        try:
+            update = decode(msg.payload, TaskUpdate)
+        except MessageError as exc:
+            log.warning("bad direct task update: %s", exc)
+            return
+        if update.key is None or not hmac.compare_digest(update.key, self._reply_key):
+            self.forged += 1
+            if self.forged in (1, 10, 100) or self.forged % 1000 == 0:
+                log.warning(
+                    "direct final without this client's reply key dropped (%d)", self.forged
+                )
+            return
+        await self._on_reply(msg)
 
     async def _on_orch(self, msg: Inbound) -> None:
         try:
@@ -189,6 +212,7 @@ class RealmClient:
             progress=progress,
             stream=stream,
             direct=direct,
+            reply_key=self._reply_key if direct else None,
             constraints=constraints or Constraints(),
             idempotency_key=idempotency_key,
             user=self.user,

@@ -276,6 +276,7 @@ class Worker:
             queue_ms=reply.queue_ms,
             run_ms=report.run_ms,
             correlation=reply.correlation,
+            key=reply.key,
         )
         correlation = bytes.fromhex(reply.correlation_data) if reply.correlation_data else None
         self.bus.post(reply.topic, update, qos=1, correlation_data=correlation)

@@ -89,7 +89,8 @@ def test_writes_name_the_writer_except_for_the_orchestrator_and_people_commands(
         for r in acl.rules(Account(name, role), "home"):
             if r.access == "read":
                 continue
-            shared = r.topic.endswith(("/entity/+/set", "workflow/+/event"))
+            # shared: entity commands, run events, and direct finals (keyed, see client)
+            shared = r.topic.endswith(("/entity/+/set", "workflow/+/event", "/+/+/direct"))
             assert shared or name in r.topic or device_id("home", name) in r.topic, (role, r)
 
 
@@ -330,6 +331,8 @@ async def test_what_each_role_may_do(clients: dict[str, Client]) -> None:
         hall, f"{R}/workflows/request/alice", f"{R}/workflows/request/+", orch
     )
     await allowed(kitchen, alice, f"{R}/workflow/wf1/event", f"{R}/workflow/+/event")
+    # a direct final (it counts only with the submitter's reply key: daemon.client)
+    await allowed(kitchen, alice, f"{R}/reply/alice/t1/direct", f"{R}/reply/alice/#")
     # the orchestrator's state (everyone) and the realm state (not guests)
     for reader in (admin, alice, visitor, kitchen, ha):
         await allowed(orch, reader, f"{R}/orchestrator/state")
@@ -392,6 +395,8 @@ async def test_what_nodes_may_not_do(clients: dict[str, Client]) -> None:
         f"{R}/task/worker/hall",
         f"{R}/task/submit/hall",
         f"{R}/reply/alice/t1/done",
+        f"{R}/reply/alice/t1/tasks",
+        f"{R}/reply/alice/t1/direct/x",
         f"{R}/state/armed",
         f"{R}/node/hall/task",
         f"{R}/node/hall/cmd/restart",

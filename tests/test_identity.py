@@ -334,3 +334,33 @@ async def test_remembered_finals_are_bounded_in_bytes(
                 await asyncio.sleep(0.01)
     assert len(orch.finished) == 2  # 5 x 100 kB against a 250 kB budget
     assert orch._finished_bytes <= 250_000
+
+
+async def test_direct_finals_count_only_with_the_submitters_reply_key(env: Env) -> None:
+    from daemon.client import RealmClient
+
+    orch = await env.start()
+    async with running_bus(orch.config) as bus:
+        assigned = Collector()
+        await bus.subscribe(env.t("node/kitchen/task"), assigned)
+        await announce(bus, env, "kitchen", ["echo"])
+        await settle(bus, env)
+        client = RealmClient(bus, env.realm, account="ann")
+        await client.start()
+        handle = await client.submit("echo", 1)  # direct: the worker may answer itself
+        job = decode((await assigned.wait_for(lambda m: True)).payload, TaskAssign)
+        # Only the assigned worker learns where and with which key.
+        assert job.reply is not None and job.reply.topic == client.direct_topic
+        assert job.reply.key == handle.submit.reply_key
+        corr = job.task_id.encode()
+        forged = TaskUpdate(task_id=job.task_id, status="done", output=666, seq=1, key="x" * 32)
+        await bus.publish(client.direct_topic, forged, correlation_data=corr)
+        unkeyed = TaskUpdate(task_id=job.task_id, status="done", output=667, seq=1)
+        await bus.publish(client.direct_topic, unkeyed, correlation_data=corr)
+        async with asyncio.timeout(10):
+            while client.forged < 2:
+                await asyncio.sleep(0.01)
+        assert handle.final is None and not handle._final.done()
+        genuine = TaskUpdate(task_id=job.task_id, status="done", output=1, seq=1, key=job.reply.key)
+        await bus.publish(client.direct_topic, genuine, correlation_data=corr)
+        assert await asyncio.wait_for(handle.result(), 10) == 1

@@ -94,10 +94,10 @@ class OrchestratorConfig(_Strict):
         default=10_000, ge=100, description="Finished tasks remembered for idempotent resubmits."
     )
     direct_replies: bool = Field(
-        default=False,
-        description="Let workers send 'done' straight to submitters that ask for it "
-        "(TaskSubmit.direct): one hop less, but then every node account needs write access "
-        "to every reply topic. Off by default (the generated broker ACL gives nodes none).",
+        default=True,
+        description="Let the assigned worker send 'done' straight to a submitter that asks "
+        "for it with a reply key (TaskSubmit.direct, reply_key) on reply/<account>/<x>/direct: "
+        "one hop less. The submitter drops a direct final without its key.",
     )
     accounts_file: Path | None = Field(
         default=None,

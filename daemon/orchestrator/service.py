@@ -648,19 +648,33 @@ class Orchestrator:
         """Where the worker may send ``done`` itself: only the first attempt of a task
         whose submitter asked for it and gets no other update from us in between."""
         submit = task.submit
-        if not (self.cfg.direct_replies and submit.direct and task.reply_topic):
+        if not (self.cfg.direct_replies and submit.direct and submit.reply_key):
             return None
         if task.attempt != 1 or task.watchers:
             return None
         if submit.progress:
             return None  # 'started' would come from us, numbered after the worker's final
+        topic = self._direct_topic(task)
+        if topic is None:
+            return None
         return DirectReply(
-            topic=task.reply_topic,
+            topic=topic,
+            key=submit.reply_key,
             correlation_data=task.correlation.hex() if task.correlation else None,
             correlation=submit.correlation,
             seq=task.seq,
             queue_ms=task.queue_ms,
         )
+
+    def _direct_topic(self, task: Task) -> str | None:
+        """``reply/<account>/<x>/direct`` beside the task's reply topic
+        ``reply/<account>/<x>/...``: the only reply topics the generated ACL lets node
+        accounts write, and the submitter drops what lacks its reply_key there."""
+        fields = topics.REPLY.parse(task.reply_topic or "")
+        if fields is None:
+            return None
+        first = fields["rest"].split("/", 1)[0]
+        return topics.REPLY.build(realm=self.realm, user=fields["user"], rest=f"{first}/direct")
 
     def _release(self, task: Task) -> None:
         """Give back the slot an assigned task holds."""

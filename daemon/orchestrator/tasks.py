@@ -53,7 +53,9 @@ class Task:
         return {
             "id": self.id,
             # The API token is never journalled: it proved who submitted, once.
-            "submit": self.submit.model_dump(mode="json", exclude_none=True, exclude={"token"}),
+            "submit": self.submit.model_dump(
+                mode="json", exclude_none=True, exclude={"token", "reply_key"}
+            ),
             "user": self.user,
             "role": self.role,
             "deadline": self.deadline,

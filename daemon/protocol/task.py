@@ -65,6 +65,15 @@ class TaskSubmit(Message):
     constraints: Constraints = Field(default_factory=Constraints)
     stream: bool = Field(default=True, description="Relay partial output.")
     progress: bool = Field(default=False, description="Send queued/assigned/started too.")
+    reply_key: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{16,64}$",
+        description=(
+            "A secret the submitter chose: the orchestrator hands it only to the worker "
+            "it assigns, which puts it in a direct final; the submitter drops a direct "
+            "final without it. Needed for direct replies (see direct)."
+        ),
+    )
     direct: bool = Field(
         default=False,
         description=(
@@ -93,6 +102,11 @@ class TaskUpdate(Message):
     queue_ms: float | None = None
     run_ms: float | None = None
     correlation: str | None = Field(default=None, max_length=256)
+    key: str | None = Field(
+        default=None,
+        max_length=64,
+        description="The submitter's reply_key: only in a final a worker sent directly.",
+    )
     ts: float = Field(default_factory=now)
 
 
@@ -111,6 +125,7 @@ class DirectReply(Part):
     """Where a worker sends the final ``done`` itself (see ``TaskSubmit.direct``)."""
 
     topic: str = Field(max_length=512)
+    key: str = Field(max_length=64, description="The submitter's reply_key (TaskUpdate.key).")
     correlation_data: str | None = Field(
         default=None, pattern=r"^[0-9a-f]{0,512}$", description="MQTT 5 correlation, hex."
     )

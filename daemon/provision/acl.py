@@ -159,6 +159,9 @@ def _node(u: str, root: str, realm: str, ha: str) -> list[Rule]:
         *_watcher(root),
         # its own tasks (camera detection, voice chat, remote stt)
         *_requester(u, root),
+        # direct finals of the tasks it is assigned; a submitter drops one without its
+        # reply key, which only the assigned worker learns (docs/security.md)
+        _w(f"{root}/reply/+/+/direct"),
         _w(f"{root}/workflows/request/{u}"),
         # runs of its local workflows, handed on by the orchestrator (never other
         # accounts' requests: their inputs are theirs)
