@@ -30,11 +30,14 @@ class Notifier:
         if not self._addr:
             return
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # Never block the event loop: with nobody reading the socket (a stuck or
+            # missing manager) its queue fills and a blocking send would freeze us.
+            sock.setblocking(False)
             try:
                 sock.connect(self._addr)
                 sock.sendall("\n".join(lines).encode())
             except OSError:
-                pass  # systemd gone: nothing useful to do
+                pass  # systemd gone or not reading: nothing useful to do
 
     def ready(self, status: str = "") -> None:
         self.notify("READY=1", f"STATUS={status}" if status else "STATUS=running")
