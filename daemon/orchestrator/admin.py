@@ -57,12 +57,8 @@ class Admin:
         log.info("created the sysop user; its token is in %s", path)
 
     async def on_request(self, msg: Inbound) -> None:
-        fields = topics.ORCH_ADMIN.parse(msg.topic)
-        if fields is None or msg.retain:
-            return
-        account = fields["user"]
-        if not self.orch.requests.allow(account):
-            log.warning("admin requests from %s over the rate limit: dropped", account)
+        account = self.orch.request_account(msg, topics.ORCH_ADMIN, "admin")
+        if account is None:
             return
         reply_topic = msg.response_topic
         correlation: str | None = None

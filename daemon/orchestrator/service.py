@@ -30,7 +30,7 @@ from collections import Counter, OrderedDict
 from typing import Any, Final, TypeGuard
 
 from daemon import __version__, gctune, topics
-from daemon.accounts import Accounts
+from daemon.accounts import ORCHESTRATOR_ACCOUNT, Accounts
 from daemon.bus import Bus, Inbound
 from daemon.config import Config
 from daemon.errors import BusError, ConfigError, MessageError
@@ -455,6 +455,19 @@ class Orchestrator:
         """Who a request from ``account`` (its topic's identity level) is for, and
         with which role; :class:`Refused` when unknown, unauthorised or banned."""
         return self.identities.identify(account, token, on_behalf)
+
+    def request_account(self, msg: Inbound, pattern: topics.TopicPattern, what: str) -> str | None:
+        """The account a request topic names, or None when the request is not served:
+        not of ``pattern``, retained (it would be served again at every start), or over
+        the account's rate (``orchestrator.requests``; the orchestrator's own is not)."""
+        fields = pattern.parse(msg.topic)
+        if fields is None or msg.retain:
+            return None
+        account = fields["user"]
+        if account != ORCHESTRATOR_ACCOUNT and not self.requests.allow(account):
+            log.warning("%s requests from %s over the rate limit: dropped", what, account[:64])
+            return None
+        return account
 
     def _reply_ok(self, topic: str | None, account: str) -> TypeGuard[str]:
         """May ``account`` be answered on ``topic``?  Only inside its own reply space

@@ -149,12 +149,8 @@ class RealmWorkflows:
         return {"run_id": run_id, "workflow": req.name, "where": "node"}
 
     async def on_request(self, msg: Inbound) -> None:
-        fields = topics.WORKFLOW_REQUEST.parse(msg.topic)
-        if fields is None or msg.retain:
-            return
-        account = fields["user"]
-        if not self.orch.requests.allow(account):
-            log.warning("workflow requests from %s over the rate limit: dropped", account)
+        account = self.orch.request_account(msg, topics.WORKFLOW_REQUEST, "workflow")
+        if account is None:
             return
         reply_topic = msg.response_topic
         correlation = None
