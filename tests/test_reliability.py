@@ -104,6 +104,7 @@ async def test_kill9_workers_while_2000_tasks_run(
         await client.start()
         counter = FinalCounter()
         await bus.subscribe(client.reply_topic, counter)
+        await bus.subscribe(client.direct_topic, counter)  # the workers' direct finals
         await wait_for_peers(client, 3)
         kills = 0
         sem = asyncio.Semaphore(in_flight)
@@ -157,6 +158,7 @@ async def test_orchestrator_restart_loses_nothing(
         await client.start()
         counter = FinalCounter()
         await bus.subscribe(client.reply_topic, counter)
+        await bus.subscribe(client.direct_topic, counter)  # the workers' direct finals
         await wait_for_peers(client, 1)
         handles = [
             await client.submit("sleep", {"seconds": 0.2}, timeout=60, direct=False)
@@ -199,6 +201,7 @@ async def test_direct_reply_comes_from_the_worker(
         await client.start()
         counter = FinalCounter()
         await bus.subscribe(client.reply_topic, counter)
+        await bus.subscribe(client.direct_topic, counter)  # the workers' direct finals
         await wait_for_peers(client, 1)
         handle = await client.submit("sleep", {"seconds": 0.4}, timeout=30, direct=ask)
         result = asyncio.ensure_future(handle.result())
