@@ -32,8 +32,6 @@ ROLES: Final[tuple[Role, ...]] = ("orchestrator", "sysop", "user", "guest", "nod
 ORCHESTRATOR_ACCOUNT: Final = "orchestrator"
 # What a process calls itself on a broker without usernames (an unconfigured realm).
 ANONYMOUS: Final = "anonymous"
-# People's roles (they submit tasks, never offer capabilities).
-PERSON_ROLES: Final = frozenset({"sysop", "user", "guest"})
 # An account name is one MQTT topic level a broker ACL can name safely.
 ACCOUNT_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 # How often (s) a reader looks at the file's modification time.
@@ -111,9 +109,6 @@ class Accounts:
 
     def all(self) -> list[Account]:
         return sorted(self._accounts.values(), key=lambda a: a.name)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._accounts
 
     # ----------------------------------------------------------------- write
 

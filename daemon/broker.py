@@ -24,6 +24,8 @@ from typing import Final
 from daemon.errors import BrokerStartError
 
 READY_TIMEOUT: Final = 10.0
+# Host names of this machine's loopback in a broker URL.
+LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def free_port(host: str = "127.0.0.1") -> int:

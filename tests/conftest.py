@@ -63,7 +63,11 @@ def config(broker: PrivateBroker, realm: str) -> Config:
 @contextlib.asynccontextmanager
 async def running_bus(config: Config, client_id: str | None = None) -> AsyncIterator[Bus]:
     """A connected test client bus."""
-    bus = Bus(config.broker, client_id or f"test-{uuid.uuid4().hex[:8]}")
+    bus = Bus(
+        config.broker,
+        client_id or f"test-{uuid.uuid4().hex[:8]}",
+        password=config.broker_password(),
+    )
     task = asyncio.create_task(bus.run())
     try:
         await bus.wait_connected(5)

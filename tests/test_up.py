@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,31 +15,16 @@ from skimage import data as skdata
 
 from daemon import topics
 from daemon.broker import free_port, port_open
-from daemon.bus import Bus
 from daemon.client import RealmClient
-from daemon.config import Config
 from daemon.messages import decode
 from daemon.protocol.node import NodeInfo
 from daemon.provision.brokerdir import BrokerDir
-from tests.conftest import Collector, MtorProcess, make_config, write_config
+from tests.conftest import Collector, MtorProcess, make_config, running_bus, write_config
 
 pytestmark = pytest.mark.slow
 
 # What a machine set up by install.sh (chat, voice and vision extras, their models) offers.
 EXPECTED = {"echo", "sleep", "chat", "stt", "tts", "vision.detect", "vision.faces"}
-
-
-@contextlib.asynccontextmanager
-async def logged_in(config: Config) -> AsyncIterator[Bus]:
-    bus = Bus(config.broker, f"test-{uuid.uuid4().hex[:8]}", password=config.broker_password())
-    task = asyncio.create_task(bus.run())
-    try:
-        await bus.wait_connected(5)
-        yield bus
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def jpeg_b64(image_rgb: Any) -> str:
@@ -76,7 +58,7 @@ async def test_mtor_up_runs_a_working_realm(tmp_path: Path, processes: list[Mtor
     admin = BrokerDir(tmp_path / "state" / "broker")
     broker = {"url": url, "username": "admin", "password": admin.password("admin")}
     config = make_config(url, "up", broker=broker)
-    async with logged_in(config) as bus:
+    async with running_bus(config) as bus:
         infos = Collector()
         await bus.subscribe(topics.NODE_INFO.build(realm="up", node_id="box"), infos)
 

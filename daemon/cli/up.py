@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
-from daemon.broker import PrivateBroker, mosquitto_path, port_open
+from daemon.broker import LOCAL_HOSTS, PrivateBroker, mosquitto_path, port_open
 from daemon.cli.common import EXIT_CONFIG, EXIT_NOPERM, EXIT_USAGE, environ, install_stop_signals
 from daemon.config import BrokerConfig, Config, find_config_file, read_yaml
 from daemon.errors import BusNotConnectedError
@@ -38,7 +38,6 @@ from daemon.mqtt import ConnectParams, MqttError, connect
 
 log = logging.getLogger(__name__)
 
-LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 CHILD_RESTART_DELAY: Final = 2.0
 CHILD_STOP_TIMEOUT: Final = 8.0
 # How long the anonymous-login probe of a named broker may take (s).

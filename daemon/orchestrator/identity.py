@@ -18,9 +18,9 @@ from __future__ import annotations
 import hmac
 import time
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
-from daemon.accounts import PERSON_ROLES, Accounts, valid_account
+from daemon.accounts import Accounts, valid_account
 from daemon.orchestrator.config import OrchestratorConfig, RequestLimits
 from daemon.orchestrator.tasks import TokenBucket
 from daemon.orchestrator.users import Users
@@ -43,12 +43,6 @@ class Refused(Exception):
 class Identity:
     name: str  # who the task or request is for (the account, or whom the orchestrator acts for)
     role: str
-    account: str  # the topic level: the MQTT username where the broker is configured
-    via: Literal["broker", "token", "claim"]
-
-    @property
-    def person(self) -> bool:
-        return self.role in PERSON_ROLES
 
 
 class Identities:
@@ -56,11 +50,6 @@ class Identities:
         self.cfg = cfg
         self.users = users
         self.accounts = accounts
-
-    @property
-    def brokered(self) -> bool:
-        """Are request topics' names authenticated by the broker?"""
-        return self.accounts is not None
 
     def account_role(self, account: str) -> str | None:
         """The role of a broker account (None: unknown, or no accounts file)."""
@@ -84,20 +73,20 @@ class Identities:
             role = self.account_role(account)
             if role is None:
                 raise Refused("unauthorized", f"unknown account {account!r}")
-            ident = Identity(account, role, account, "broker")
+            ident = Identity(account, role)
             if role == "orchestrator" and on_behalf and on_behalf != account:
-                ident = Identity(on_behalf, self._named_role(on_behalf), account, "broker")
+                ident = Identity(on_behalf, self._named_role(on_behalf))
         elif token:
             user = self.users.by_token(token)
             if user is None:
                 raise Refused("unauthorized", "invalid API token")
             role = ROLE_ALIASES.get(user["role"], user["role"])
-            ident = Identity(user["name"], role, account, "token")
+            ident = Identity(user["name"], role)
         elif self.cfg.require_token:
             raise Refused("unauthorized", "this realm requires an API token")
         else:
             name = on_behalf if (on_behalf and account == "orchestrator") else account
-            ident = Identity(name, self._named_role(name), account, "claim")
+            ident = Identity(name, self._named_role(name))
         self._check_ban(ident.name)
         return ident
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import logging
 import random
 import secrets
@@ -136,8 +135,6 @@ class Orchestrator:
         self.ack_timeouts: TimerWheel[Task] = TimerWheel(self._on_ack_timeout)
         self._node_topics: dict[str, str] = {}  # node id -> its task topic
         self._report_nodes: dict[str, str] = {}  # report topic -> node id (known peers)
-        # Task ids made here: random, so another account cannot guess one.
-        self._task_ids = itertools.count(1)
         self._online = asyncio.Event()
         from daemon.orchestrator.admin import Admin
         from daemon.orchestrator.state import RealmStateStore
@@ -323,13 +320,9 @@ class Orchestrator:
     # ============================================================ submission
 
     async def _on_submit(self, msg: Inbound) -> None:
-        fields = topics.TASK_SUBMIT.parse(msg.topic)
-        if fields is None:
-            return
-        account = fields["user"]
-        if msg.retain:
-            # A retained request would be replayed at every restart: never served.
-            log.warning("retained submission from %s ignored", account)
+        # Submissions are limited per user and role by admission (_admit), not here.
+        account = self.request_account(msg, topics.TASK_SUBMIT, "task", limited=False)
+        if account is None:
             return
         reply_topic = msg.response_topic
         try:
@@ -357,7 +350,7 @@ class Orchestrator:
                 account,
             )
             return
-        task_id = submit.task_id or f"{secrets.token_urlsafe(TASK_ID_BYTES)}-{next(self._task_ids)}"
+        task_id = submit.task_id or secrets.token_urlsafe(TASK_ID_BYTES)
         try:
             ident = self.identify(account, submit.token, submit.user)
             user, role = ident.name, ident.role
@@ -456,15 +449,21 @@ class Orchestrator:
         with which role; :class:`Refused` when unknown, unauthorised or banned."""
         return self.identities.identify(account, token, on_behalf)
 
-    def request_account(self, msg: Inbound, pattern: topics.TopicPattern, what: str) -> str | None:
+    def request_account(
+        self, msg: Inbound, pattern: topics.TopicPattern, what: str, *, limited: bool = True
+    ) -> str | None:
         """The account a request topic names, or None when the request is not served:
-        not of ``pattern``, retained (it would be served again at every start), or over
-        the account's rate (``orchestrator.requests``; the orchestrator's own is not)."""
+        not of ``pattern``, retained (it would be served again at every start), or, when
+        ``limited``, over the account's rate (``orchestrator.requests``; the
+        orchestrator's own is not)."""
         fields = pattern.parse(msg.topic)
-        if fields is None or msg.retain:
+        if fields is None:
             return None
         account = fields["user"]
-        if account != ORCHESTRATOR_ACCOUNT and not self.requests.allow(account):
+        if msg.retain:
+            log.warning("retained %s request from %s ignored", what, account[:64])
+            return None
+        if limited and account != ORCHESTRATOR_ACCOUNT and not self.requests.allow(account):
             log.warning("%s requests from %s over the rate limit: dropped", what, account[:64])
             return None
         return account
@@ -925,10 +924,9 @@ class Orchestrator:
     # ============================================================== control
 
     async def _on_control(self, msg: Inbound) -> None:
-        fields = topics.TASK_CONTROL.parse(msg.topic)
-        if fields is None or msg.retain:
+        account = self.request_account(msg, topics.TASK_CONTROL, "control", limited=False)
+        if account is None:
             return
-        account = fields["user"]
         try:
             cancel = decode(msg.payload, TaskCancel)
         except MessageError as exc:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from daemon.accounts import Account, Accounts, Role, valid_account
+from daemon.accounts import ORCHESTRATOR_ACCOUNT, Account, Accounts, Role, valid_account
 from daemon.errors import ConfigError
 from daemon.provision import acl, passwd, tls
 from daemon.provision.conf import (
@@ -47,7 +47,7 @@ from daemon.provision.conf import (
 log = logging.getLogger(__name__)
 
 # The accounts every broker directory starts with.
-ORCHESTRATOR: Final = "orchestrator"
+ORCHESTRATOR: Final = ORCHESTRATOR_ACCOUNT  # the one name nodes take runs and state from
 ADMIN: Final = "admin"
 BASE_ACCOUNTS: Final[tuple[tuple[str, Role], ...]] = (
     (ORCHESTRATOR, "orchestrator"),

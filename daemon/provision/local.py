@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import yaml
 
-from daemon.broker import free_port, port_open
+from daemon.broker import LOCAL_HOSTS, free_port, port_open
 from daemon.config import BrokerConfig, Config, parse_broker_url
 from daemon.errors import BrokerStartError, ConfigError
 from daemon.provision.brokerdir import ADMIN, ORCHESTRATOR, BrokerDir
@@ -28,7 +28,6 @@ from daemon.provision.conf import DEFAULT_PORT, LOOPBACK
 log = logging.getLogger(__name__)
 
 BROKER_SUBDIR: Final = "broker"
-LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def broker_dir(config: Config) -> BrokerDir:
