@@ -139,6 +139,10 @@ class RealmClient:
         except MessageError as exc:
             log.warning("bad task update: %s", exc)
             return
+        self._route(msg, update)
+
+    def _route(self, msg: Inbound, update: TaskUpdate) -> None:
+        """Hand an update to its task (by correlation data, else by task id)."""
         # Correlation data is bytes from the network: never assume it is text.
         corr = msg.correlation_data
         key = corr.decode(errors="replace") if corr else update.task_id
@@ -162,7 +166,7 @@ class RealmClient:
                     "direct final without this client's reply key dropped (%d)", self.forged
                 )
             return
-        await self._on_reply(msg)
+        self._route(msg, update)
 
     async def _on_orch(self, msg: Inbound) -> None:
         try:
