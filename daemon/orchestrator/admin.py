@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from daemon import topics
 from daemon.bus import Inbound
+from daemon.config import SECRET_KEYS
 from daemon.errors import MessageError
 from daemon.messages import decode
 from daemon.orchestrator.identity import Identity, Refused
@@ -177,7 +178,7 @@ class Admin:
 def _args_for_log(args: dict[str, Any]) -> str:
     """Admin arguments for a log line: short, no secrets."""
     return ", ".join(
-        f"{k}={'***' if k in ('token', 'password') else str(v)[:64]}"
+        f"{k}={'***' if k in SECRET_KEYS else str(v)[:64]}"
         for k, v in list(args.items())[:8]
     )
 
