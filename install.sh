@@ -42,7 +42,7 @@ SYSTEM_USER=mtor
 SYSTEM_CONFIG_DIR=/etc/mtor
 SYSTEM_STATE_DIR=/var/lib/mtor
 SYSTEMD_UNIT_DIR=/etc/systemd/system
-# The realm's generated broker configuration (mtor broker init; docs/operations-broker.md).
+# The realm's generated broker configuration (mtor broker init; docs/broker.md).
 SYSTEM_BROKER_DIR=$SYSTEM_CONFIG_DIR/broker
 MOSQUITTO_USER=mosquitto
 MOSQUITTO_DATA_DIR=/var/lib/mosquitto

@@ -2,7 +2,7 @@
 broker configuration (accounts, ACL, TLS) and the client files of each account.
 
 Every change rewrites the password file and the ACL from ``accounts.json`` and
-sends the running broker SIGHUP.  See docs/operations-broker.md.
+sends the running broker SIGHUP.  See docs/broker.md.
 """
 
 from __future__ import annotations

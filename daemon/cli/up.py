@@ -70,7 +70,7 @@ async def accepts_anonymous(broker: BrokerConfig) -> bool:
     """Does the broker let a client in without credentials?  (One CONNECT.)"""
     ep = broker.endpoint
     tls = None
-    if ep.tls:
+    if ep.tls:  # not the Bus's context: a client certificate is a credential too
         ca = broker.tls.ca_file
         tls = ssl.create_default_context(cafile=str(ca) if ca else None)
         if broker.tls.insecure:
@@ -149,7 +149,7 @@ async def run_up(config: Config, args: argparse.Namespace) -> int:
             if await accepts_anonymous(config.broker):
                 log.warning(
                     "the broker at %s lets anonymous clients in: anyone who reaches it can "
-                    "read and write the whole realm (docs/operations-broker.md: mtor broker init)",
+                    "read and write the whole realm (docs/broker.md: mtor broker init)",
                     url,
                 )
             given = Path(args.config) if args.config else None

@@ -178,8 +178,7 @@ class Admin:
 def _args_for_log(args: dict[str, Any]) -> str:
     """Admin arguments for a log line: short, no secrets."""
     return ", ".join(
-        f"{k}={'***' if k in SECRET_KEYS else str(v)[:64]}"
-        for k, v in list(args.items())[:8]
+        f"{k}={'***' if k in SECRET_KEYS else str(v)[:64]}" for k, v in list(args.items())[:8]
     )
 
 

@@ -4,7 +4,7 @@ account's client configuration (pure functions, no files).
 The settings live in ``broker.json`` (:class:`BrokerSettings`).  The limits
 below are the broker's defence against one client hogging it; what Mosquitto
 2.0 cannot limit (retained messages per client) is said in
-docs/operations-broker.md.
+docs/broker.md.
 """
 
 from __future__ import annotations
