@@ -98,15 +98,19 @@ async def announce(bus: Bus, env: Env, node_id: str, caps: list[str]) -> None:
     await bus.publish(env.t(f"node/{node_id}/info"), advert(node_id, caps), retain=True)
 
 
+async def ask(bus: Bus, env: Env, account: str, request_topic: str, msg: Any) -> bytes:
+    """Publish ``msg`` on ``request_topic`` as ``account`` would, with a response topic in
+    its own reply space; the first answer's payload."""
+    got = Collector()
+    topic = env.t(f"reply/{account}/{uuid.uuid4().hex[:8]}")
+    await bus.subscribe(topic, got)
+    await bus.publish(env.t(request_topic), msg, response_topic=topic)
+    return (await got.wait_count(1, timeout=10))[0].payload
+
+
 async def settle(bus: Bus, env: Env) -> None:
     """Round trip through the orchestrator: everything published before is handled."""
-    got = Collector()
-    topic = env.t(f"reply/ops/{uuid.uuid4().hex[:8]}")
-    await bus.subscribe(topic, got)
-    await bus.publish(
-        env.t("orchestrator/admin/ops"), AdminRequest(op="peers"), response_topic=topic
-    )
-    await got.wait_count(1, timeout=10)
+    await ask(bus, env, "ops", "orchestrator/admin/ops", AdminRequest(op="peers"))
 
 
 async def test_offers_follow_the_account_and_config(env: Env) -> None:
@@ -207,16 +211,8 @@ async def test_unknown_accounts_and_retained_requests_are_refused(env: Env) -> N
 async def state_set(
     bus: Bus, env: Env, account: str, value: str, code: str | None = None
 ) -> StateReply:
-    got = Collector()
-    topic = env.t(f"reply/{account}/{uuid.uuid4().hex[:8]}")
-    await bus.subscribe(topic, got)
-    await bus.publish(
-        env.t(f"state/armed/set/{account}"),
-        StateSet(value=value, by="ops", code=code),  # 'by' is a claim: ignored
-        response_topic=topic,
-    )
-    m = await got.wait_count(1, timeout=10)
-    return decode(m[0].payload, StateReply)
+    req = StateSet(value=value, by="ops", code=code)  # 'by' is a claim: ignored
+    return decode(await ask(bus, env, account, f"state/armed/set/{account}", req), StateReply)
 
 
 async def test_the_alarm_has_owners_and_a_code(env: Env) -> None:
@@ -241,13 +237,8 @@ async def test_the_alarm_has_owners_and_a_code(env: Env) -> None:
 
 
 async def admin(bus: Bus, env: Env, account: str, op: str, **args: Any) -> AdminReply:
-    got = Collector()
-    topic = env.t(f"reply/{account}/{uuid.uuid4().hex[:8]}")
-    await bus.subscribe(topic, got)
     req = AdminRequest(op=op, args=args, token="ignored", user="ops")  # claims: ignored
-    await bus.publish(env.t(f"orchestrator/admin/{account}"), req, response_topic=topic)
-    m = await got.wait_count(1, timeout=10)
-    return decode(m[0].payload, AdminReply)
+    return decode(await ask(bus, env, account, f"orchestrator/admin/{account}", req), AdminReply)
 
 
 async def test_admin_rights_follow_the_account(env: Env) -> None:
