@@ -90,8 +90,26 @@ MAX_REMAINING_LENGTH: Final = 268_435_455  # 2.2.3: four bytes of variable byte 
 Properties = dict[int, Any]
 
 
+# Reason codes (2.4) this module raises or the connection sends by name.
+MALFORMED_PACKET: Final = 0x81
+PROTOCOL_ERROR: Final = 0x82
+UNSUPPORTED_PROTOCOL_VERSION: Final = 0x84
+TOPIC_NAME_INVALID: Final = 0x90
+TOPIC_ALIAS_INVALID: Final = 0x94
+
+
 class ProtocolError(ValueError):
-    """Bytes that are not valid MQTT 5: the connection must be closed."""
+    """Bytes that are not valid MQTT 5: the connection must be closed.
+
+    ``reason`` is the reason code (2.4) of the DISCONNECT the client sends
+    before it closes (4.13.1): 0x81 Malformed Packet for bytes that cannot be
+    read as the standard says, 0x82 Protocol Error for readable packets that
+    break a rule, or a more specific code (0x94 Topic Alias invalid).
+    """
+
+    def __init__(self, message: str, reason: int = MALFORMED_PACKET) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class InvalidString(ProtocolError):
@@ -100,12 +118,43 @@ class InvalidString(ProtocolError):
 
 class InvalidPublish(ProtocolError):
     """A PUBLISH whose framing is sound but whose topic or a string property is
-    not valid text (1.5.4): that one message is dropped, the connection goes on."""
+    not valid (1.5.4, 4.7.3): that one message is dropped and acknowledged with
+    ``reason`` (0x90 Topic Name invalid), the connection goes on."""
 
-    def __init__(self, message: str, qos: int, packet_id: int) -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str, qos: int, packet_id: int, reason: int = TOPIC_NAME_INVALID
+    ) -> None:
+        super().__init__(message, reason)
         self.qos = qos
         self.packet_id = packet_id
+
+
+class LegacyConnack(ProtocolError):
+    """A CONNACK in MQTT 3.1.1's form (3.1.1 section 3.2: two bytes, no
+    properties): the broker does not speak MQTT 5.  ``return_code`` is the
+    3.1.1 Connect Return code.  No DISCONNECT is due: the broker closes."""
+
+    def __init__(self, return_code: int) -> None:
+        name = LEGACY_RETURN_CODES.get(return_code, f"unknown return code {return_code}")
+        if return_code == 0:
+            why = "it accepted our MQTT 5 CONNECT with a 3.1.1 CONNACK"
+        else:
+            why = f"it refused our MQTT 5 CONNECT: {name}"
+        super().__init__(
+            f"the broker speaks MQTT 3.1.1, not MQTT 5 ({why})", UNSUPPORTED_PROTOCOL_VERSION
+        )
+        self.return_code = return_code
+
+
+# MQTT 3.1.1 Connect Return codes (3.1.1 section 3.2.2.3, table 3.1).
+LEGACY_RETURN_CODES: Final[dict[int, str]] = {
+    0: "connection accepted",
+    1: "unacceptable protocol version",
+    2: "identifier rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorized",
+}
 
 
 # --------------------------------------------------------------- primitives
@@ -172,6 +221,8 @@ def binary(data: bytes) -> bytes:
 
 
 def _read_utf8(data: bytes, pos: int) -> tuple[str, int]:
+    if pos + 2 > len(data):
+        raise ProtocolError("string length runs past the packet")
     end = pos + 2 + (data[pos] << 8 | data[pos + 1])
     if end > len(data):
         raise ProtocolError("string runs past the packet")
@@ -190,6 +241,8 @@ def _text(raw: bytes) -> str:
 
 
 def _read_binary(data: bytes, pos: int) -> tuple[bytes, int]:
+    if pos + 2 > len(data):
+        raise ProtocolError("binary data length runs past the packet")
     end = pos + 2 + (data[pos] << 8 | data[pos + 1])
     if end > len(data):
         raise ProtocolError("binary data runs past the packet")
@@ -233,46 +286,53 @@ def encode_properties(props: Properties) -> bytes:
 
 
 def read_properties(data: bytes, pos: int) -> tuple[Properties, int]:
-    """(properties, position after the block)."""
+    """(properties, position after the block); ProtocolError (0x81) if the
+    block is cut short, runs past its length, repeats a property that may not
+    repeat or holds an identifier the standard does not define (2.2.2.2)."""
     length, pos = read_varint(data, pos)
     end = pos + length
     if end > len(data):
         raise ProtocolError("properties run past the packet")
+    if end < len(data):
+        data = data[:end]  # no property may read into what follows (a short copy: the header)
     props: Properties = {}
-    while pos < end:
-        ident = data[pos]
-        pos += 1
-        kind = _TYPES.get(ident)
-        if kind is None:
-            raise ProtocolError(f"unknown property identifier 0x{ident:02x}")
-        value: Any
-        if kind == _BYTE:
-            value = data[pos]
+    try:
+        while pos < end:
+            ident = data[pos]
             pos += 1
-        elif kind == _INT16:
-            value = data[pos] << 8 | data[pos + 1]
-            pos += 2
-        elif kind == _INT32:
-            value = int.from_bytes(data[pos : pos + 4], "big")
-            pos += 4
-        elif kind == _VARINT:
-            value, pos = read_varint(data, pos)
-        elif kind == _UTF8:
-            value, pos = _read_utf8(data, pos)
-        elif kind == _BINARY:
-            value, pos = _read_binary(data, pos)
-        else:
-            key, pos = _read_utf8(data, pos)
-            text, pos = _read_utf8(data, pos)
-            value = (key, text)
-        if ident in _REPEATABLE:
-            props.setdefault(ident, []).append(value)
-        elif ident in props:
-            raise ProtocolError(f"property 0x{ident:02x} given twice")
-        else:
-            props[ident] = value
-    if pos != end:
-        raise ProtocolError("properties run past their length")
+            kind = _TYPES.get(ident)
+            if kind is None:
+                raise ProtocolError(f"unknown property identifier 0x{ident:02x}")
+            value: Any
+            if kind == _BYTE:
+                value = data[pos]
+                pos += 1
+            elif kind == _INT16:
+                value = data[pos] << 8 | data[pos + 1]
+                pos += 2
+            elif kind == _INT32:
+                if pos + 4 > end:
+                    raise ProtocolError("property runs past the properties")
+                value = int.from_bytes(data[pos : pos + 4], "big")
+                pos += 4
+            elif kind == _VARINT:
+                value, pos = read_varint(data, pos)
+            elif kind == _UTF8:
+                value, pos = _read_utf8(data, pos)
+            elif kind == _BINARY:
+                value, pos = _read_binary(data, pos)
+            else:
+                key, pos = _read_utf8(data, pos)
+                text, pos = _read_utf8(data, pos)
+                value = (key, text)
+            if ident in _REPEATABLE:
+                props.setdefault(ident, []).append(value)
+            elif ident in props:
+                raise ProtocolError(f"property 0x{ident:02x} given twice")
+            else:
+                props[ident] = value
+    except IndexError as exc:  # a one- or two-byte value cut off by the block's end
+        raise ProtocolError("property runs past the properties") from exc
     return props, end
 
 
@@ -400,24 +460,48 @@ class Publish:
     properties: Properties
 
 
+# The properties a PUBLISH may carry (3.3.2.3); any other is a Malformed Packet (2.2.2.2).
+_PUBLISH_PROPERTIES: Final = frozenset(
+    {PAYLOAD_FORMAT, MESSAGE_EXPIRY, CONTENT_TYPE, RESPONSE_TOPIC, CORRELATION_DATA}
+    | {SUBSCRIPTION_ID, TOPIC_ALIAS, USER_PROPERTY}
+)
+
+
 def decode_publish(first: int, data: bytes) -> Publish:
     """The body of a PUBLISH (3.3) whose fixed header's first byte is ``first``.
 
-    A topic or string property that is not valid text raises
-    :class:`InvalidPublish` (with the QoS and packet id, so it can be acknowledged
-    and dropped) rather than a plain :class:`ProtocolError`.
+    A topic that is not a valid Topic Name (not UTF-8, U+0000, a wildcard:
+    1.5.4, 3.3.2-2) or a string property that is not valid text raises
+    :class:`InvalidPublish` (with the QoS and packet id, so it can be
+    acknowledged with 0x90 and dropped).  Anything else wrong raises
+    :class:`ProtocolError` with the reason code to disconnect with: QoS 3
+    (0x81), DUP on QoS 0 (3.3.1-2), packet identifier 0 (2.2.1-3), an empty
+    topic without a Topic Alias (3.3.2-1), Subscription Identifier 0 (3.3.4-6)
+    are protocol errors (0x82); a Topic Alias is 0x94, as we announce a Topic
+    Alias Maximum of 0 (3.2.2.3.8 on the client's side: 3.3.2-8).
     """
     qos = first >> 1 & 3
     if qos == 3:
-        raise ProtocolError("PUBLISH with QoS 3")
+        raise ProtocolError("PUBLISH with QoS 3")  # 3.3.1-4: malformed
+    if first & 0x08 and not qos:
+        raise ProtocolError("PUBLISH with DUP set at QoS 0", PROTOCOL_ERROR)
+    size = len(data)
+    if size < 3:
+        raise ProtocolError("PUBLISH too short")
     pos = 2 + (data[0] << 8 | data[1])
-    if pos > len(data):
+    if pos > size:
         raise ProtocolError("topic name runs past the packet")
     raw_topic = data[2:pos]
     packet_id = 0
     if qos:
+        if pos + 3 > size:
+            raise ProtocolError("PUBLISH cut short after its topic")
         packet_id = data[pos] << 8 | data[pos + 1]
+        if not packet_id:
+            raise ProtocolError("PUBLISH with packet identifier 0", PROTOCOL_ERROR)
         pos += 2
+    elif pos == size:
+        raise ProtocolError("PUBLISH without a property length")
     try:
         if data[pos] == 0:  # the common case: no properties
             props: Properties = {}
@@ -427,7 +511,29 @@ def decode_publish(first: int, data: bytes) -> Publish:
         topic = _text(raw_topic)
     except InvalidString as exc:
         raise InvalidPublish(f"PUBLISH dropped: {exc}", qos, packet_id) from exc
+    if props:
+        if not props.keys() <= _PUBLISH_PROPERTIES:
+            odd = ", ".join(f"0x{i:02x}" for i in sorted(props.keys() - _PUBLISH_PROPERTIES))
+            raise ProtocolError(f"PUBLISH with a property it may not carry ({odd})")
+        if TOPIC_ALIAS in props:
+            raise ProtocolError(
+                "PUBLISH with a Topic Alias: we announced a Topic Alias Maximum of 0",
+                TOPIC_ALIAS_INVALID,
+            )
+        if 0 in props.get(SUBSCRIPTION_ID, ()):
+            raise ProtocolError("PUBLISH with Subscription Identifier 0", PROTOCOL_ERROR)
+    if not topic:
+        raise ProtocolError("PUBLISH with an empty topic and no Topic Alias", PROTOCOL_ERROR)
+    if "+" in topic or "#" in topic:
+        raise InvalidPublish(
+            f"PUBLISH dropped: topic {topic[:200]!r} holds a wildcard", qos, packet_id
+        )
     return Publish(topic, data[pos:], qos, bool(first & 1), packet_id, props)
+
+
+def _end_of(data: bytes, pos: int, what: str) -> None:
+    if pos != len(data):
+        raise ProtocolError(f"{len(data) - pos} byte(s) after the end of {what}")
 
 
 def decode_ack(data: bytes) -> tuple[int, int, Properties]:
@@ -435,8 +541,13 @@ def decode_ack(data: bytes) -> tuple[int, int, Properties]:
     if len(data) < 2:
         raise ProtocolError("acknowledgement without a packet identifier")
     packet_id = data[0] << 8 | data[1]
+    if not packet_id:
+        raise ProtocolError("acknowledgement of packet identifier 0", PROTOCOL_ERROR)
     reason = data[2] if len(data) > 2 else 0
-    props = read_properties(data, 3)[0] if len(data) > 3 else {}
+    props: Properties = {}
+    if len(data) > 3:
+        props, end = read_properties(data, 3)
+        _end_of(data, end, "an acknowledgement")
     return packet_id, reason, props
 
 
@@ -445,23 +556,59 @@ def decode_suback(data: bytes) -> tuple[int, list[int], Properties]:
     if len(data) < 3:
         raise ProtocolError("SUBACK too short")
     props, pos = read_properties(data, 2)
+    if pos == len(data):
+        raise ProtocolError("SUBACK without a reason code")
     return data[0] << 8 | data[1], list(data[pos:]), props
 
 
 def decode_connack(data: bytes) -> tuple[bool, int, Properties]:
-    """(session present, reason code, properties) of CONNACK (3.2)."""
+    """(session present, reason code, properties) of CONNACK (3.2).
+
+    A CONNACK of two bytes is MQTT 3.1.1's (a broker that does not speak
+    MQTT 5 answers our CONNECT that way, usually with return code 1):
+    :class:`LegacyConnack`.
+    """
     if len(data) < 2:
         raise ProtocolError("CONNACK too short")
-    props = read_properties(data, 2)[0] if len(data) > 2 else {}
-    return bool(data[0] & 1), data[1], props
+    if len(data) == 2:  # an MQTT 5 CONNACK always has a property length (3.2.2.3.1)
+        raise LegacyConnack(data[1])
+    flags, reason = data[0], data[1]
+    if flags & 0xFE:
+        raise ProtocolError(f"CONNACK with reserved flags set (0x{flags:02x})")  # 3.2.2.1
+    if flags and reason >= 0x80:
+        raise ProtocolError("CONNACK refusing with Session Present set", PROTOCOL_ERROR)  # 3.2.2-6
+    props, end = read_properties(data, 2)
+    _end_of(data, end, "CONNACK")
+    return bool(flags), reason, props
 
 
 def decode_disconnect(data: bytes) -> tuple[int, Properties]:
     """(reason code, properties) of a DISCONNECT from the server (3.14)."""
     if not data:
         return 0, {}
-    props = read_properties(data, 1)[0] if len(data) > 1 else {}
+    props: Properties = {}
+    if len(data) > 1:
+        props, end = read_properties(data, 1)
+        _end_of(data, end, "DISCONNECT")
     return data[0], props
+
+
+MAX_REASON_STRING: Final = 256  # characters of a Reason String we send
+
+
+def encode_disconnect(reason: int, reason_string: str | None = None) -> bytes:
+    """DISCONNECT (3.14) with a reason code and, if given, a Reason String.
+
+    The shortest form the standard allows: no body for reason 0 without a
+    string, no property length without properties (3.14.2.1).  The string is
+    a diagnostic: cut to :data:`MAX_REASON_STRING` characters so that the
+    packet stays small (the broker's Maximum Packet Size is the caller's to check).
+    """
+    if reason_string is None:
+        return DISCONNECT_PACKET if reason == 0 else bytes((0xE0, 1, reason))
+    props = encode_properties({REASON_STRING: reason_string[:MAX_REASON_STRING]})
+    return packet(0xE0, bytes((reason,)) + props)
+
 
 
 def split_packets(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
@@ -494,10 +641,28 @@ def packet_size(data: bytes) -> int:
     return 0 if header is None else header[0] + header[1]
 
 
-# Reason codes (2.4) worth a name in log lines.
+_FLAGS_TWO: Final = frozenset({PUBREL, SUBSCRIBE, UNSUBSCRIBE})  # flags 0b0010 (2.1.3)
+
+
+def check_flags(first: int) -> None:
+    """ProtocolError (0x81) if the fixed header's flags are not the ones the
+    packet type requires (2.1.3-1); PUBLISH's are read by :func:`decode_publish`."""
+    kind = first >> 4
+    if kind != PUBLISH and first & 0x0F != (0x02 if kind in _FLAGS_TWO else 0):
+        raise ProtocolError(f"packet type {kind} with fixed header flags 0x{first & 0x0F:x}")
+
+
+# Every reason code of MQTT 5.0 (2.4, table 2-6), named as the standard does.
+# 0x00-0x02 have other names in some packets: see _PACKET_NAMES.
 REASONS: Final[dict[int, str]] = {
     0x00: "success",
+    0x01: "granted QoS 1",
+    0x02: "granted QoS 2",
     0x04: "disconnect with will message",
+    0x10: "no matching subscribers",
+    0x11: "no subscription existed",
+    0x18: "continue authentication",
+    0x19: "re-authenticate",
     0x80: "unspecified error",
     0x81: "malformed packet",
     0x82: "protocol error",
@@ -515,15 +680,33 @@ REASONS: Final[dict[int, str]] = {
     0x8E: "session taken over",
     0x8F: "topic filter invalid",
     0x90: "topic name invalid",
+    0x91: "packet identifier in use",
+    0x92: "packet identifier not found",
     0x93: "receive maximum exceeded",
+    0x94: "topic alias invalid",
     0x95: "packet too large",
+    0x96: "message rate too high",
     0x97: "quota exceeded",
+    0x98: "administrative action",
     0x99: "payload format invalid",
+    0x9A: "retain not supported",
+    0x9B: "QoS not supported",
     0x9C: "use another server",
     0x9D: "server moved",
+    0x9E: "shared subscriptions not supported",
     0x9F: "connection rate exceeded",
+    0xA0: "maximum connect time",
+    0xA1: "subscription identifiers not supported",
+    0xA2: "wildcard subscriptions not supported",
+}
+_PACKET_NAMES: Final[dict[int, dict[int, str]]] = {
+    DISCONNECT: {0x00: "normal disconnection"},
+    SUBACK: {0x00: "granted QoS 0"},
 }
 
 
-def reason_text(code: int) -> str:
-    return f"0x{code:02x} {REASONS.get(code, 'unknown reason')}"
+def reason_text(code: int, packet_type: int | None = None) -> str:
+    """``0x87 not authorized``; with ``packet_type`` (e.g. :data:`DISCONNECT`)
+    the name that packet gives a code of several names (0x00)."""
+    name = _PACKET_NAMES.get(packet_type or 0, {}).get(code) or REASONS.get(code, "unknown reason")
+    return f"0x{code:02x} {name}"
