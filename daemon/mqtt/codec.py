@@ -137,7 +137,7 @@ class LegacyConnack(ProtocolError):
     def __init__(self, return_code: int) -> None:
         name = LEGACY_RETURN_CODES.get(return_code, f"unknown return code {return_code}")
         if return_code == 0:
-            why = "it accepted our MQTT 5 CONNECT with a 3.1.1 CONNACK"
+            why = f"it answered our MQTT 5 CONNECT with a 3.1.1 CONNACK: {name}"
         else:
             why = f"it refused our MQTT 5 CONNECT: {name}"
         super().__init__(
@@ -608,7 +608,6 @@ def encode_disconnect(reason: int, reason_string: str | None = None) -> bytes:
         return DISCONNECT_PACKET if reason == 0 else bytes((0xE0, 1, reason))
     props = encode_properties({REASON_STRING: reason_string[:MAX_REASON_STRING]})
     return packet(0xE0, bytes((reason,)) + props)
-
 
 
 def split_packets(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
