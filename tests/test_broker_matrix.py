@@ -55,7 +55,9 @@ SHARED: dict[str, bool] = {
 }
 
 
-def on_brokers(*, xfail: dict[str, str] | None = None, only: set[str] | None = None) -> Any:
+def on_brokers(
+    *, xfail: dict[str, str] | None = None, only: set[str] | None = None
+) -> pytest.MarkDecorator:
     """Parametrize a test over the brokers (``mbroker`` fixture); ``xfail`` maps a
     broker to the client defect that makes the test fail there."""
     xfail = xfail or {}
