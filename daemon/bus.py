@@ -1,20 +1,27 @@
 """The MQTT 5 bus: the one broker connection of a process.
 
-:class:`Bus` owns a :class:`daemon.mqtt.Connection` inside a supervised reconnect loop (capped
-exponential backoff with jitter).  On every connect it subscribes every
-registered filter again, flushes what was published while it was away, and
-runs the ``on_connect`` hooks (birth, adverts) — in that order, so a birth is
-only seen once the node can hear replies.
+:class:`Bus` owns a :class:`daemon.mqtt.Connection` inside a supervised reconnect loop
+(capped exponential backoff with jitter, reset only once a connection has held).  On
+every connect it subscribes every registered filter again (including those registered
+meanwhile), sends what was published while it was away, and runs the ``on_connect``
+hooks (birth, adverts) — in that order, so a birth is only seen once the node can hear
+replies.
 
+* Publishes live in one :class:`daemon.mqtt.Session` for the bus's lifetime, bounded
+  in messages and bytes (``broker.outbox_size`` / ``outbox_bytes``): what the broker
+  had not acknowledged when a connection dropped, and what was published while there
+  was none, is sent on the next connection.  With ``session_expiry`` the broker keeps
+  our side too (subscriptions, messages queued for us while we are away) and the
+  next connection resumes it (resending with DUP); otherwise each connect starts clean.
+  :meth:`Bus.publish` waits while the outbox is full; :meth:`Bus.post` drops (counted).
 * Each filter gets an MQTT 5 subscription identifier; an incoming message is
-  dispatched to the handlers of exactly the subscriptions it matched, once.
-* Handlers are isolated: one that raises is logged and dispatch goes on.
-* Publishing is flow-controlled: at most ``max_inflight`` publishes await the
-  broker at once; callers wait for a slot instead of buffering without bound.
-  While disconnected, publishes go to a bounded outbox (oldest dropped), and
-  QoS 1 publishes the broker had not acknowledged when the connection dropped
-  are put back there too.
-* Refused credentials or authorisation is fatal (:class:`BusAuthError`).
+  dispatched to the handlers of exactly the subscriptions it matched, once — also
+  from brokers that name only some of them (see :meth:`Bus._route`).
+* Handlers are isolated: one that raises is logged and dispatch goes on.  Dispatch
+  runs beside the reconnect loop, so a handler that waits for an acknowledgement
+  across a reconnect does not hold the reconnect up.
+* Refused credentials or authorisation is fatal (:class:`BusAuthError`); a refused
+  subscription raises :class:`BusSubscribeError` and is forgotten, never resent.
 * Topics made from data are checked before anything is sent: a topic that is
   not a valid MQTT topic name (empty, a wildcard, U+0000, not UTF-8, too long)
   or a payload that cannot be encoded is refused — :meth:`Bus.publish` raises
@@ -22,6 +29,8 @@ only seen once the node can hear replies.
   never gets the connection closed.  A publish the broker refuses (a reason
   code, or closing the connection on it) is never replayed forever either:
   see :class:`daemon.mqtt.PublishRejected` and ``MAX_STRIKES``.
+* Another process with our client id (a cloned image, two daemons with one node
+  id) is said plainly, and backed off from.
 """
 
 from __future__ import annotations
@@ -34,9 +43,10 @@ import random
 import re
 import ssl
 import threading
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from daemon.config import BrokerConfig
@@ -45,18 +55,20 @@ from daemon.errors import (
     BusError,
     BusNotConnectedError,
     BusPublishError,
+    BusSubscribeError,
     MessageError,
 )
 from daemon.messages import Message, encode
 from daemon.mqtt import (
     Connection,
-    ConnectionLost,
     ConnectParams,
     ConnectRefused,
     MqttError,
-    Outgoing,
     Publish,
     PublishRejected,
+    Session,
+    SessionFull,
+    SubscribeRefused,
     Will,
     connect,
 )
@@ -70,8 +82,9 @@ from daemon.mqtt.codec import (
     reason_text,
     subscribe_options,
 )
+from daemon.mqtt.connection import SESSION_MESSAGES, Outgoing
 from daemon.textcheck import text_problem, topic_name_problem, valid_topic_name
-from daemon.topics import matches, validate_filter
+from daemon.topics import filters_overlap, matches, validate_filter
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +94,19 @@ AUTH_FAILURES: Final = frozenset({0x86, 0x87, 0x8C})
 # A dispatch queue this deep means handlers cannot keep up: the connection stops
 # reading (TCP back-pressure to the broker) until dispatch catches up.
 MAX_QUEUED_INCOMING: Final = 50_000
-# Messages the connection may queue beyond its in-flight window (Bus.post).
-MAX_QUEUED_OUTGOING: Final = 20_000
 # Payloads in log lines are cut to this many bytes.
 LOG_PAYLOAD_BYTES: Final = 200
-# How long a publish may wait for the broker's acknowledgement before it is retried.
-PUBLISH_TIMEOUT: Final = 10.0
 # QoS 1/2 messages the broker may have in flight to us (MQTT 5 Receive Maximum).  Left
 # unsaid, Mosquitto allows 20 and queues 1,000 more (max_queued_messages), then drops
 # *silently*: a process whose loop is busy for a moment lost messages in a burst.  The
 # connection acknowledges on read, so the real bound is MAX_QUEUED_INCOMING on our side.
 RECEIVE_MAXIMUM: Final = 65_535
-# A publish that was the oldest one the broker had not acknowledged when it closed the
-# connection, this many times, is dropped: a broker that closes on a bad packet without
-# saying why would otherwise get it first on every reconnect, forever.
-MAX_STRIKES: Final = 3
+# A connection that stayed up this long (s) resets the reconnect backoff.
+STABLE_AFTER: Final = 10.0
+# The broker closing our connection this soon (s) after CONNACK without a word, this
+# many times in a row, is taken for another process connecting with our client id.
+TAKEOVER_WINDOW: Final = 3.0
+TAKEOVER_SUSPECT: Final = 3
 # Refused posts: each of the first ones gets a log line, then every 1000th.
 LOGGED_REFUSALS: Final = 10
 
@@ -139,6 +150,7 @@ class Subscription:
     sub_id: int
     no_local: bool = False
     handlers: list[Handler] = field(default_factory=list)
+    conn: Connection | None = None  # the connection it was last sent on
 
 
 def to_bytes(payload: Payload) -> bytes:
@@ -175,13 +187,22 @@ class Bus:
         *,
         password: str | None = None,
         will: tuple[str, Payload] | None = None,
-        clean_start: bool = True,
+        session_expiry: int = 0,
+        duplicate_hint: str | None = None,
     ) -> None:
+        """``session_expiry`` > 0: a persistent session (the broker keeps our
+        subscriptions and queues QoS 1/2 messages for us that long while we are
+        away); 0: a clean session on every connect.  ``duplicate_hint``: what to
+        ask when another process keeps taking our client id over."""
         self.config = config
         self.client_id = client_id
         self._password = password
         self._will = will
-        self._clean_start = clean_start
+        self._session_expiry = session_expiry
+        self._duplicate_hint = duplicate_hint
+        self._session = Session(
+            max_messages=config.outbox_size or SESSION_MESSAGES, max_bytes=config.outbox_bytes
+        )
         self._conn: Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: int | None = None
@@ -189,14 +210,15 @@ class Bus:
         self._subs: dict[str, Subscription] = {}
         self._by_id: dict[int, Subscription] = {}
         self._ids = itertools.count(1)
+        self._overlapping = False  # two registered filters can match one topic
+        self._copies = False  # the broker sends a copy per matching subscription
+        self._filled: deque[tuple[str, int, frozenset[int]]] = deque(maxlen=64)
+        self._use_ids = True  # the broker has Subscription Identifiers
         self._hooks: list[Hook] = []
-        self._inflight_n = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-        self._backlog: deque[Outgoing] = deque()
-        self._outbox: deque[Outgoing] = deque(maxlen=config.outbox_size or None)
-        self._background: set[asyncio.Task[None]] = set()
+        self._ready: asyncio.Queue[tuple[Connection, asyncio.Event]] = asyncio.Queue()
+        self._dropped = 0
+        self._takeovers = 0  # connections the broker ended soon after CONNACK, in a row
         self.connects = 0
-        self.dropped = 0
         self.refused = 0
         self.handler_errors = 0
 
@@ -205,6 +227,26 @@ class Bus:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def dropped(self) -> int:
+        """Publishes given up: QoS 0 while offline or to a broker that stopped reading,
+        a full outbox, expired unsent, or closed on by the broker MAX_STRIKES times."""
+        s = self._session
+        return self._dropped + s.dropped + s.expired + s.given_up
+
+    def stats(self) -> dict[str, int]:
+        """Counters for health reports."""
+        conn = self._conn
+        return {
+            "connects": self.connects,
+            "dropped": self.dropped,
+            "refused": self.refused,
+            "handler_errors": self.handler_errors,
+            "outbox": len(self._session),
+            "outbox_bytes": self._session.bytes,
+            "inbox_dropped": conn.dropped_incoming if conn is not None else 0,
+        }
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         try:
@@ -227,7 +269,10 @@ class Bus:
         """Call ``handler`` for every message matching ``topic_filter``.
 
         Registered filters survive reconnects.  When connected, this returns
-        once the broker has acknowledged the subscription.
+        once the broker has acknowledged the subscription, and raises
+        :class:`BusSubscribeError` if it refused it (or would: a wildcard or
+        shared subscription the broker says it lacks) — the filter is then
+        forgotten, never resent.
         """
         validate_filter(topic_filter)
         sub = self._subs.get(topic_filter)
@@ -237,10 +282,14 @@ class Bus:
         sub = Subscription(topic_filter, qos, next(self._ids), no_local, [handler])
         self._subs[topic_filter] = sub
         self._by_id[sub.sub_id] = sub
+        self._overlapping = self._overlapping or any(
+            filters_overlap(topic_filter, f) for f in self._subs if f != topic_filter
+        )
         conn = self._conn
         if conn is not None and self.connected:
             with contextlib.suppress(MqttError):  # resubscribed on reconnect
                 await self._subscribe(conn, sub)
+        # Not connected, or (re)subscribing: the connect loop sends it (see _resubscribe).
 
     async def unsubscribe(self, topic_filter: str) -> None:
         sub = self._subs.pop(topic_filter, None)
@@ -253,15 +302,30 @@ class Bus:
                 await conn.unsubscribe(topic_filter)
 
     async def _subscribe(self, conn: Connection, sub: Subscription) -> None:
+        sub.conn = conn
         options = subscribe_options(sub.qos, no_local=sub.no_local)
-        granted = await conn.subscribe(sub.topic_filter, options, sub.sub_id)
-        for code in granted:
-            if code >= 0x80:
-                log.error(
-                    "broker refused subscription to %s (%s): check the ACL",
-                    sub.topic_filter,
-                    reason_text(code),
-                )
+        try:
+            granted = await conn.subscribe(sub.topic_filter, options, sub.sub_id)
+        except SubscribeRefused as exc:
+            refused = exc
+        else:
+            code = next((c for c in granted if c >= 0x80), None)
+            if code is None:
+                return
+            refused = SubscribeRefused(sub.topic_filter, code)
+        if self._subs.get(sub.topic_filter) is sub:
+            del self._subs[sub.topic_filter]
+            self._by_id.pop(sub.sub_id, None)
+        log.error("%s: not subscribed, not retried (check the ACL)", refused)
+        raise BusSubscribeError(str(refused)) from refused
+
+    async def _resubscribe(self, conn: Connection) -> None:
+        """Every registered filter on ``conn``, including those registered meanwhile."""
+        while pending := [s for s in self._subs.values() if s.conn is not conn]:
+            for sub in pending:
+                if self._subs.get(sub.topic_filter) is sub:
+                    with contextlib.suppress(BusSubscribeError):  # logged, forgotten
+                        await self._subscribe(conn, sub)
 
     # ---------------------------------------------------------------- publish
 
@@ -286,7 +350,8 @@ class Bus:
             data = to_bytes(payload)
         except (MessageError, UnicodeEncodeError) as exc:
             raise BusPublishError(f"cannot publish to {topic[:200]!r}: {exc}") from exc
-        return Outgoing(topic, data, qos, retain, publish_properties(**props))
+        expiry = props.get("expiry")
+        return Outgoing(topic, data, qos, retain, publish_properties(**props), expiry)
 
     async def publish(
         self,
@@ -304,14 +369,18 @@ class Bus:
     ) -> None:
         """Publish a message (a :class:`Message` is encoded as JSON).
 
-        Waits for a flow-control slot.  With ``wait=True`` it then waits for
-        the broker's acknowledgement; with ``wait=False`` it returns as soon as
-        the message is handed over.  While disconnected the message is kept in
-        the outbox and sent on reconnect.
+        Waits while the outbox is full (``broker.outbox_size`` /
+        ``outbox_bytes``: back-pressure).  With ``wait=True`` (QoS 1/2) it then
+        waits for the broker's acknowledgement — across reconnects: a message
+        published while disconnected is sent on reconnect, and this returns
+        once the broker has it.  With ``wait=False`` it returns as soon as the
+        message is in the outbox.  QoS 0 is at most once: while disconnected
+        it is dropped (and counted in :attr:`dropped`).
 
-        :class:`BusPublishError` when the topic is not a valid topic name or
-        the payload cannot be encoded (at once), or, with ``wait=True``, when
-        the broker refused the publish.
+        :class:`BusPublishError` when the topic is not a valid topic name, the
+        payload cannot be encoded, or the broker would refuse it (at once), or,
+        with ``wait=True``, when the broker refused it (a reason code >= 0x80,
+        or closing the connection on it) or it expired unsent.
         """
         out = self._outgoing(
             topic,
@@ -324,14 +393,18 @@ class Bus:
             expiry=expiry,
             user_properties=user_properties,
         )
-        await self._acquire()
-        if wait:
-            try:
-                await self._send(out, waiter=True)
-            finally:
-                self._release()
+        await self._session.wait_room(len(out.topic) + len(out.payload) + len(out.props))
+        acked = self._offer(out, ack=wait, raise_refusal=True)
+        if acked is None:
             return
-        self._start(out)
+        try:
+            reason = await acked
+        except PublishRejected as exc:
+            raise BusPublishError(str(exc)) from exc
+        if reason >= 0x80:
+            raise BusPublishError(
+                f"the broker refused the publish to {out.topic[:200]!r} ({reason_text(reason)})"
+            )
 
     def post(
         self,
@@ -345,16 +418,12 @@ class Bus:
         content_type: str | None = None,
         response_topic: str | None = None,
     ) -> None:
-        """Publish from synchronous code (timers, hot paths) without waiting.
-
-        Connected, the message goes straight to the MQTT client's send queue,
-        whose in-flight window is ``max_inflight`` and whose queue is bounded
-        (``MAX_QUEUED_OUTGOING``) — no task per message, which is what the
-        orchestrator's throughput depends on.  Otherwise (offline, or that
-        queue full) it takes the flow-controlled path: a backlog that drains
-        in order, or the outbox while disconnected.  A topic that is not a valid
-        topic name, or a payload that cannot be encoded, is dropped with a log line.
-        """
+        """Publish from synchronous code (timers, hot paths, other threads) without
+        waiting: straight into the outbox, sent in order through the in-flight
+        window (``max_inflight``) — no task per message, which is what the
+        orchestrator's throughput depends on.  What cannot be sent (not a valid
+        topic name, a payload that cannot be encoded, a full outbox) is dropped
+        with a log line and counted."""
         try:
             out = self._outgoing(
                 topic,
@@ -372,134 +441,47 @@ class Bus:
         if self._thread is not None and threading.get_ident() != self._thread:
             # A worker thread (inference, a sensor driver): hand it to the loop's thread.
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._post, out)
+            self._loop.call_soon_threadsafe(self._offer, out)
             return
-        self._post(out)
+        self._offer(out)
 
-    def _post(self, out: Outgoing) -> None:
-        conn = self._conn
-        if (
-            conn is not None
-            and self.connected
-            and not self._backlog
-            and conn.queued < MAX_QUEUED_OUTGOING
-        ):
-            try:
-                conn.publish(out.topic, out.payload, out.qos, out.retain, out.props)
-            except PublishRejected:
-                return  # it can never be sent (the connection logged why)
-            except MqttError:
-                pass  # lost since: the slow path keeps it
-            else:
-                return
-        if self._inflight_n < self.config.max_inflight and not self._backlog:
-            self._inflight_n += 1
-            self._start(out)
-        else:
-            self._backlog.append(out)
-
-    async def _acquire(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._inflight_n >= self.config.max_inflight or self._backlog:
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-        self._inflight_n += 1
-
-    def _release(self) -> None:
-        self._inflight_n -= 1
-        if self._backlog:
-            self._inflight_n += 1
-            self._start(self._backlog.popleft())
-            return
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-                break
-
-    def _start(self, out: Outgoing) -> None:
-        """Send ``out`` in the background; its slot is already taken."""
-        task = asyncio.create_task(self._send(out))
-        self._background.add(task)
-        task.add_done_callback(self._sent)
-
-    def _sent(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        self._release()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background publish failed", exc_info=task.exception())
-
-    async def _send(self, out: Outgoing, *, waiter: bool = False) -> None:
-        """Send and await the broker's acknowledgement; kept for the next connection
-        if this one is lost.  A refusal raises :class:`BusPublishError` for a
-        ``waiter`` (else the connection has logged it)."""
-        conn = self._conn
-        if conn is None or not self.connected:
-            self._keep(out)
-            return
+    def _offer(
+        self, out: Outgoing, *, ack: bool = False, raise_refusal: bool = False
+    ) -> asyncio.Future[int] | None:
+        """Hand ``out`` to the session (the live connection, or the outbox)."""
+        if out.qos and not self.connected and self.config.outbox_size == 0:
+            self._drop(f"publish to {out.topic[:200]!r} dropped: not connected, outbox_size 0")
+            return None
         try:
-            acked = conn.publish(
+            return self._session.publish(
                 out.topic,
                 out.payload,
                 out.qos,
                 out.retain,
                 out.props,
-                ack=True,
-                strikes=out.strikes,
+                ack=ack and out.qos > 0,
+                expiry=out.expiry,
             )
-            if acked is not None:
-                async with asyncio.timeout(PUBLISH_TIMEOUT):
-                    reason = await acked
-                if reason >= 0x80 and waiter:
-                    raise BusPublishError(
-                        f"the broker refused the publish to {out.topic[:200]!r} "
-                        f"({reason_text(reason)})"
-                    )
-        except PublishRejected as exc:
-            if waiter:
+        except PublishRejected as exc:  # the connection logged it
+            if raise_refusal:
                 raise BusPublishError(str(exc)) from exc
-        except (MqttError, TimeoutError) as exc:
-            log.debug("publish to %s failed (%s); kept for reconnect", out.topic, exc)
-            if isinstance(exc, ConnectionLost) and exc.strike:
-                out = replace(out, strikes=out.strikes + 1)
-            self._keep(out)
+        except SessionFull as exc:
+            self._drop(f"outbox full: {exc}")
+        return None
+
+    def _drop(self, why: str) -> None:
+        self._dropped += 1
+        if self._dropped in (1, 10, 100) or self._dropped % 1000 == 0:
+            log.warning("%s (%d dropped so far)", why, self._dropped)
 
     def _refused(self, exc: BusPublishError) -> None:
         self.refused += 1
         if self.refused <= LOGGED_REFUSALS or self.refused % 1000 == 0:
             log.warning("publish dropped: %s (%d refused so far)", exc, self.refused)
 
-    def _keep(self, out: Outgoing) -> None:
-        if out.strikes >= MAX_STRIKES:
-            self.dropped += 1
-            log.warning(
-                "publish to %s dropped: the broker closed the connection %d times while it "
-                "was the oldest unacknowledged one",
-                out.topic[:200],
-                out.strikes,
-            )
-            return
-        if self._outbox.maxlen == 0 or out.qos == 0:
-            self.dropped += 1
-            return
-        if self._outbox.maxlen is not None and len(self._outbox) == self._outbox.maxlen:
-            self.dropped += 1
-            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-                log.warning("outbox full: %d message(s) dropped while offline", self.dropped)
-        self._outbox.append(out)
-
     async def flush(self) -> None:
-        """Wait until every publish made so far has been acknowledged by the broker
-        (or kept in the outbox, if the connection dropped meanwhile)."""
-        while self._background or self._backlog:
-            if self._background:
-                await asyncio.gather(*list(self._background), return_exceptions=True)
-            else:
-                await asyncio.sleep(0)
+        """While connected: wait until every publish made so far has been
+        acknowledged by the broker (or the connection drops)."""
         conn = self._conn
         if conn is not None:
             await conn.wait_acknowledged()
@@ -522,7 +504,10 @@ class Bus:
             username=self.config.username,
             password=self._password,
             keepalive=self.config.keepalive,
-            clean_start=self._clean_start,
+            # A session the broker may still hold is resumed; a process that just
+            # started has no state of its own to resume one with (3.2.2-4).
+            clean_start=not (self._session_expiry and self._session.established),
+            session_expiry=self._session_expiry,
             will=will,
             receive_maximum=RECEIVE_MAXIMUM,
             max_inflight=self.config.max_inflight,
@@ -544,78 +529,138 @@ class Bus:
         return ctx
 
     async def run(self) -> None:
-        """Stay connected until cancelled.  Raises :class:`BusAuthError` on refusal."""
+        """Stay connected until cancelled.  Raises :class:`BusAuthError` on refusal.
+
+        The backoff between attempts grows until a connection has stayed up for
+        ``STABLE_AFTER``: a broker that accepts and then drops us at once (a
+        publish it refuses, another process with our client id) is not hammered."""
         attempt = 0
         rc = self.config.reconnect
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
-        while True:
-            conn: Connection | None = None
-            try:
-                conn = await connect(self._params())
-                attempt = 0
-                await self._session(conn)
-            except ConnectRefused as exc:
-                if exc.code in AUTH_FAILURES:
-                    raise BusAuthError(
-                        f"broker {self.config.url} refused the connection: {exc}. "
-                        "Check broker.username / password and the broker's ACL."
-                    ) from exc
-                self._lost(exc, attempt)
-            except MqttError as exc:
-                self._lost(exc, attempt)
-            finally:
-                self._connected.clear()
-                self._conn = None
-                if conn is not None:
-                    await self._closed(conn)
-            delay = rc.initial_delay * (2 ** min(attempt, 30))
-            delay *= 1 + random.uniform(-rc.jitter, rc.jitter)
-            delay = min(rc.max_delay, delay)  # capped after the jitter: never past max_delay
-            attempt += 1
-            await asyncio.sleep(delay)
-
-    async def _closed(self, conn: Connection) -> None:
-        """Close ``conn`` (a normal DISCONNECT if it is still up: no will) and keep
-        what the broker never acknowledged for the next connection."""
+        dispatcher = asyncio.create_task(self._dispatcher(), name="bus-dispatch")
         try:
-            await conn.close()
+            while True:
+                conn: Connection | None = None
+                try:
+                    conn = await connect(self._params(), self._session)
+                    await self._connection(conn)
+                except ConnectRefused as exc:
+                    if exc.code in AUTH_FAILURES:
+                        raise BusAuthError(
+                            f"broker {self.config.url} refused the connection: {exc}. "
+                            "Check broker.username / password and the broker's ACL."
+                        ) from exc
+                    self._lost(exc, attempt)
+                except MqttError as exc:
+                    self._lost(exc, attempt)
+                finally:
+                    self._connected.clear()
+                    self._conn = None
+                    if conn is not None:
+                        await conn.close()
+                if conn is not None and conn.connected_at:
+                    lived = time.monotonic() - conn.connected_at
+                    if lived >= STABLE_AFTER:
+                        attempt = 0
+                    self._check_takeover(conn, lived)
+                delay = rc.initial_delay * (2 ** min(attempt, 30))
+                delay *= 1 + random.uniform(-rc.jitter, rc.jitter)
+                delay = min(rc.max_delay, delay)  # capped after the jitter: never past max_delay
+                attempt += 1
+                await asyncio.sleep(delay)
         finally:
-            for left in conn.take_unacked():
-                self._keep(left)
+            dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dispatcher
+
+    def _check_takeover(self, conn: Connection, lived: float) -> None:
+        """Another process connected with our client id takes the session over, and we
+        take it back, forever (cloned images, two daemons with one node id): say so."""
+        reason = conn.broker_reason
+        silent = reason == -1 and lived < TAKEOVER_WINDOW and not conn.closed_on_publish
+        if reason == 0x8E or silent:
+            self._takeovers += 1
+        else:
+            self._takeovers = 0
+            return
+        n = self._takeovers
+        if (reason == 0x8E and n == 1) or n == TAKEOVER_SUSPECT or n % 100 == 0:
+            hint = f" — {self._duplicate_hint}" if self._duplicate_hint else ""
+            how = (
+                "(session taken over)"
+                if reason == 0x8E
+                else f"{n} times in a row, each within {TAKEOVER_WINDOW:g}s of connecting"
+            )
+            log.error(
+                "another process is connected to the broker as %s: the broker dropped us %s%s. "
+                "Backing off; two clients with one client id knock each other off forever.",
+                self.client_id,
+                how,
+                hint,
+            )
+
+    async def _connection(self, conn: Connection) -> None:
+        """One connection: resubscribe, send the outbox, run the hooks; returns by
+        raising :class:`MqttError` when the connection ends."""
+        self._conn = conn
+        self._use_ids = conn.sub_ids_ok
+        await self._resubscribe(conn)
+        self._connected.set()
+        self.connects += 1
+        log.info(
+            "connected to %s as %s%s",
+            self.config.url,
+            self.client_id,
+            " (session resumed)" if conn.session_present else "",
+        )
+        conn.start_sending()  # the outbox, now that replies can be heard
+        ready = asyncio.Event()
+        self._ready.put_nowait((conn, ready))
+        hooks = asyncio.create_task(self._run_hooks(ready))
+        try:
+            await conn.wait_closed()
+        finally:
+            if not hooks.done():
+                hooks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await hooks
+        raise conn.error
+
+    async def _run_hooks(self, ready: asyncio.Event) -> None:
+        try:
+            for hook in self._hooks:
+                try:
+                    await hook()
+                except MqttError as exc:
+                    log.debug("on-connect hook %s: %s", getattr(hook, "__qualname__", hook), exc)
+                except Exception:
+                    log.exception("on-connect hook %s failed", getattr(hook, "__qualname__", hook))
+        finally:
+            ready.set()
+
+    async def _dispatcher(self) -> None:
+        """Dispatch every connection's messages, in order, connection after connection:
+        a handler may wait (for an acknowledgement, across a reconnect) without holding
+        up the reconnect; a connection's inbox is dispatched once its hooks have run."""
+        while True:
+            conn, ready = await self._ready.get()
+            await ready.wait()
+            inbox = conn.inbox
+            with contextlib.suppress(MqttError):
+                while True:
+                    if not inbox:
+                        await conn.wait_message()  # MqttError once it is gone and empty
+                    await self._dispatch(conn.take())
 
     def _lost(self, exc: Exception, attempt: int) -> None:
-        if self.connects and attempt == 0:
+        if isinstance(exc, ConnectRefused) and exc.legacy:
+            if attempt in (0, 3) or attempt % 20 == 0:
+                log.error("cannot use the broker at %s: %s", self.config.url, exc)
+        elif self.connects and attempt == 0:
             log.warning("lost the broker at %s: %s; reconnecting", self.config.url, exc)
         elif attempt in (0, 3) or attempt % 20 == 0:
             log.warning("cannot reach the broker at %s: %s (retrying)", self.config.url, exc)
-
-    async def _session(self, conn: Connection) -> None:
-        self._conn = conn
-        for sub in list(self._subs.values()):
-            await self._subscribe(conn, sub)
-        self._connected.set()
-        self.connects += 1
-        log.info("connected to %s as %s", self.config.url, self.client_id)
-        pending = list(self._outbox)
-        self._outbox.clear()
-        for out in pending:  # in order, through the in-flight window; unacked ones come back
-            with contextlib.suppress(PublishRejected):  # never sendable here (logged)
-                conn.publish(
-                    out.topic, out.payload, out.qos, out.retain, out.props, strikes=out.strikes
-                )
-        for hook in self._hooks:
-            try:
-                await hook()
-            except MqttError:
-                raise
-            except Exception:
-                log.exception("on-connect hook %s failed", getattr(hook, "__qualname__", hook))
-        inbox = conn.inbox
-        while True:
-            if not inbox:
-                await conn.wait_message()  # MqttError once the connection is gone
-            await self._dispatch(conn.take())
 
     async def _dispatch(self, message: Publish) -> None:
         props = message.properties
@@ -634,11 +679,7 @@ class Bus:
             ids = props.get(SUBSCRIPTION_ID)
         else:
             inbound = Inbound(message.topic, message.payload, message.qos, message.retain)
-        if ids:
-            subs = [self._by_id[i] for i in ids if i in self._by_id]
-        else:
-            subs = [s for s in self._subs.values() if matches(s.topic_filter, inbound.topic)]
-        for sub in subs:
+        for sub in self._route(inbound.topic, ids, inbound.payload):
             for handler in list(sub.handlers):
                 try:
                     await handler(inbound)
@@ -653,8 +694,49 @@ class Bus:
                         inbound.preview(),
                     )
 
+    def _route(self, topic: str, ids: list[int] | None, payload: bytes) -> list[Subscription]:
+        """The subscriptions a message is for, each once.
+
+        By its Subscription Identifiers, each checked against its filter.  Where
+        two filters overlap, a broker may send one copy carrying every matching id
+        (Mosquitto), one copy per subscription (allowed, 3.3.4), or one copy with
+        only the first id (aedes 2 beta): a matching subscription the copy does not
+        name is served from it, and remembered; should the broker's own copy for it
+        follow, it is skipped, and from then on the broker is trusted to send
+        copies."""
+        if not ids or not self._use_ids:
+            return [s for s in self._subs.values() if matches(s.topic_filter, topic)]
+        by_id = self._by_id
+        subs = [
+            s for i in ids if (s := by_id.get(i)) is not None and matches(s.topic_filter, topic)
+        ]
+        if not subs:  # stale or wrong ids: the filters decide
+            return [s for s in self._subs.values() if matches(s.topic_filter, topic)]
+        if not self._overlapping:
+            return subs
+        named = frozenset(s.sub_id for s in subs)
+        key = hash(payload)
+        for entry in self._filled:
+            if entry[0] == topic and entry[1] == key and named <= entry[2]:
+                self._filled.remove(entry)
+                if not self._copies:
+                    self._copies = True
+                    log.info("the broker sends one copy per matching subscription")
+                return []  # the broker's own copy of one we already served
+        if self._copies:
+            return subs
+        missing = [
+            s
+            for s in self._subs.values()
+            if s.sub_id not in named and matches(s.topic_filter, topic)
+        ]
+        if missing:
+            self._filled.append((topic, key, frozenset(s.sub_id for s in missing)))
+            subs += missing
+        return subs
+
     async def drain(self, timeout: float = 2.0) -> None:
-        """Wait (bounded) for background publishes before the run task is cancelled.
+        """Wait (bounded) for unacknowledged publishes before the run task is cancelled.
 
         Cancelling :meth:`run` disconnects gracefully, so the will is not sent.
         """

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -81,7 +81,24 @@ class BrokerConfig(_Strict):
         default=64, ge=1, description="Publishes awaiting the broker at once (flow control)."
     )
     outbox_size: int = Field(
-        default=1000, ge=0, description="Messages kept while disconnected (oldest dropped)."
+        default=100_000,
+        ge=0,
+        description="QoS 1/2 publishes kept until the broker acknowledges them "
+        "(queued or in flight, also across reconnects); 0 keeps none while disconnected.",
+    )
+    outbox_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description="Bytes (topic + payload + properties) those may hold; past either "
+        "bound publishers wait, and post() drops (counted).",
+    )
+    session_expiry: int = Field(
+        default=300,
+        ge=0,
+        le=0xFFFFFFFF,
+        description="Daemons' MQTT session expiry (s): the broker keeps a node's or the "
+        "orchestrator's subscriptions and queues its QoS 1/2 messages that long while it "
+        "is away; 0: clean sessions.",
     )
     max_packet_size: int = Field(
         default=64 * 1024 * 1024,
@@ -262,9 +279,29 @@ class Config(_Strict):
             raise ConfigError(f"daemon.token_file: cannot read {path}: {exc.strerror}") from exc
 
 
-def default_node_id() -> str:
-    name = socket.gethostname().split(".")[0].lower()
-    return re.sub(r"[^a-z0-9_-]", "-", name) or "node"
+# Host names images ship with: every clone of one has the same, and two daemons with
+# one node id knock each other off the broker (one client id), so the machine id is
+# added to them.
+DISTRIBUTION_HOSTNAMES: Final = frozenset(
+    {"raspberrypi", "raspberry", "pi", "ubuntu", "debian", "localhost", "dietpi", "orangepi",
+     "jetson", "nano", "tegra-ubuntu", "armbian", "rockpi", "odroid", "beaglebone", "node"}
+)  # fmt: skip
+MACHINE_ID: Final = Path("/etc/machine-id")
+
+
+def default_node_id(hostname: str | None = None, machine_id: Path = MACHINE_ID) -> str:
+    """The host name; for a distribution's default host name (a cloned image), the
+    host name and the first 8 hex digits of the machine id (``raspberrypi-1f2e3d4c``)."""
+    name = (hostname if hostname is not None else socket.gethostname()).split(".")[0].lower()
+    name = re.sub(r"[^a-z0-9_-]", "-", name) or "node"
+    if name in DISTRIBUTION_HOSTNAMES:
+        try:
+            ident = machine_id.read_text().strip().lower()
+        except OSError:
+            ident = ""
+        if re.fullmatch(r"[0-9a-f]{8,}", ident):
+            return f"{name}-{ident[:8]}"
+    return name
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,11 @@ class BusNotConnectedError(BusError):
     """An operation needed a live broker connection and there was none in time."""
 
 
+class BusSubscribeError(BusError):
+    """The broker refused a subscription (a SUBACK reason code >= 0x80), or would
+    (a wildcard or shared subscription it says it lacks): it is not sent again."""
+
+
 class BusPublishError(BusError):
     """A publish was refused: its topic is not a valid MQTT topic name, its payload or
     properties cannot be encoded, or the broker refused it (a reason code >= 0x80,

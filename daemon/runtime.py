@@ -29,6 +29,7 @@ from daemon.errors import MessageError
 from daemon.messages import decode
 from daemon.node import Node, NodeContext
 from daemon.protocol.node import (
+    BusStats,
     Capability,
     NodeCommand,
     NodeHealth,
@@ -187,6 +188,8 @@ class NodeDaemon:
             config.daemon_client_id("node"),
             password=config.broker_password(),
             will=(self.state_topic, offline),
+            session_expiry=config.broker.session_expiry,
+            duplicate_hint=f"is a second daemon running with node id {nid!r}?",
         )
         self.hardware = hostinfo.hardware()
         self.cpu = hostinfo.CpuMeter()
@@ -265,6 +268,7 @@ class NodeDaemon:
             battery_percent=hostinfo.battery_percent(),
             active_tasks=self.worker.active,
             nodes=self.summaries(),
+            bus=BusStats(**self.bus.stats()),
         )
 
     async def publish_info(self) -> None:

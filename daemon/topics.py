@@ -188,6 +188,20 @@ def matches(topic_filter: str, topic: str) -> bool:
     return len(flevels) == len(tlevels)
 
 
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both filters (``$share/<group>/`` ignored)."""
+    la, lb = _filter_levels(a), _filter_levels(b)
+    for x, y in zip(la, lb, strict=False):
+        if x == "#" or y == "#":
+            return True
+        if x != y and "+" not in (x, y):
+            return False
+    if len(la) == len(lb):
+        return True
+    longer = la if len(la) > len(lb) else lb
+    return longer[min(len(la), len(lb))] == "#"  # "a/b" and "a/b/#" share "a/b"
+
+
 def realm_filter(realm: str) -> str:
     """Everything of one realm."""
     return f"{ROOT}/{_check_segment('realm', realm)}/#"

@@ -244,13 +244,7 @@ async def test_wildcard_subscription(cfg: Config) -> None:
         assert sorted(payloads(got)) == [b"yes", b"yes too"]
 
 
-@on_brokers(
-    xfail={
-        "aedes": "issue 14: aedes 2 beta sends one copy carrying only the identifier of "
-        "one of the matching subscriptions; the bus dispatches by identifier alone, so "
-        "the handler of the other overlapping subscription never gets the message",
-    }
-)
+@on_brokers()
 async def test_overlapping_subscriptions_each_get_the_message_once(cfg: Config) -> None:
     """``o/+/x`` and ``o/a/+`` both match ``o/a/x``: each handler gets it once.
     Mosquitto, rumqttd and ejabberd send one copy per matching subscription, each
@@ -291,12 +285,6 @@ async def test_shared_subscription_delivers_each_message_to_one_member(cfg: Conf
 
 @on_brokers(
     only={name for name, shared in SHARED.items() if not shared},
-    xfail=dict.fromkeys(
-        ("aedes", "ejabberd"),
-        "issue 14: the CONNACK said Shared Subscription Available = 0, yet "
-        "Bus.subscribe('$share/...') sends the SUBSCRIBE and returns normally "
-        "(no error to the caller)",
-    ),
 )
 async def test_shared_subscription_refused_locally_when_unavailable(cfg: Config) -> None:
     async with running_bus(cfg) as bus:
@@ -306,12 +294,6 @@ async def test_shared_subscription_refused_locally_when_unavailable(cfg: Config)
 
 @on_brokers(
     only={name for name, shared in SHARED.items() if not shared},
-    xfail={
-        "ejabberd": "issue 14: ejabberd answers a $share SUBSCRIBE with DISCONNECT 0x9E; the "
-        "bus reconnects, resubscribes the same filter on every connect and is "
-        "disconnected again (~10 reconnects a second, backoff reset by each CONNACK), "
-        "so no other subscription is ever served",
-    },
 )
 async def test_refused_shared_subscription_leaves_the_bus_working(cfg: Config) -> None:
     """The broker announced Shared Subscription Available = 0 and refuses a $share
@@ -399,14 +381,6 @@ OVER_RUMQTTD_LIMIT = 3_000_000
 
 
 @on_brokers(
-    xfail={
-        "rumqttd": "issue 14: rumqttd resets the connection (no DISCONNECT 0x95) on a "
-        "PUBLISH over its unannounced size limit; the bus puts the publish behind it back "
-        "in the outbox first, so on each reconnect that innocent one is the oldest "
-        "unacknowledged: it takes the 3 strikes and is dropped ('publish to .../after "
-        "dropped: the broker closed the connection 3 times'), then the oversized one is: "
-        "7 connections, and the message behind never arrives",
-    },
     only={"rumqttd"},
 )
 async def test_rumqttd_oversized_publish_does_not_take_the_next_one_down(cfg: Config) -> None:
@@ -424,11 +398,6 @@ async def test_rumqttd_oversized_publish_does_not_take_the_next_one_down(cfg: Co
 
 @on_brokers(
     only={"rumqttd"},
-    xfail={
-        "rumqttd": "issue 14: rumqttd resets the connection on the oversized PUBLISH; "
-        "publish(wait=True) returns normally (the message only reached the outbox), it "
-        "is replayed on 3 reconnects and dropped with a log line: the caller never learns"
-    },
 )
 async def test_rumqttd_oversized_publish_tells_the_waiting_caller(cfg: Config) -> None:
     async with running_bus(cfg) as pub:

@@ -153,10 +153,16 @@ async def test_reconnect_resubscribes_once_and_flushes_outbox(own_broker: Privat
         async with asyncio.timeout(5):
             while bus.connected:
                 await asyncio.sleep(0.01)
-        # Published while the broker is down: kept in the outbox.
-        await bus.publish(topic, b"while-down")
+        # Published while the broker is down: kept in the outbox.  Waiting for the
+        # acknowledgement waits for the broker to come back and take it.
+        await bus.publish(topic, b"while-down", wait=False)
+        acked = asyncio.create_task(bus.publish(topic, b"acked-after"))
+        await asyncio.sleep(0.3)
+        assert not acked.done()
         own_broker.start()
+        await asyncio.wait_for(acked, 10)
         await bus.wait_connected(10)
+        await got.wait_for(lambda m: m.payload == b"acked-after", timeout=5)
         await got.wait_for(lambda m: m.payload == b"while-down", timeout=5)
         async with running_bus(cfg) as other:
             await other.publish(topic, b"after")

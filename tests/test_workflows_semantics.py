@@ -290,7 +290,7 @@ async def test_local_schedule_workflow_keeps_publishes_while_the_broker_is_down(
         await until(lambda: not daemon.bus.connected)
         t_down, done_before = time.time(), counts["done"]
         await until(lambda: counts["done"] >= done_before + 3)  # runs go on without a broker
-        assert any("/out/beat/" in o.topic for o in daemon.bus._outbox)
+        assert any("/out/beat/" in o.topic for o in daemon.bus._session.queued)
         t_up = time.time()
         offline = {r["run_id"] for r in engine.recent if t_down < r["started"] < t_up}
         assert len(offline) >= 2

@@ -13,6 +13,9 @@ from daemon.mqtt.connection import (
     MqttError,
     Outgoing,
     PublishRejected,
+    Session,
+    SessionFull,
+    SubscribeRefused,
     connect,
 )
 
@@ -25,6 +28,9 @@ __all__ = [
     "Outgoing",
     "Publish",
     "PublishRejected",
+    "Session",
+    "SessionFull",
+    "SubscribeRefused",
     "Will",
     "connect",
 ]

@@ -1,10 +1,11 @@
-"""One MQTT 5 client connection on an asyncio transport.
+"""One MQTT 5 client connection on an asyncio transport, and the session that
+outlives it.
 
 Why our own client rather than paho-mqtt (through aiomqtt): on the task hot
 path every process is bound by per-packet CPU, and paho spent most of it on
 syscalls and bookkeeping — one ``send`` per packet, three to four ``recv``
 calls per packet read a byte at a time, a thread-safe message-info object and
-a 27-entry property table per PUBLISH.  Here:
+a 27-entry property table per PUBLISH (docs/mqtt.md has the measurements).  Here:
 
 * every packet written during one event-loop iteration leaves in a single
   ``transport.write`` (acks included), and a read takes whatever the kernel
@@ -14,27 +15,37 @@ a 27-entry property table per PUBLISH.  Here:
   past ``max_queued_incoming`` messages the socket is paused (TCP back-pressure
   to the broker) instead of dropping anything, unless dispatch itself waits for
   something only reading brings; past ``max_queued_incoming_bytes`` of payload,
-  large messages are dropped (see ``LARGE_INCOMING``);
-* QoS 1 and 2 publishes respect the broker's Receive Maximum and our own
-  ``max_inflight``; the rest wait in order.  Publishes that were never
-  acknowledged when the connection drops can be taken back with
-  :meth:`Connection.take_unacked` and sent again on the next connection;
+  large messages are dropped (see ``LARGE_INCOMING``) and counted;
+* QoS 1 and 2 publishes live in a :class:`Session` from the moment they are
+  made until the broker has acknowledged them; they respect the broker's Receive
+  Maximum and our own ``max_inflight``; the rest wait in order, bounded in
+  messages and bytes.  A kept session survives the connection: the next one
+  resends with DUP when the broker kept its side (Session Present), or as new
+  publishes when it did not; incoming QoS 2 state is kept the same way;
+* every CONNACK capability is honoured: Maximum Packet Size, Retain Available,
+  Maximum QoS (publishes above it are sent at it, with one warning),
+  Wildcard / Subscription Identifier / Shared Subscription Available, Receive
+  Maximum, Server Keep Alive, Assigned Client Identifier, Session Expiry;
+  what the broker would refuse is refused here, with an error to the caller;
 * keep-alive: PINGREQ when nothing was sent for half the interval, and a
   connection that has heard nothing for 1.5 intervals is dropped;
-* a publish the broker will never take is not sent again: one over the
-  broker's Maximum Packet Size, or whose topic cannot be encoded, is refused
-  at once (:class:`PublishRejected`); one the broker closed the connection on
-  is identified and dropped (see :meth:`Connection.connection_lost`); a
-  PUBLISH from the broker whose topic is not valid text is acknowledged and
-  dropped, the connection goes on.
+* a publish the broker will never take is not sent again: one the broker closed
+  the connection on is identified and dropped (see :meth:`Connection._blame`);
+  a PUBLISH from the broker whose topic is not valid text is acknowledged and
+  dropped, the connection goes on; a packet that breaks the protocol gets a
+  DISCONNECT with its reason code before the connection is closed;
+* QoS 0 publishes to a broker that stopped reading are dropped (counted) once
+  ``WRITE_BUFFER_LIMIT`` bytes wait unsent, instead of buffering without bound.
 
-What it leaves out, because nothing in the realm uses it: sessions that
-outlive the connection, topic aliases, enhanced authentication (AUTH).
+What it leaves out, because nothing in the realm uses it: topic aliases (we
+announce Topic Alias Maximum 0 and send none), enhanced authentication (AUTH),
+session state on disk (a process that restarts starts a clean session).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import threading
@@ -72,8 +83,25 @@ STALL_RESUME: Final = 0.1
 # arrives the oldest unacknowledged publish is the one refused (if nothing else was
 # sent between it and the last acknowledged packet).
 REJECTING_REASONS: Final = frozenset({0x81, 0x82, 0x90, 0x95, 0x99, 0x9A, 0x9B})
+# A publish that was the oldest one the broker had not acknowledged when it closed the
+# connection, this many times, is given up: a broker that closes on a bad packet without
+# saying why would otherwise get it first on every reconnect, forever.
+MAX_STRIKES: Final = 3
 # Topics whose refusal (PUBACK >= 0x80) gets a log line of its own; later ones are counted.
 MAX_LOGGED_TOPICS: Final = 256
+# What a session holds by default: QoS 1/2 publishes not yet acknowledged (queued or in
+# flight), in messages and in bytes (topic + payload + properties).
+SESSION_MESSAGES: Final = 100_000
+SESSION_BYTES: Final = 64 * 1024 * 1024
+# Bytes the transport may hold unsent (a broker that stopped reading) before QoS 0
+# publishes are dropped; QoS 1/2 are bounded by the in-flight window and the session.
+WRITE_BUFFER_LIMIT: Final = 8 * 1024 * 1024
+# CONNACK properties (3.2.2.3) this module reads by name.
+RETAIN_AVAILABLE: Final = 0x25
+WILDCARD_AVAILABLE: Final = 0x28
+SUBSCRIPTION_ID_AVAILABLE: Final = 0x29
+SHARED_AVAILABLE: Final = 0x2A
+SERVER_REFERENCE: Final = 0x1C
 
 
 class MqttError(BusError):
@@ -81,16 +109,7 @@ class MqttError(BusError):
 
 
 class ConnectionLost(MqttError):
-    """The connection is gone (closed by either side, or unreachable).
-
-    ``strike`` is set on the error of the one publish that was the oldest
-    unacknowledged when the broker closed the connection: the prime suspect
-    (see :attr:`Outgoing.strikes`).
-    """
-
-    def __init__(self, message: str, *, strike: bool = False) -> None:
-        super().__init__(message)
-        self.strike = strike
+    """The connection is gone (closed by either side, or unreachable)."""
 
 
 class PublishRejected(MqttError):
@@ -102,13 +121,36 @@ class PublishRejected(MqttError):
         self.reason = reason
 
 
+class SessionFull(MqttError):
+    """The session holds as many unacknowledged publishes (or bytes) as it may."""
+
+
+# Why a subscription is refused here, before the broker sees it.
+_LOCAL_REFUSALS: Final = {
+    0xA2: "the broker has no wildcard subscriptions",
+    0x9E: "the broker has no shared subscriptions",
+    0x95: "over the broker's Maximum Packet Size",
+}
+
+
+class SubscribeRefused(MqttError):
+    """A subscription the broker refused (SUBACK >= 0x80) or would refuse."""
+
+    def __init__(self, topic_filter: str, reason: int) -> None:
+        text = _LOCAL_REFUSALS.get(reason) or f"refused by the broker ({reason_text(reason)})"
+        super().__init__(f"subscription to {topic_filter[:200]!r}: {text}")
+        self.reason = reason
+
+
 class ConnectRefused(MqttError):
-    """The broker answered CONNECT with a failure reason code."""
+    """The broker answered CONNECT with a failure reason code (``legacy``: it
+    answered as an MQTT 3.1.1 broker)."""
 
     def __init__(self, code: int, reason: str | None = None) -> None:
         text = reason_text(code) + (f": {reason}" if reason else "")
         super().__init__(f"connection refused ({text})")
         self.code = code
+        self.legacy = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +176,13 @@ class ConnectParams:
 
 
 class _InFlight:
-    """A QoS 1/2 publish until the broker has acknowledged it."""
+    """A QoS 1/2 publish from the moment it is made until the broker has
+    acknowledged it (or it is given up), across connections when its
+    :class:`Session` is kept."""
 
     __slots__ = (
+        "expires",
+        "expiry",
         "future",
         "others_before",
         "packet_id",
@@ -146,6 +192,7 @@ class _InFlight:
         "released",
         "retain",
         "seq",
+        "size",
         "strikes",
         "topic",
     )
@@ -160,6 +207,7 @@ class _InFlight:
         props: bytes,
         future: asyncio.Future[int] | None,
         strikes: int = 0,
+        expiry: float | None = None,
     ) -> None:
         self.topic = topic
         self.payload = payload
@@ -168,7 +216,10 @@ class _InFlight:
         self.props = props
         self.future = future
         self.strikes = strikes
-        self.packet_id = 0
+        self.size = len(topic) + len(payload) + len(props)
+        self.expiry = expiry  # the Message Expiry Interval asked for (s), aged on resend
+        self.expires = time.monotonic() + expiry if expiry else 0.0
+        self.packet_id = 0  # 0: not sent on the broker's session yet
         self.released = False  # QoS 2: PUBREC seen, PUBREL sent
         self.seq = 0  # when it was written (Connection._seq)
         self.others_before = 0  # the last other packet the broker does not acknowledge
@@ -176,24 +227,178 @@ class _InFlight:
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """A publish as its owner keeps it until it is sent: the bus's backlog and
-    outbox, and what :meth:`Connection.take_unacked` hands back."""
+    """A publish as its owner prepares it (:class:`daemon.bus.Bus`)."""
 
     topic: str
     payload: bytes
     qos: int
     retain: bool
     props: bytes  # the encoded MQTT 5 property block
-    # How often the broker closed the connection while this was the oldest publish
-    # it had not acknowledged (the owner gives up on it after a few).
-    strikes: int = 0
+    expiry: float | None = None  # Message Expiry Interval (s), also in ``props``
+
+
+class Session:
+    """The client's side of an MQTT session: what must outlive one connection.
+
+    * outgoing QoS 1/2 publishes, from the moment they are made until the broker
+      has acknowledged them: :attr:`queued` (not sent yet: no connection, or the
+      in-flight window is full) and :attr:`inflight` (sent, by packet id, in the
+      order sent);
+    * the packet ids of incoming QoS 2 publishes not yet released (PUBREL), so a
+      resent one is not delivered twice.
+
+    A session made by its owner and handed to every :func:`connect` is *kept*:
+    when a connection drops, its publishes wait (their futures stay pending) and
+    the next connection sends them — with DUP and their packet ids when the broker
+    kept its side (Session Present), otherwise as new publishes.  A session
+    :func:`connect` makes for itself is not kept: a lost connection fails them.
+
+    Bounded in messages and bytes (topic + payload + properties): past either,
+    :meth:`admit` raises :class:`SessionFull` and :meth:`wait_room` waits.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_messages: int = SESSION_MESSAGES,
+        max_bytes: int = SESSION_BYTES,
+        keep: bool = True,
+    ) -> None:
+        self.inflight: dict[int, _InFlight] = {}
+        self.queued: deque[_InFlight] = deque()
+        self.incoming_qos2: set[int] = set()
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.keep = keep
+        # The broker keeps a session for us (our last CONNACK had a Session Expiry).
+        self.established = False
+        self.connection: Connection | None = None
+        self.bytes = 0
+        self.dropped = 0  # QoS 0 offline or to a broker that stopped reading
+        self.expired = 0  # their Message Expiry passed before they could be sent
+        self.given_up = 0  # the broker closed the connection on them MAX_STRIKES times
+        self._next_id = 0
+        self._room: deque[asyncio.Future[None]] = deque()
+        self._idle: list[asyncio.Future[None]] = []
+
+    def __len__(self) -> int:
+        return len(self.inflight) + len(self.queued)
+
+    def has_room(self, size: int) -> bool:
+        """Whether a publish of ``size`` bytes fits (one always fits an empty session)."""
+        n = len(self.inflight) + len(self.queued)
+        if n >= self.max_messages:
+            return False
+        return n == 0 or self.bytes + size <= self.max_bytes
+
+    async def wait_room(self, size: int) -> None:
+        """Until :meth:`has_room` (back-pressure for publishers that can wait)."""
+        loop = asyncio.get_running_loop()
+        while not self.has_room(size):
+            waiter = loop.create_future()
+            self._room.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._room:
+                    self._room.remove(waiter)
+
+    async def wait_idle(self) -> None:
+        """Until nothing is queued or in flight."""
+        while self.inflight or self.queued:
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            await waiter
+
+    def admit(self, out: _InFlight) -> None:
+        if not self.has_room(out.size):
+            raise SessionFull(
+                f"{len(self)} publishes ({self.bytes} bytes) wait for the broker: "
+                f"publish to {out.topic[:200]!r} refused"
+            )
+        self.bytes += out.size
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        props: bytes = b"\x00",
+        *,
+        ack: bool = False,
+        expiry: float | None = None,
+    ) -> asyncio.Future[int] | None:
+        """Publish through the live connection, or keep it for the next one (QoS 1/2;
+        QoS 0 is at most once: dropped and counted while there is none)."""
+        conn = self.connection
+        if conn is not None and conn.usable:
+            return conn.publish(topic, payload, qos, retain, props, ack=ack, expiry=expiry)
+        if not qos:
+            self.dropped += 1
+            return None
+        if not self.keep:
+            raise ConnectionLost("not connected")
+        future = asyncio.get_running_loop().create_future() if ack else None
+        out = _InFlight(
+            topic, payload, qos=qos, retain=retain, props=props, future=future, expiry=expiry
+        )
+        self.admit(out)
+        self.queued.append(out)
+        return future
+
+    def packet_id(self, taken: dict[int, Any]) -> int:
+        inflight = self.inflight
+        for _ in range(65_535):
+            self._next_id = self._next_id % 65_535 + 1
+            if self._next_id not in inflight and self._next_id not in taken:
+                return self._next_id
+        raise MqttError("no free packet identifier")
+
+    def finish(self, out: _InFlight, reason: int | BaseException) -> None:
+        """``out`` is done (acknowledged, refused or given up): free its room."""
+        self.bytes -= out.size
+        future = out.future
+        if future is not None and not future.done():
+            if isinstance(reason, BaseException):
+                future.set_exception(reason)
+                future.exception()  # retrieved: the publisher may have stopped waiting
+            else:
+                future.set_result(reason)
+        if self._room:
+            self._wake_room()
+        if self._idle and not self.inflight and not self.queued:
+            waiters, self._idle = self._idle, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _wake_room(self) -> None:
+        while self._room:
+            waiter = self._room[0]
+            if waiter.done():
+                self._room.popleft()
+                continue
+            waiter.set_result(None)  # it checks has_room itself, and waits again if not
+            self._room.popleft()
+            if not self.has_room(1):
+                break
+
+    def fail_all(self, error: MqttError) -> None:
+        """Give every publish up (a session that is not kept lost its connection)."""
+        left = [*self.inflight.values(), *self.queued]
+        self.inflight.clear()
+        self.queued.clear()
+        for out in left:
+            self.finish(out, error)
 
 
 class Connection(asyncio.Protocol):
     """The client side of one MQTT 5 connection (create it with :func:`connect`)."""
 
-    def __init__(self, params: ConnectParams) -> None:
+    def __init__(self, params: ConnectParams, session: Session | None = None) -> None:
         self.params = params
+        self.session = session if session is not None else Session(keep=False)
         self._loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         self._transport: asyncio.BaseTransport | None = None
@@ -205,24 +410,25 @@ class Connection(asyncio.Protocol):
         self._flush_scheduled = False
         self._acks_only = False  # _out holds nothing but acknowledgements
         self._acks_waited = False  # ... and the flush already waited one iteration for more
-        self._next_id = 0
-        self._inflight: dict[int, _InFlight] = {}
-        self._queued: deque[_InFlight] = deque()
-        self._window = params.max_inflight
+        self._window = 0  # in-flight QoS>0 publishes allowed: 0 until CONNACK
+        # A kept session's owner says when new publishes may go (start_sending): not
+        # before it has resubscribed, so the answers to them can be heard.
+        self._hold = self.session.keep
         self._requests: dict[int, asyncio.Future[list[int]]] = {}
-        self._incoming_qos2: set[int] = set()
         self._connack: asyncio.Future[Properties] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
         self._error: MqttError | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._idle_waiters: list[asyncio.Future[None]] = []
         self._paused = False
+        self._write_paused = False  # the transport's buffer is past WRITE_BUFFER_LIMIT
         self._inbox_bytes = 0  # payload bytes in the inbox
         self._taken = 0  # messages taken from the inbox, ever (see STALL_RESUME)
         self._stalled = False  # reading resumed because dispatch was blocked
         self._dropped_incoming = 0  # over MAX_QUEUED_INCOMING_BYTES
         self._keepalive = params.keepalive
         self._max_qos = 2
+        self._downgraded = False
+        self._retain_ok = True
         self._last_sent = self._last_heard = time.monotonic()
         self._ping_timer: asyncio.TimerHandle | None = None
         self._refused_publishes = 0
@@ -234,7 +440,13 @@ class Connection(asyncio.Protocol):
         self._last_other = 0  # seq of the last packet not acknowledged by the broker
         self._last_acked = 0  # seq of the newest packet the broker acknowledged
         self._request_seqs: dict[int, int] = {}
-        self._broker_reason: int | None = None  # a DISCONNECT's reason; -1: closed silently
+        self.broker_reason: int | None = None  # a DISCONNECT's reason; -1: closed silently
+        self.connected_at = 0.0  # time.monotonic() of the CONNACK
+        self.session_present = False
+        # The broker closed the connection with a publish of ours unacknowledged: a
+        # refusal, more likely than another process taking our client id over.
+        self.closed_on_publish = False
+        self.client_id = params.client_id  # or the broker's Assigned Client Identifier
         self.inbox: deque[Publish] = deque()
         self.server: Properties = {}
 
@@ -244,29 +456,44 @@ class Connection(asyncio.Protocol):
         self._transport = transport
         assert isinstance(transport, asyncio.WriteTransport)
         self._write_transport = transport
+        with contextlib.suppress(NotImplementedError):  # the websocket framing has none
+            transport.set_write_buffer_limits(high=WRITE_BUFFER_LIMIT)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._error is None:
             detail = f": {exc}" if exc else ""
+            if not self._connack.done():
+                detail += (
+                    " before it answered CONNECT (some brokers, rumqttd among them, refuse"
+                    " a wrong user name or password that way)"
+                )
             self._error = ConnectionLost(f"connection to the broker lost{detail}")
             if self._connack.done():
-                self._broker_reason = -1  # not us: the broker (or the network) closed it
+                self.broker_reason = -1  # not us: the broker (or the network) closed it
         self._transport = self._write_transport = None
         if self._ping_timer is not None:
             self._ping_timer.cancel()
-        if self._broker_reason is not None:
-            self._blame(self._broker_reason, self._error)
+        session = self.session
+        if session.connection is self:
+            session.connection = None
+        if self.broker_reason is not None:
+            self._blame(self.broker_reason)
         error = self._error
         futures: list[asyncio.Future[Any]] = [self._connack, *self._requests.values()]
-        futures += [o.future for o in self._inflight.values() if o.future is not None]
-        futures += [o.future for o in self._queued if o.future is not None]
         for future in futures:
             if not future.done():
                 future.set_exception(error)
                 future.exception()  # retrieved: nobody may be waiting any more
         self._requests.clear()
+        if not session.keep:
+            session.fail_all(error)
         self._wake()
-        self._wake_idle()
         if not self._closed.done():
             self._closed.set_result(None)
 
@@ -296,10 +523,23 @@ class Connection(asyncio.Protocol):
                 if len(body) > limit:
                     raise ProtocolError(f"a packet over our Maximum Packet Size ({limit} bytes)")
                 self._handle(first, body)
-        except (ProtocolError, IndexError, ValueError) as exc:
-            self._fail(f"malformed packet from the broker: {exc}")
+                if self._error is not None:
+                    break  # the handler ended the connection: read no further
+        except ProtocolError as exc:
+            self._protocol_error(f"malformed packet from the broker: {exc}", exc.reason)
+        except (IndexError, ValueError) as exc:  # the codec raises ProtocolError: a belt
+            self._protocol_error(f"malformed packet from the broker: {exc}", 0x81)
 
-    def _blame(self, reason: int, error: MqttError) -> None:
+    def _protocol_error(self, why: str, reason: int) -> None:
+        """The broker broke the protocol: say why in a DISCONNECT (4.13), then close."""
+        if self._error is None and self._write_transport is not None:
+            log.warning("closing the broker connection: %s (%s)", why, reason_text(reason))
+            self._out.clear()
+            self._write(codec.encode_disconnect(reason, why))
+            self._write_out()
+        self._fail(why)
+
+    def _blame(self, reason: int) -> None:
         """The broker closed the connection: find the publish it refused.
 
         Mosquitto acknowledges every good packet before the DISCONNECT that
@@ -307,46 +547,51 @@ class Connection(asyncio.Protocol):
         publish is the bad one, unless a packet the broker does not acknowledge
         (QoS 0, SUBSCRIBE still unanswered) went out between it and the last
         acknowledged one.  That publish is dropped and its waiter told.  In any
-        other case (no reason, another reason, doubt) it only gets a strike: its
-        owner gives up after a few, so nothing is replayed into the broker forever.
+        other case (no reason, another reason, doubt) it only gets a strike, and
+        after ``MAX_STRIKES`` it is given up: nothing is replayed into the broker
+        forever.
         """
-        head = next((o for o in self._inflight.values() if not o.released), None)
+        inflight = self.session.inflight
+        head = next((o for o in inflight.values() if not o.released and o.seq), None)
         if head is None:
             return
+        self.closed_on_publish = True
         if reason in REJECTING_REASONS and head.others_before <= self._last_acked:
-            del self._inflight[head.packet_id]
+            why = f"the broker closed the connection on it ({reason_text(reason)})"
             log.warning(
                 "the broker closed the connection (%s) on our publish to %s (%d bytes): "
                 "dropped, it is not sent again",
                 reason_text(reason),
-                head.topic,
+                head.topic[:200],
                 len(head.payload),
             )
-            if head.future is not None and not head.future.done():
-                head.future.set_exception(
-                    PublishRejected(
-                        f"the broker refused the publish to {head.topic} ({reason_text(reason)})",
-                        reason,
-                    )
-                )
-                head.future.exception()  # retrieved: the waiter may be gone
+            del inflight[head.packet_id]
+            self.session.finish(head, PublishRejected(f"publish to {head.topic!r}: {why}", reason))
             return
         head.strikes += 1
-        if head.future is not None and not head.future.done():
-            head.future.set_exception(ConnectionLost(str(error), strike=True))
-            head.future.exception()
+        if head.strikes >= MAX_STRIKES:
+            del inflight[head.packet_id]
+            self.session.given_up += 1
+            log.warning(
+                "publish to %s dropped: the broker closed the connection %d times while it "
+                "was the oldest unacknowledged one",
+                head.topic[:200],
+                head.strikes,
+            )
+            self.session.finish(
+                head,
+                PublishRejected(
+                    f"publish to {head.topic!r} given up: the broker closed the connection "
+                    f"{head.strikes} times while it was the oldest unacknowledged one",
+                    0x80,
+                ),
+            )
 
-    def pause_writing(self) -> None:  # the transport buffers; our windows bound it
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
-    # -------------------------------------------------------------- writing
+    # ------------------------------------------------------------- writing
 
     def _write(self, data: bytes) -> None:
-        self._out.append(data)
         self._acks_only = False
+        self._out.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -385,13 +630,6 @@ class Connection(asyncio.Protocol):
         out.clear()
         self._last_sent = time.monotonic()
 
-    def _packet_id(self) -> int:
-        for _ in range(65_535):
-            self._next_id = self._next_id % 65_535 + 1
-            if self._next_id not in self._inflight and self._next_id not in self._requests:
-                return self._next_id
-        raise MqttError("no free packet identifier")
-
     # ------------------------------------------------------------ handshake
 
     def send_connect(self) -> None:
@@ -415,14 +653,91 @@ class Connection(asyncio.Protocol):
         )
 
     async def wait_connack(self) -> None:
-        self.server = await self._connack
-        self._window = min(self.params.max_inflight, self.server.get(codec.RECEIVE_MAXIMUM, 65_535))
-        self._max_send = self.server.get(codec.MAXIMUM_PACKET_SIZE, 0)
-        self._keepalive = self.server.get(codec.SERVER_KEEP_ALIVE, self.params.keepalive)
+        await self._connack
+
+    def _on_connack(self, body: bytes) -> None:
+        if self._connack.done():
+            raise ProtocolError("a second CONNACK")
+        try:
+            present, reason, props = codec.decode_connack(body)
+        except codec.LegacyConnack as exc:
+            error = ConnectRefused(
+                0x84, f"{exc}; M-TOR needs an MQTT 5 broker (Mosquitto 1.6 or later, ...)"
+            )
+            error.legacy = True
+            self._refused(error)
+            return
+        if reason >= 0x80:
+            self._refused(ConnectRefused(reason, props.get(codec.REASON_STRING)))
+            reference = props.get(SERVER_REFERENCE)
+            if reference:
+                log.warning("the broker refers us to another server: %s", reference)
+            return
+        if present and self.params.clean_start:
+            raise ProtocolError("CONNACK with Session Present after a Clean Start", 0x82)
+        self.server = props
+        self.connected_at = time.monotonic()
+        self.session_present = present
+        p = self.params
+        self._window = min(p.max_inflight, props.get(codec.RECEIVE_MAXIMUM, 65_535))
+        self._max_send = props.get(codec.MAXIMUM_PACKET_SIZE, 0)
+        self._keepalive = props.get(codec.SERVER_KEEP_ALIVE, p.keepalive)
         # A broker that supports less than QoS 2 disconnects a client that publishes above it.
-        self._max_qos = self.server.get(codec.MAXIMUM_QOS, 2)
+        self._max_qos = props.get(codec.MAXIMUM_QOS, 2)
+        self._retain_ok = bool(props.get(RETAIN_AVAILABLE, 1))
+        assigned = props.get(codec.ASSIGNED_CLIENT_ID)
+        if assigned:
+            self.client_id = assigned
         if self._keepalive:
             self._ping_timer = self._loop.call_later(self._keepalive / 2, self._tick)
+        expiry = props.get(codec.SESSION_EXPIRY, p.session_expiry)
+        self._resume_session(present, kept=expiry > 0)
+        self._connack.set_result(props)
+
+    def _refused(self, error: ConnectRefused) -> None:
+        self._error = error
+        self._connack.set_exception(error)
+        self._close_transport()
+
+    def _resume_session(self, present: bool, *, kept: bool) -> None:
+        """Take the session over (4.4): with Session Present, resend what the broker
+        never acknowledged — PUBLISH with DUP and its packet id, PUBREL for a QoS 2
+        publish it received — in the order first sent; without, the broker's side is
+        gone: what was in flight is sent again as new publishes (a QoS 2 publish past
+        PUBREC reached the broker, so it is done)."""
+        session = self.session
+        session.connection = self
+        session.established = kept
+        inflight = session.inflight
+        if present:
+            for out in inflight.values():
+                self._seq += 1
+                out.seq = self._seq
+                out.others_before = self._last_other
+                if out.released:
+                    self._write(codec.encode_ack(codec.PUBREL, out.packet_id))
+                else:
+                    self._write(self._encode(out, dup=True))
+        else:
+            session.incoming_qos2.clear()
+            again = []
+            for out in list(inflight.values()):
+                if out.released:
+                    session.finish(out, 0)
+                else:
+                    out.packet_id = out.seq = 0
+                    again.append(out)
+            inflight.clear()
+            session.queued.extendleft(reversed(again))
+        if not self._hold:
+            self._send_queued()
+
+    def start_sending(self) -> None:
+        """Send what the session queued (a kept session's owner calls this once it
+        has resubscribed); from now on publishes go out as they are made."""
+        self._hold = False
+        if self.usable:
+            self._send_queued()
 
     # ------------------------------------------------------------- requests
 
@@ -432,9 +747,30 @@ class Connection(asyncio.Protocol):
         return self._error is not None or self._closed.done()
 
     @property
+    def error(self) -> MqttError:
+        """Why the connection ended (only once it has)."""
+        return self._error or ConnectionLost("connection to the broker lost")
+
+    @property
+    def usable(self) -> bool:
+        return self._error is None and self._transport is not None
+
+    @property
     def queued(self) -> int:
         """QoS>0 publishes waiting for a slot in the in-flight window."""
-        return len(self._queued)
+        return len(self.session.queued)
+
+    @property
+    def wildcards_ok(self) -> bool:
+        return bool(self.server.get(WILDCARD_AVAILABLE, 1))
+
+    @property
+    def sub_ids_ok(self) -> bool:
+        return bool(self.server.get(SUBSCRIPTION_ID_AVAILABLE, 1))
+
+    @property
+    def shared_ok(self) -> bool:
+        return bool(self.server.get(SHARED_AVAILABLE, 1))
 
     def publish(
         self,
@@ -445,24 +781,45 @@ class Connection(asyncio.Protocol):
         props: bytes = b"\x00",
         *,
         ack: bool = False,
-        strikes: int = 0,
+        expiry: float | None = None,
     ) -> asyncio.Future[int] | None:
         """Send a PUBLISH.  With ``ack`` (QoS 1/2 only), a future for the broker's
-        reason code; otherwise fire and forget (see :meth:`take_unacked`).
+        reason code; otherwise fire and forget.
 
-        :class:`PublishRejected` at once for a packet over the broker's Maximum
-        Packet Size or a topic that is not encodable (the caller validates topics;
-        this keeps a bad one from closing the connection)."""
+        Refused at once, with :class:`PublishRejected`, is what the broker would
+        refuse: a topic that is not a topic name, a packet over the broker's
+        Maximum Packet Size, a retained message when the broker has none.  Past
+        the session's bounds :class:`SessionFull`.  ``expiry`` (the Message
+        Expiry Interval also in ``props``) lets a publish that waited be aged."""
         if self._error is not None or self._transport is None:
             raise self._error or ConnectionLost("not connected")
         if threading.get_ident() != self._thread:
             raise MqttError("publish from outside the connection's event loop thread")
-        if not topic.isascii() or (
-            self._max_send and len(payload) + len(props) + len(topic) + 9 > self._max_send
+        if (
+            not topic.isascii()
+            or "+" in topic
+            or "#" in topic
+            or "\0" in topic
+            or not topic
+            or (self._max_send and len(payload) + len(props) + len(topic) + 9 > self._max_send)
         ):
             self._check_sendable(topic, payload, props)
-        qos = min(qos, self._max_qos)
+        if retain and not self._retain_ok:
+            raise self._refuse(topic, 0x9A, "the broker has no retained messages")
+        if qos > self._max_qos:
+            if not self._downgraded:
+                self._downgraded = True
+                log.warning(
+                    "the broker supports QoS up to %d: QoS %d publishes are sent at QoS %d",
+                    self._max_qos,
+                    qos,
+                    self._max_qos,
+                )
+            qos = self._max_qos
         if not qos:
+            if self._write_paused:
+                self._drop_qos0(topic)
+                return None
             self._seq += 1
             self._last_other = self._seq
             self._write(
@@ -473,21 +830,37 @@ class Connection(asyncio.Protocol):
             return None
         future = self._loop.create_future() if ack else None
         out = _InFlight(
-            topic, payload, qos=qos, retain=retain, props=props, future=future, strikes=strikes
+            topic, payload, qos=qos, retain=retain, props=props, future=future, expiry=expiry
         )
-        if len(self._inflight) < self._window and not self._queued:
+        session = self.session
+        session.admit(out)
+        if len(session.inflight) < self._window and not session.queued and not self._hold:
             self._send(out)
         else:
-            self._queued.append(out)
+            session.queued.append(out)
         return future
 
+    def _drop_qos0(self, topic: str) -> None:
+        session = self.session
+        session.dropped += 1
+        if session.dropped in (1, 10, 100) or session.dropped % 1000 == 0:
+            log.warning(
+                "the broker is not reading (over %d bytes unsent): a QoS 0 publish to %s "
+                "dropped (%d so far)",
+                WRITE_BUFFER_LIMIT,
+                topic[:200],
+                session.dropped,
+            )
+
     def _check_sendable(self, topic: str, payload: bytes, props: bytes) -> None:
-        """The slow part of :meth:`publish`'s checks (a non-ASCII topic, or a packet
-        that may be over the broker's limit)."""
+        """The slow part of :meth:`publish`'s checks (a topic that is not plain ASCII
+        or holds a wildcard, or a packet that may be over the broker's limit)."""
         try:
             topic_size = len(topic.encode())
         except UnicodeEncodeError as exc:
             raise self._refuse(topic, 0x90, "its topic is not UTF-8") from exc
+        if not topic or "+" in topic or "#" in topic or "\0" in topic:
+            raise self._refuse(topic, 0x90, "it is not a valid topic name")
         # topic length + topic + packet id + properties + payload (3.3.1), then the fixed header
         remaining = 2 + topic_size + 2 + len(props) + len(payload)
         size = 1 + len(codec.varint(min(remaining, codec.MAX_REMAINING_LENGTH))) + remaining
@@ -498,7 +871,7 @@ class Connection(asyncio.Protocol):
 
     def _refuse(self, topic: str, reason: int, why: str) -> PublishRejected:
         self._count_refusal(topic, "refused to send a publish to %s (%s)", why)
-        return PublishRejected(f"publish to {topic!r} not sent: {why}", reason)
+        return PublishRejected(f"publish to {topic[:200]!r} not sent: {why}", reason)
 
     def _count_refusal(self, topic: str, text: str, *args: object) -> None:
         """One log line per topic (the first few hundred topics), then every 1000th.
@@ -513,25 +886,73 @@ class Connection(asyncio.Protocol):
                 "%s (%d refused so far)", text % (topic[:200], *args), self._refused_publishes
             )
 
+    def _encode(self, out: _InFlight, *, dup: bool = False) -> bytes:
+        return codec.encode_publish(
+            out.topic.encode(),
+            out.payload,
+            qos=out.qos,
+            retain=out.retain,
+            packet_id=out.packet_id,
+            props=out.props,
+            dup=dup,
+        )
+
     def _send(self, out: _InFlight) -> None:
-        out.packet_id = packet_id = self._packet_id()
-        self._inflight[packet_id] = out
+        if out.expires and not self._age(out):
+            return
+        out.packet_id = packet_id = self.session.packet_id(self._requests)
+        self.session.inflight[packet_id] = out
         self._seq += 1
         out.seq = self._seq
         out.others_before = self._last_other
-        self._write(
-            codec.encode_publish(
-                out.topic.encode(),
-                out.payload,
-                qos=out.qos,
-                retain=out.retain,
-                packet_id=packet_id,
-                props=out.props,
+        self._write(self._encode(out))
+
+    def _age(self, out: _InFlight) -> bool:
+        """A publish that waited: its Message Expiry counts the wait (or it expired)."""
+        left = out.expires - time.monotonic()
+        if left <= 0:
+            session = self.session
+            session.expired += 1
+            if session.expired in (1, 10, 100) or session.expired % 1000 == 0:
+                log.warning(
+                    "a publish to %s expired before it could be sent (%d so far)",
+                    out.topic[:200],
+                    session.expired,
+                )
+            session.finish(
+                out, PublishRejected(f"publish to {out.topic[:200]!r} expired unsent", 0)
             )
-        )
+            return False
+        seconds = max(1, int(left + 0.999))
+        if out.expiry is not None and seconds < int(out.expiry + 0.999):
+            props, _ = codec.read_properties(out.props, 0)
+            props[codec.MESSAGE_EXPIRY] = seconds
+            out.props = codec.encode_properties(props)
+        return True
+
+    def _send_queued(self) -> None:
+        queued = self.session.queued
+        inflight = self.session.inflight
+        while queued and len(inflight) < self._window:
+            self._send(queued.popleft())
 
     async def subscribe(self, topic_filter: str, options: int, sub_id: int = 0) -> list[int]:
-        """SUBSCRIBE one filter; the broker's reason codes (>= 0x80: refused)."""
+        """SUBSCRIBE one filter; the broker's reason codes (>= 0x80: refused).
+
+        What the broker said it lacks is refused here (:class:`SubscribeRefused`):
+        wildcards, shared subscriptions; a Subscription Identifier is left out
+        when the broker has none."""
+        if not self.wildcards_ok and ("+" in topic_filter or "#" in topic_filter):
+            raise SubscribeRefused(topic_filter, 0xA2)
+        if not self.shared_ok and topic_filter.startswith("$share/"):
+            raise SubscribeRefused(topic_filter, 0x9E)
+        if not self.sub_ids_ok:
+            sub_id = 0
+        if self._max_qos < (options & 3):
+            options = options & ~3 | self._max_qos
+        packet = codec.encode_subscribe(0, topic_filter, options, sub_id)
+        if self._max_send and len(packet) > self._max_send:
+            raise SubscribeRefused(topic_filter, 0x95)
         packet_id = self._request()
         self._write(codec.encode_subscribe(packet_id, topic_filter, options, sub_id))
         return await self._requests[packet_id]
@@ -544,7 +965,7 @@ class Connection(asyncio.Protocol):
     def _request(self) -> int:
         if self._error is not None or self._transport is None:
             raise self._error or ConnectionLost("not connected")
-        packet_id = self._packet_id()
+        packet_id = self.session.packet_id(self._requests)
         self._requests[packet_id] = self._loop.create_future()
         if self._paused:
             self._resume()
@@ -552,30 +973,18 @@ class Connection(asyncio.Protocol):
         self._last_other = self._request_seqs[packet_id] = self._seq
         return packet_id
 
-    def take_unacked(self) -> list[Outgoing]:
-        """Once closed: the fire-and-forget publishes the broker never acknowledged,
-        in the order they were made (those with a future failed instead)."""
-        left = [*self._inflight.values(), *self._queued]
-        self._inflight.clear()
-        self._queued.clear()
-        return [
-            Outgoing(o.topic, o.payload, o.qos, o.retain, o.props, o.strikes)
-            for o in left
-            if o.future is None and not o.released  # QoS 2 past PUBREC has arrived
-        ]
-
     async def wait_acknowledged(self) -> None:
         """Until every QoS>0 publish made so far is acknowledged (or the connection ends)."""
-        if (self._inflight or self._queued) and not self.closed:
-            waiter = self._loop.create_future()
-            self._idle_waiters.append(waiter)
-            await waiter
+        session = self.session
+        if (session.inflight or session.queued) and not self.closed:
+            idle = asyncio.ensure_future(session.wait_idle())
+            try:
+                await asyncio.wait([idle, self._closed], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                idle.cancel()
 
-    def _wake_idle(self) -> None:
-        waiters, self._idle_waiters = self._idle_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
 
     # -------------------------------------------------------------- reading
 
@@ -629,7 +1038,11 @@ class Connection(asyncio.Protocol):
 
     def _handle(self, first: int, body: bytes) -> None:
         kind = first >> 4
+        if kind != codec.PUBLISH:
+            codec.check_flags(first)
         if kind == codec.PUBLISH:
+            if not self._connack.done():
+                raise ProtocolError("PUBLISH before CONNACK", 0x82)
             try:
                 message = codec.decode_publish(first, body)
             except codec.InvalidPublish as exc:
@@ -638,20 +1051,14 @@ class Connection(asyncio.Protocol):
             self._on_publish(message)
         elif kind in (codec.PUBACK, codec.PUBCOMP):
             packet_id, reason, props = codec.decode_ack(body)
-            self._acked(packet_id, reason, props)
+            self._acked(packet_id, reason, props, kind)
         elif kind == codec.PUBREC:
-            packet_id, reason, props = codec.decode_ack(body)
-            out = self._inflight.get(packet_id)
-            if reason >= 0x80 or out is None:
-                self._acked(packet_id, reason, props)
-            else:
-                out.released = True
-                self._last_acked = max(self._last_acked, out.seq)
-                self._ack(codec.encode_ack(codec.PUBREL, packet_id))
+            self._on_pubrec(*codec.decode_ack(body))
         elif kind == codec.PUBREL:
             packet_id = codec.decode_ack(body)[0]
-            self._incoming_qos2.discard(packet_id)
-            self._ack(codec.encode_ack(codec.PUBCOMP, packet_id))
+            known = packet_id in self.session.incoming_qos2
+            self.session.incoming_qos2.discard(packet_id)
+            self._ack(codec.encode_ack(codec.PUBCOMP, packet_id, 0 if known else 0x92))
         elif kind in (codec.SUBACK, codec.UNSUBACK):
             packet_id, codes, _props = codec.decode_suback(body)
             self._last_acked = max(self._last_acked, self._request_seqs.pop(packet_id, 0))
@@ -665,12 +1072,28 @@ class Connection(asyncio.Protocol):
         elif kind == codec.DISCONNECT:
             reason, props = codec.decode_disconnect(body)
             why = props.get(codec.REASON_STRING)
-            self._broker_reason = reason
+            reference = props.get(SERVER_REFERENCE)
+            if reference:
+                log.warning("the broker refers us to another server: %s", reference)
+            self.broker_reason = reason
             self._fail(
-                f"the broker disconnected us ({reason_text(reason)}{': ' + why if why else ''})"
+                "the broker disconnected us "
+                f"({reason_text(reason, codec.DISCONNECT)}{': ' + why if why else ''})"
             )
         else:
-            raise ProtocolError(f"unexpected packet type {kind} from the broker")
+            raise ProtocolError(f"unexpected packet type {kind} from the broker", 0x82)
+
+    def _on_pubrec(self, packet_id: int, reason: int, props: Properties) -> None:
+        out = self.session.inflight.get(packet_id)
+        if out is None or out.qos != 2:
+            if reason < 0x80:  # 4.3.3: release what we do not know, "not found"
+                self._ack(codec.encode_ack(codec.PUBREL, packet_id, 0x92))
+        elif reason >= 0x80:
+            self._acked(packet_id, reason, props, codec.PUBREC)
+        else:
+            out.released = True
+            self._last_acked = max(self._last_acked, out.seq)
+            self._ack(codec.encode_ack(codec.PUBREL, packet_id))
 
     def _drop_incoming(self, exc: codec.InvalidPublish) -> None:
         """Acknowledge (0x90 topic name invalid) and drop a PUBLISH that is not valid text."""
@@ -679,14 +1102,15 @@ class Connection(asyncio.Protocol):
             log.warning("%s (%d such message(s) so far)", exc, self._bad_incoming)
         if exc.qos:
             kind = codec.PUBACK if exc.qos == 1 else codec.PUBREC
-            self._ack(codec.encode_ack(kind, exc.packet_id, 0x90))
+            self._ack(codec.encode_ack(kind, exc.packet_id, exc.reason))
 
     def _on_publish(self, message: Publish) -> None:
         if message.qos == 2:
-            if message.packet_id in self._incoming_qos2:
+            received = self.session.incoming_qos2
+            if message.packet_id in received:
                 self._ack(codec.encode_ack(codec.PUBREC, message.packet_id))
                 return  # a resend of one we already have
-            self._incoming_qos2.add(message.packet_id)
+            received.add(message.packet_id)
         if not self.inbox:
             self._inbox_bytes = 0  # also right for owners that pop the inbox themselves
         size = len(message.payload)
@@ -716,6 +1140,11 @@ class Connection(asyncio.Protocol):
             kind = codec.PUBACK if message.qos == 1 else codec.PUBREC
             self._ack(codec.encode_ack(kind, message.packet_id))
 
+    @property
+    def dropped_incoming(self) -> int:
+        """Incoming messages dropped because dispatch was too far behind."""
+        return self._dropped_incoming
+
     def _drop_overflow(self, message: Publish) -> None:
         self._dropped_incoming += 1
         n = self._dropped_incoming
@@ -729,10 +1158,18 @@ class Connection(asyncio.Protocol):
                 n,
             )
 
-    def _acked(self, packet_id: int, reason: int, props: Properties) -> None:
-        out = self._inflight.pop(packet_id, None)
+    def _acked(self, packet_id: int, reason: int, props: Properties, kind: int) -> None:
+        session = self.session
+        out = session.inflight.get(packet_id)
         if out is None:
-            return
+            return  # 4.3: an acknowledgement for nothing of ours (a late duplicate)
+        if (kind == codec.PUBACK) != (out.qos == 1) or (kind == codec.PUBCOMP and not out.released):
+            raise ProtocolError(
+                f"packet {packet_id}: a {'PUBACK' if kind == codec.PUBACK else 'PUBCOMP'} "
+                f"for a QoS {out.qos} publish{'' if out.released else ' not released'}",
+                0x82,
+            )
+        del session.inflight[packet_id]
         self._last_acked = max(self._last_acked, out.seq)
         if reason >= 0x80:
             why = props.get(codec.REASON_STRING)
@@ -742,25 +1179,9 @@ class Connection(asyncio.Protocol):
                 reason_text(reason),
                 f": {why}" if why else "",
             )
-        if out.future is not None and not out.future.done():
-            out.future.set_result(reason)
-        queued = self._queued
-        while queued and len(self._inflight) < self._window:
-            self._send(queued.popleft())
-        if not self._inflight and self._idle_waiters:
-            self._wake_idle()
-
-    def _on_connack(self, body: bytes) -> None:
-        _present, reason, props = codec.decode_connack(body)
-        if self._connack.done():
-            raise ProtocolError("a second CONNACK")
-        if reason >= 0x80:
-            error = ConnectRefused(reason, props.get(codec.REASON_STRING))
-            self._error = error
-            self._connack.set_exception(error)
-            self._close_transport()
-        else:
-            self._connack.set_result(props)
+        session.finish(out, reason)
+        if session.queued:
+            self._send_queued()
 
     # ------------------------------------------------------------ keepalive
 
@@ -807,14 +1228,17 @@ class Connection(asyncio.Protocol):
             self._close_transport(abort=True)
 
 
-async def connect(params: ConnectParams) -> Connection:
+async def connect(params: ConnectParams, session: Session | None = None) -> Connection:
     """Open the transport, send CONNECT and wait for a successful CONNACK.
+
+    ``session``: the client's session state, kept across connections (see
+    :class:`Session`); without one, a session of this connection alone.
 
     Raises :class:`ConnectRefused` (with the broker's reason code) or
     :class:`ConnectionLost` (unreachable, timed out, closed).
     """
     loop = asyncio.get_running_loop()
-    conn = Connection(params)
+    conn = Connection(params, session)
     try:
         async with asyncio.timeout(params.connect_timeout):
             if params.transport == "unix":

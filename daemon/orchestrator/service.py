@@ -103,6 +103,8 @@ class Orchestrator:
             config.daemon_client_id("orchestrator"),
             password=config.broker_password(),
             will=(self.state_topic, offline),
+            session_expiry=config.broker.session_expiry,
+            duplicate_hint=f"is a second orchestrator running for realm {self.realm!r}?",
         )
         self.registry = Registry(self.cfg.breaker)
         self.queues: dict[str, FairQueue[Task]] = {}

@@ -71,6 +71,18 @@ class NodeSummary(Part):
     error: Text | None = None
 
 
+class BusStats(Part):
+    """The daemon's broker connection (``daemon.bus.Bus.stats``)."""
+
+    connects: int = Field(default=0, ge=0)
+    dropped: int = Field(default=0, ge=0)  # publishes given up (see Bus.dropped)
+    refused: int = Field(default=0, ge=0)  # publishes that could never be sent
+    handler_errors: int = Field(default=0, ge=0)
+    outbox: int = Field(default=0, ge=0)  # QoS 1/2 publishes not yet acknowledged
+    outbox_bytes: int = Field(default=0, ge=0)
+    inbox_dropped: int = Field(default=0, ge=0)  # incoming, dispatch too far behind
+
+
 class NodeInfo(Message):
     """Capability advert: ``node/<id>/info``, retained, QoS 1."""
 
@@ -110,6 +122,7 @@ class NodeHealth(Message):
     active_tasks: int = 0
     queue_depth: int = 0
     nodes: list[NodeSummary] = Field(default_factory=list, max_length=MAX_ITEMS)
+    bus: BusStats | None = None
 
 
 class Event(Message):

@@ -31,8 +31,10 @@ MESSAGE_SIZE_LIMIT: Final = 16 * 1024 * 1024
 # message_size_limit): the payload plus room for the topic and MQTT 5 properties.
 MAX_PACKET_SIZE: Final = MESSAGE_SIZE_LIMIT + 64 * 1024
 # A slow or absent subscriber's queue (QoS 1/2), by count and by bytes: without
-# the byte bound, 1000 large media messages could take gigabytes.
-MAX_QUEUED_MESSAGES: Final = 1000
+# the byte bound, 1000 large media messages could take gigabytes.  A daemon away
+# for a minute (its session kept: broker.session_expiry) gets what was sent to it
+# meanwhile from this queue; past it Mosquitto drops silently.
+MAX_QUEUED_MESSAGES: Final = 10_000
 MAX_QUEUED_BYTES: Final = 64 * 1024 * 1024
 # QoS 1/2 messages in flight to one client (Mosquitto's default, said out loud).
 MAX_INFLIGHT_MESSAGES: Final = 20
