@@ -46,7 +46,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from daemon.config import BrokerConfig
@@ -177,6 +177,15 @@ def _check_properties(props: dict[str, Any]) -> None:
             raise BusPublishError(f"property {text[:200]!r} {problem}")
 
 
+@dataclass(frozen=True, slots=True)
+class _WillOptions:
+    qos: int = 1
+    retain: bool = True
+
+    def __str__(self) -> str:
+        return f"at QoS {self.qos}{', retained' if self.retain else ', not retained'}"
+
+
 class Bus:
     """One MQTT 5 connection with reconnect, resubscribe, hooks and flow control."""
 
@@ -199,6 +208,7 @@ class Bus:
         self._password = password
         self._will = will
         self._session_expiry = session_expiry
+        self._will_as = _WillOptions()  # lowered if the broker refuses QoS 1 / retain
         self._duplicate_hint = duplicate_hint
         self._session = Session(
             max_messages=config.outbox_size or SESSION_MESSAGES, max_bytes=config.outbox_bytes
@@ -493,7 +503,9 @@ class Bus:
         will = None
         if self._will is not None:
             topic, payload = self._will
-            will = Will(topic, to_bytes(payload), qos=1, retain=True)
+            will = Will(
+                topic, to_bytes(payload), qos=self._will_as.qos, retain=self._will_as.retain
+            )
         return ConnectParams(
             host=ep.host,
             port=ep.port,
@@ -546,6 +558,8 @@ class Bus:
                     conn = await connect(self._params(), self._session)
                     await self._connection(conn)
                 except ConnectRefused as exc:
+                    if exc.code in (0x9A, 0x9B) and self._will_downgraded(exc):
+                        continue  # at once, with a will the broker can take
                     if exc.code in AUTH_FAILURES:
                         raise BusAuthError(
                             f"broker {self.config.url} refused the connection: {exc}. "
@@ -573,6 +587,19 @@ class Bus:
             dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await dispatcher
+
+    def _will_downgraded(self, exc: ConnectRefused) -> bool:
+        """The broker refused our will (0x9A: it has no retained messages; 0x9B: not
+        its QoS): send it without retain / at QoS 0 from now on, once."""
+        will = self._will_as
+        if exc.code == 0x9A and will.retain:
+            self._will_as = replace(will, retain=False)
+        elif exc.code == 0x9B and will.qos:
+            self._will_as = replace(will, qos=0)
+        else:
+            return False
+        log.warning("%s: the will is sent %s from now on", exc, self._will_as)
+        return True
 
     def _check_takeover(self, conn: Connection, lived: float) -> None:
         """Another process connected with our client id takes the session over, and we

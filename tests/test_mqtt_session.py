@@ -224,3 +224,33 @@ def test_a_distribution_host_name_gets_the_machine_id(tmp_path: Path) -> None:
     assert default_node_id("ubuntu.local", machine_id) == "ubuntu-1f2e3d4c"
     assert default_node_id("kitchen-pi", machine_id) == "kitchen-pi"
     assert default_node_id("raspberrypi", tmp_path / "missing") == "raspberrypi"
+
+
+async def test_a_broker_without_retain_gets_a_will_it_can_take() -> None:
+    """A broker without retained messages refuses a retained will (CONNACK 0x9A): the
+    next CONNECT carries the will unretained, and the bus connects."""
+    connects: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read(65536)
+        flags = data[data.index(b"MQTT\x05") + 5]
+        connects.append(flags)
+        if flags & 0x20:  # Will Retain
+            writer.write(b"\x20\x03\x00\x9a\x00")
+        else:  # success, and Retain Available = 0 said
+            writer.write(b"\x20\x05\x00\x00\x02\x25\x00")
+        await writer.drain()
+        with contextlib.suppress(OSError):
+            await reader.read(65536)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        cfg = make_config(f"mqtt://127.0.0.1:{port}", "w")
+        bus = Bus(cfg.broker, "will", will=("mtor/w/node/x/state", b"offline"))
+        async with bus_running(bus):
+            assert [bool(f & 0x04) for f in connects] == [True, True]  # a will both times
+            assert [bool(f & 0x20) for f in connects] == [True, False]
+    finally:
+        server.close()
