@@ -12,7 +12,8 @@ replies.
   had not acknowledged when a connection dropped, and what was published while there
   was none, is sent on the next connection.  With ``session_expiry`` the broker keeps
   our side too (subscriptions, messages queued for us while we are away) and the
-  next connection resumes it (resending with DUP); otherwise each connect starts clean.
+  next connection resumes it (resending with DUP; see :meth:`Bus._start_session`
+  for a process's first); otherwise each connect starts clean.
   :meth:`Bus.publish` waits while the outbox is full; :meth:`Bus.post` drops (counted).
 * Each filter gets an MQTT 5 subscription identifier; an incoming message is
   dispatched to the handlers of exactly the subscriptions it matched, once — also
@@ -82,7 +83,7 @@ from daemon.mqtt.codec import (
     reason_text,
     subscribe_options,
 )
-from daemon.mqtt.connection import SESSION_MESSAGES, Outgoing
+from daemon.mqtt.connection import MAX_STRIKES, SESSION_MESSAGES, Outgoing
 from daemon.textcheck import text_problem, topic_name_problem, valid_topic_name
 from daemon.topics import filters_overlap, matches, validate_filter
 
@@ -101,6 +102,9 @@ LOG_PAYLOAD_BYTES: Final = 200
 # *silently*: a process whose loop is busy for a moment lost messages in a burst.  The
 # connection acknowledges on read, so the real bound is MAX_QUEUED_INCOMING on our side.
 RECEIVE_MAXIMUM: Final = 65_535
+# DISCONNECT reasons by which a broker refuses the SUBSCRIBE it just read: topic filter
+# invalid, shared subscriptions / subscription identifiers / wildcards not supported.
+SUBSCRIBE_REFUSALS: Final = frozenset({0x8F, 0x9E, 0xA1, 0xA2})
 # A connection that stayed up this long (s) resets the reconnect backoff.
 STABLE_AFTER: Final = 10.0
 # The broker closing our connection this soon (s) after CONNACK without a word, this
@@ -151,6 +155,7 @@ class Subscription:
     no_local: bool = False
     handlers: list[Handler] = field(default_factory=list)
     conn: Connection | None = None  # the connection it was last sent on
+    strikes: int = 0  # connections closed while it was unanswered, in a row
 
 
 def to_bytes(payload: Payload) -> bytes:
@@ -208,6 +213,7 @@ class Bus:
         self._password = password
         self._will = will
         self._session_expiry = session_expiry
+        self._fresh = True  # no session of ours on the broker yet (see _start_session)
         self._will_as = _WillOptions()  # lowered if the broker refuses QoS 1 / retain
         self._duplicate_hint = duplicate_hint
         self._session = Session(
@@ -318,16 +324,29 @@ class Bus:
             granted = await conn.subscribe(sub.topic_filter, options, sub.sub_id)
         except SubscribeRefused as exc:
             refused = exc
+        except MqttError:
+            # Closed with this SUBSCRIBE unanswered: by a reason that refuses it, or
+            # MAX_STRIKES times in a row — it is the broker's answer to it.
+            reason = conn.broker_reason
+            sub.strikes += 1
+            if reason not in SUBSCRIBE_REFUSALS and sub.strikes < MAX_STRIKES:
+                raise
+            self._forget(sub, SubscribeRefused(sub.topic_filter, reason or 0x80))
+            raise
         else:
             code = next((c for c in granted if c >= 0x80), None)
             if code is None:
+                sub.strikes = 0
                 return
             refused = SubscribeRefused(sub.topic_filter, code)
+        self._forget(sub, refused)
+        raise BusSubscribeError(str(refused)) from refused
+
+    def _forget(self, sub: Subscription, refused: SubscribeRefused) -> None:
         if self._subs.get(sub.topic_filter) is sub:
             del self._subs[sub.topic_filter]
             self._by_id.pop(sub.sub_id, None)
         log.error("%s: not subscribed, not retried (check the ACL)", refused)
-        raise BusSubscribeError(str(refused)) from refused
 
     async def _resubscribe(self, conn: Connection) -> None:
         """Every registered filter on ``conn``, including those registered meanwhile."""
@@ -516,9 +535,8 @@ class Bus:
             username=self.config.username,
             password=self._password,
             keepalive=self.config.keepalive,
-            # A session the broker may still hold is resumed; a process that just
-            # started has no state of its own to resume one with (3.2.2-4).
-            clean_start=not (self._session_expiry and self._session.established),
+            # With a session expiry, always resume (see _start_session).
+            clean_start=not self._session_expiry,
             session_expiry=self._session_expiry,
             will=will,
             receive_maximum=RECEIVE_MAXIMUM,
@@ -555,6 +573,8 @@ class Bus:
             while True:
                 conn: Connection | None = None
                 try:
+                    if self._session_expiry and self._fresh:
+                        await self._start_session()
                     conn = await connect(self._params(), self._session)
                     await self._connection(conn)
                 except ConnectRefused as exc:
@@ -587,6 +607,18 @@ class Bus:
             dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await dispatcher
+
+    async def _start_session(self) -> None:
+        """A process's first connect with a session expiry: drop whatever session an
+        earlier process left with our client id (we have no state for it: stale
+        subscriptions, messages queued for a configuration that is gone;
+        MQTT-3.2.2-4), then resume the fresh one from the next CONNECT on — with
+        Clean Start 0 from the start, because Mosquitto 2.0.11 writes to disk only
+        sessions made that way (one made with Clean Start 1 is lost when the broker
+        restarts)."""
+        clean = await connect(replace(self._params(), clean_start=True), Session(keep=False))
+        await clean.close()  # a normal DISCONNECT: the will is not sent
+        self._fresh = False
 
     def _will_downgraded(self, exc: ConnectRefused) -> bool:
         """The broker refused our will (0x9A: it has no retained messages; 0x9B: not

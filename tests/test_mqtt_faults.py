@@ -44,10 +44,8 @@ SESSION = 300  # Session Expiry Interval for the persistent sessions (s)
 SUBSCRIBER_RETRY = 4.0
 
 
-MOSQUITTO_C1 = (
-    "issue 14: sessions: Bus(session_expiry=...); Mosquitto 2.0.11 saves only sessions whose "
-    "CONNECT had Clean Start 0, and a new Bus connects first with Clean Start 1"
-)
+# Mosquitto 2.0.11 saves to disk only sessions whose CONNECT had Clean Start 0: a
+# Bus with a session expiry asks to resume from its first CONNECT (see docs/mqtt.md).
 
 
 def persistent(directory: Path, *, autosave: int | None = None) -> str:
@@ -210,7 +208,6 @@ async def test_broker_frozen_by_sigstop(
     assert [b.connects for b in buses] == [1, 1]  # frozen, not gone
 
 
-@pytest.mark.xfail(strict=True, reason=MOSQUITTO_C1)
 async def test_broker_restarted_with_persistence(
     tmp_path: Path, realm: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -231,7 +228,6 @@ async def test_broker_restarted_with_persistence(
     assert tally.duplicated(2) == 0
 
 
-@pytest.mark.xfail(strict=True, reason=MOSQUITTO_C1)
 async def test_broker_killed_and_restarted(
     tmp_path: Path, realm: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -327,16 +323,8 @@ async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
 @pytest.mark.parametrize(
     "restart_broker",
     [
-        pytest.param(
-            False,
-            id="away",
-            marks=pytest.mark.xfail(strict=True, reason="issue 14: Bus(session_expiry=...)"),
-        ),
-        pytest.param(
-            True,
-            id="away-over-a-restart",
-            marks=pytest.mark.xfail(strict=True, reason=MOSQUITTO_C1),
-        ),
+        pytest.param(False, id="away"),
+        pytest.param(True, id="away-over-a-restart"),
     ],
 )
 async def test_persistent_session_gets_what_it_missed(

@@ -270,8 +270,6 @@ class Session:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.keep = keep
-        # The broker keeps a session for us (our last CONNACK had a Session Expiry).
-        self.established = False
         self.connection: Connection | None = None
         self.bytes = 0
         self.dropped = 0  # QoS 0 offline or to a broker that stopped reading
@@ -691,7 +689,13 @@ class Connection(asyncio.Protocol):
         if self._keepalive:
             self._ping_timer = self._loop.call_later(self._keepalive / 2, self._tick)
         expiry = props.get(codec.SESSION_EXPIRY, p.session_expiry)
-        self._resume_session(present, kept=expiry > 0)
+        if expiry < p.session_expiry:
+            log.info(
+                "the broker keeps our session %d s after a disconnect (we asked %d s)",
+                expiry,
+                p.session_expiry,
+            )
+        self._resume_session(present)
         self._connack.set_result(props)
 
     def _refused(self, error: ConnectRefused) -> None:
@@ -699,15 +703,16 @@ class Connection(asyncio.Protocol):
         self._connack.set_exception(error)
         self._close_transport()
 
-    def _resume_session(self, present: bool, *, kept: bool) -> None:
+    def _resume_session(self, present: bool) -> None:
         """Take the session over (4.4): with Session Present, resend what the broker
         never acknowledged — PUBLISH with DUP and its packet id, PUBREL for a QoS 2
         publish it received — in the order first sent; without, the broker's side is
-        gone: what was in flight is sent again as new publishes (a QoS 2 publish past
-        PUBREC reached the broker, so it is done)."""
+        gone: what was in flight is sent again as new publishes.  That includes a QoS 2
+        publish past PUBREC: Mosquitto delivers QoS 2 on PUBREL, so not resending it
+        loses it; a broker that delivered it on PUBLISH delivers it twice (at least
+        once, only when a session was lost)."""
         session = self.session
         session.connection = self
-        session.established = kept
         inflight = session.inflight
         if present:
             for out in inflight.values():
@@ -722,11 +727,9 @@ class Connection(asyncio.Protocol):
             session.incoming_qos2.clear()
             again = []
             for out in list(inflight.values()):
-                if out.released:
-                    session.finish(out, 0)
-                else:
-                    out.packet_id = out.seq = 0
-                    again.append(out)
+                out.packet_id = out.seq = 0
+                out.released = False
+                again.append(out)
             inflight.clear()
             session.queued.extendleft(reversed(again))
         if not self._hold:
