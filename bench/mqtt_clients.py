@@ -330,7 +330,7 @@ def _git() -> dict[str, Any]:
             )
         except (OSError, subprocess.SubprocessError):
             return None
-        return done.stdout.strip()
+        return done.stdout.rstrip()  # porcelain lines start with a space
 
     # What the run imports that differs from the commit (others may be editing).
     changed = git("status", "--porcelain", "--", "daemon", "bench") or ""

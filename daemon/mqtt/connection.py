@@ -96,6 +96,20 @@ SESSION_BYTES: Final = 64 * 1024 * 1024
 # Bytes the transport may hold unsent (a broker that stopped reading) before QoS 0
 # publishes are dropped; QoS 1/2 are bounded by the in-flight window and the session.
 WRITE_BUFFER_LIMIT: Final = 8 * 1024 * 1024
+# Topic names remembered as checked, per connection (past it the set starts again).
+GOOD_TOPICS: Final = 4096
+
+
+def _valid(first: int) -> bool:
+    try:
+        codec.check_flags(first)
+    except ProtocolError:
+        return False
+    return True
+
+
+# First bytes of every packet other than PUBLISH whose flags are right (2.1.3).
+_VALID_FIRST_BYTES: Final = frozenset(b for b in range(256) if b >> 4 != 3 and _valid(b))
 # CONNACK properties (3.2.2.3) this module reads by name.
 RETAIN_AVAILABLE: Final = 0x25
 WILDCARD_AVAILABLE: Final = 0x28
@@ -433,6 +447,7 @@ class Connection(asyncio.Protocol):
         self._refused_topics: set[str] = set()
         self._bad_incoming = 0
         self._max_send = 0  # the broker's Maximum Packet Size (0: none said)
+        self._good_topics: set[str] = set()  # topic names already checked (hot path)
         # Packets written, in order: what a broker's DISCONNECT can be blamed on.
         self._seq = 0
         self._last_other = 0  # seq of the last packet not acknowledged by the broker
@@ -798,13 +813,8 @@ class Connection(asyncio.Protocol):
             raise self._error or ConnectionLost("not connected")
         if threading.get_ident() != self._thread:
             raise MqttError("publish from outside the connection's event loop thread")
-        if (
-            not topic.isascii()
-            or "+" in topic
-            or "#" in topic
-            or "\0" in topic
-            or not topic
-            or (self._max_send and len(payload) + len(props) + len(topic) + 9 > self._max_send)
+        if topic not in self._good_topics or (
+            self._max_send and len(payload) + len(props) + len(topic) + 9 > self._max_send
         ):
             self._check_sendable(topic, payload, props)
         if retain and not self._retain_ok:
@@ -856,14 +866,17 @@ class Connection(asyncio.Protocol):
             )
 
     def _check_sendable(self, topic: str, payload: bytes, props: bytes) -> None:
-        """The slow part of :meth:`publish`'s checks (a topic that is not plain ASCII
-        or holds a wildcard, or a packet that may be over the broker's limit)."""
+        """The slow part of :meth:`publish`'s checks (a topic not seen before, or a
+        packet that may be over the broker's limit)."""
         try:
             topic_size = len(topic.encode())
         except UnicodeEncodeError as exc:
             raise self._refuse(topic, 0x90, "its topic is not UTF-8") from exc
         if not topic or "+" in topic or "#" in topic or "\0" in topic:
             raise self._refuse(topic, 0x90, "it is not a valid topic name")
+        if len(self._good_topics) >= GOOD_TOPICS:
+            self._good_topics.clear()
+        self._good_topics.add(topic)
         # topic length + topic + packet id + properties + payload (3.3.1), then the fixed header
         remaining = 2 + topic_size + 2 + len(props) + len(payload)
         size = 1 + len(codec.varint(min(remaining, codec.MAX_REMAINING_LENGTH))) + remaining
@@ -1041,8 +1054,8 @@ class Connection(asyncio.Protocol):
 
     def _handle(self, first: int, body: bytes) -> None:
         kind = first >> 4
-        if kind != codec.PUBLISH:
-            codec.check_flags(first)
+        if kind != codec.PUBLISH and first not in _VALID_FIRST_BYTES:
+            codec.check_flags(first)  # raises
         if kind == codec.PUBLISH:
             if not self._connack.done():
                 raise ProtocolError("PUBLISH before CONNACK", 0x82)
