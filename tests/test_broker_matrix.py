@@ -429,6 +429,9 @@ async def test_realm_runs_an_echo_task(mbroker: MatrixBroker, realm: str, tmp_pa
         node = NodeDaemon(config(node_id="w1", nodes={"ref": {"type": "reference"}}))
         roles._run(node.run)
         await asyncio.wait_for(node._online.wait(), 15)
+        async with asyncio.timeout(15):  # the orchestrator has read the node's advert
+            while "w1" not in orchestrator.registry.index.get("echo", set()):
+                await asyncio.sleep(0.02)
         async with running_bus(config()) as bus:
             client = RealmClient(bus, realm)
             await client.start()
