@@ -73,6 +73,8 @@ SYS_TOPICS: Final = (
     "$SYS/broker/messages/sent",
     "$SYS/broker/publish/messages/received",
     "$SYS/broker/publish/messages/sent",
+    "$SYS/broker/bytes/received",
+    "$SYS/broker/bytes/sent",
     "$SYS/broker/clients/connected",
 )
 POLL: Final = 0.25  # between two reads of the registry (admin 'peers')
@@ -91,9 +93,11 @@ class SysCounters:
 
     samples: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     delivered: int = 0  # $SYS messages the broker sent us (they count in 'sent')
+    delivered_bytes: int = 0  # and their topics and payloads (headers not counted)
 
     async def on_message(self, msg: Inbound) -> None:
         self.delivered += 1
+        self.delivered_bytes += len(msg.topic) + len(msg.payload)
         with contextlib.suppress(ValueError):
             value = float(msg.payload.split()[0])
             self.samples.setdefault(msg.topic, []).append((time.monotonic(), value))
@@ -128,6 +132,7 @@ class Step:
     sim_events: list[dict[str, Any]] = field(default_factory=list)
     sys: SysCounters = field(default_factory=SysCounters)
     stats_bytes: int = 0
+    orch_name: str = "orchestrator"
     _logs: list[IO[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -145,6 +150,7 @@ class Step:
         return f
 
     def start_orchestrator(self, name: str) -> None:
+        self.orch_name = name
         config = orchestrator_config(self.directory, self.broker.url, self.realm)
         self.orch = subprocess.Popen(
             [*mtor_command(), "orchestrator", "--config", str(config)],
@@ -229,6 +235,8 @@ class Step:
 
     async def _on_stats(self, msg: Inbound) -> None:
         self.stats_bytes = len(msg.payload)
+        self.sys.delivered += 1  # our subscription, not the realm's traffic
+        self.sys.delivered_bytes += len(msg.topic) + len(msg.payload)
 
     # ------------------------------------------------------------- readings
 
@@ -245,8 +253,8 @@ class Step:
 
     def check_orchestrator(self) -> None:
         if self.orch is None or self.orch.poll() is not None:
-            log = (self.directory / "orchestrator.log").read_text(errors="replace")[-2000:]
-            raise SystemExit(f"the orchestrator exited:\n{log}")
+            tail = (self.directory / f"{self.orch_name}.log").read_text(errors="replace")
+            raise SystemExit(f"the orchestrator exited:\n{tail[-2000:]}")
 
     async def registered(self) -> int:
         """Simulated peers the orchestrator's registry holds online with ``echo``."""
@@ -299,26 +307,37 @@ def broker_problems(broker: PrivateBroker) -> list[str]:
     return [line for line in broker.log_tail(200) if any(w in line.lower() for w in words)]
 
 
+def log_problems(path: Path, limit: int = 10) -> list[str]:
+    """The orchestrator's WARNING / ERROR lines (it logs at warning in this benchmark)."""
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    found = [line[:300] for line in lines if "WARNING" in line or "ERROR" in line]
+    return found[:limit] + ([f"... {len(found) - limit} more"] if len(found) > limit else [])
+
+
 async def idle(step: Step, seconds: float) -> dict[str, Any]:
     cpu0 = step.cpu()
-    delivered0 = step.sys.delivered
+    delivered0, delivered_bytes0 = step.sys.delivered, step.sys.delivered_bytes
     start = time.monotonic()
     await asyncio.sleep(seconds)
     end = time.monotonic()
     wall = end - start
-    own = (step.sys.delivered - delivered0) / wall  # our $SYS deliveries count as sent
-    rates = {t.removeprefix("$SYS/broker/"): step.sys.rate(t, start, end) for t in SYS_TOPICS[:4]}
+    # What the broker sent this benchmark ($SYS, orchestrator/stats) counts as sent.
+    own = (step.sys.delivered - delivered0) / wall
+    own_bytes = (step.sys.delivered_bytes - delivered_bytes0) / wall
+    rates = {t.removeprefix("$SYS/broker/"): step.sys.rate(t, start, end) for t in SYS_TOPICS[:6]}
     rounded = {
-        "received_per_s": rates["messages/received"],
-        "sent_per_s": (rates["messages/sent"] or 0) - own,
-        "publish_received_per_s": rates["publish/messages/received"],
-        "publish_sent_per_s": (rates["publish/messages/sent"] or 0) - own,
+        "received_per_s": rates["messages/received"] or 0.0,
+        "sent_per_s": (rates["messages/sent"] or 0.0) - own,
+        "publish_received_per_s": rates["publish/messages/received"] or 0.0,
+        "publish_sent_per_s": (rates["publish/messages/sent"] or 0.0) - own,
+        "bytes_received_per_s": rates["bytes/received"] or 0.0,
+        "bytes_sent_per_s": (rates["bytes/sent"] or 0.0) - own_bytes,
     }
     return {
         "seconds": round(wall, 1),
         "cpu_percent": cpu_percent(cpu0, step.cpu(), wall),
         "orchestrator": step.orch_rss(),
-        "broker_messages": {k: round(v or 0.0, 1) for k, v in rounded.items()},
+        "broker_messages": {k: round(max(0.0, v), 1) for k, v in rounded.items()},
         "broker_clients": step.sys.latest("$SYS/broker/clients/connected"),
         "stats_payload_bytes": step.stats_bytes,
     }
@@ -420,6 +439,8 @@ async def measure_step(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
                 "orchestrator": step.orch_rss(),
             }
             out["broker_log"] = broker_problems(broker)
+            out["orchestrator_log"] = log_problems(step.directory / "orchestrator.log")
+            out["orchestrator_log"] += log_problems(step.directory / "orchestrator-restart.log")
             note(
                 f"[{nodes}] p50 {out['latency']['p50_ms']} ms; "
                 f"restart: all {nodes} again in {reg2['s']} s"
