@@ -26,9 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from daemon.errors import ConfigError
 from daemon.homeassistant.config import HomeAssistantConfig
 from daemon.orchestrator.config import OrchestratorConfig
+from daemon.plugins import NodeConfigBase, NodeEntry, node_type, node_types
 from daemon.workflows.model import WorkflowConfig, check_name
-from nodes.catalog import NodeConfig, node_types
-from nodes.sensors.config import SensorsConfig
 
 SECRET_KEYS = frozenset({"password", "api_key", "token", "secret", "alarm_code"})
 SEARCH_PATH = (Path("config.yaml"), Path("/etc/mtor/config.yaml"))
@@ -185,12 +184,18 @@ class DaemonConfig(_Strict):
     )
 
 
-def _default_nodes() -> dict[str, NodeConfig]:
-    return {"sensors": SensorsConfig()}
+def _default_nodes() -> dict[str, NodeConfigBase]:
+    # What `nodes` holds when the file has none; `mtor node` then runs every node
+    # type that works here instead (nodes_named() is False, daemon.cli.nodes).
+    return {"sensors": node_type("sensors").config.model_validate({"type": "sensors"})}
 
 
 class Config(_Strict):
     """The whole configuration of one M-TOR process."""
+
+    # Built on first use, not at import: `nodes` validates against the node types
+    # registered then (daemon.plugins), and importing them must not be this module's.
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     realm: str = Field(default="home", pattern=NAME_RE, description="Realm name (topic root).")
     node_id: str | None = Field(
@@ -207,9 +212,10 @@ class Config(_Strict):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig)
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
-    nodes: dict[str, NodeConfig] = Field(
+    nodes: dict[str, NodeEntry] = Field(
         default_factory=_default_nodes,
-        description="Nodes hosted by `mtor node`, by name.",
+        description="Nodes hosted by `mtor node`, by name.  Without this key `mtor node` "
+        "hosts every node type that works on the machine (as `mtor up` does).",
     )
     workflows: dict[str, WorkflowConfig] = Field(
         default_factory=dict, description="Workflows by name (see docs/workflows.md)."
@@ -232,6 +238,11 @@ class Config(_Strict):
             if not re.match(NAME_RE, name):
                 raise ValueError(f"node name {name!r} must match {NAME_RE}")
         return v
+
+    @property
+    def nodes_named(self) -> bool:
+        """Did the config name its nodes (a ``nodes:`` key), or leave them to the machine?"""
+        return "nodes" in self.model_fields_set
 
     @property
     def effective_node_id(self) -> str:

@@ -1,13 +1,6 @@
-"""The config base every node type extends."""
+"""The config base every node type extends (it lives in :mod:`daemon.plugins`,
+where the core can name it without importing a node type)."""
 
-from __future__ import annotations
+from daemon.plugins import NodeConfigBase
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class NodeConfigBase(BaseModel):
-    """Fields every node entry in ``nodes:`` has."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = Field(default=True, description="Set false to keep the entry but not run it.")
+__all__ = ["NodeConfigBase"]

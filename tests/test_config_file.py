@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel
 
 from daemon.config import Config, build_config
+from daemon.plugins import NodeConfigBase, node_types
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = ROOT / "config.yaml"
@@ -70,6 +71,11 @@ def test_sensors_node_enabled(data: dict[str, Any]) -> None:
 def _models_in(annotation: Any, suffix: str = "") -> Iterator[tuple[str, type[BaseModel]]]:
     """The models inside a field's type, with how they nest: "" (a mapping
     key), "[]" (list items) or "{}" (values of a dict keyed by the user)."""
+    if annotation is NodeConfigBase:
+        # A `nodes:` entry: any registered node type (daemon.plugins).
+        for node_type in node_types().values():
+            yield suffix, node_type.config
+        return
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         yield suffix, annotation
         return
