@@ -214,6 +214,7 @@ class Bus:
         self._will = will
         self._session_expiry = session_expiry
         self._fresh = True  # no session of ours on the broker yet (see _start_session)
+        self._reconnect_now = False  # reconnect() asked: no backoff this time
         self._will_as = _WillOptions()  # lowered if the broker refuses QoS 1 / retain
         self._duplicate_hint = duplicate_hint
         self._session = Session(
@@ -272,6 +273,18 @@ class Bus:
             raise BusNotConnectedError(
                 f"no connection to the broker at {self.config.url} after {timeout:g}s"
             ) from exc
+
+    def set_will(self, topic: str, payload: Payload) -> None:
+        """The will from the next connection on (see :meth:`reconnect`)."""
+        self._will = (topic, payload)
+
+    def reconnect(self) -> None:
+        """Close the connection normally (its will is not sent) and connect again at
+        once: e.g. for a new will to take effect.  The session goes on."""
+        conn = self._conn
+        if conn is not None:
+            self._reconnect_now = True
+            asyncio.get_running_loop().create_task(conn.close())
 
     def on_connect(self, hook: Hook) -> None:
         """Run ``hook`` after every (re)connect, once subscriptions are in place."""
@@ -587,12 +600,16 @@ class Bus:
                         ) from exc
                     self._lost(exc, attempt)
                 except MqttError as exc:
-                    self._lost(exc, attempt)
+                    if not self._reconnect_now:
+                        self._lost(exc, attempt)
                 finally:
                     self._connected.clear()
                     self._conn = None
                     if conn is not None:
                         await conn.close()
+                if self._reconnect_now:
+                    self._reconnect_now = False
+                    continue
                 if conn is not None and conn.connected_at:
                     lived = time.monotonic() - conn.connected_at
                     if lived >= STABLE_AFTER:

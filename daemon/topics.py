@@ -112,6 +112,11 @@ TASK_WORKER: Final = TopicPattern(ROOT + "/{realm}/task/worker/{node_id}")
 ORCH_STATE: Final = TopicPattern(ROOT + "/{realm}/orchestrator/state")
 ORCH_STATS: Final = TopicPattern(ROOT + "/{realm}/orchestrator/stats")
 ORCH_ADMIN: Final = TopicPattern(ROOT + "/{realm}/orchestrator/admin/{user}")
+# High availability (docs/operations.md): who is active, the active's task changes for
+# the standbys, and each orchestrator instance's own presence.
+ORCH_LEASE: Final = TopicPattern(ROOT + "/{realm}/orchestrator/lease")
+ORCH_JOURNAL: Final = TopicPattern(ROOT + "/{realm}/orchestrator/journal")
+ORCH_INSTANCE: Final = TopicPattern(ROOT + "/{realm}/orchestrator/instance/{name}/state")
 # Replies to an account: only the orchestrator writes other accounts' reply topics,
 # and each account reads only its own.
 REPLY: Final = TopicPattern(ROOT + "/{realm}/reply/{user}/{rest...}")

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ValidationError
 from daemon import topics
 from daemon.bus import Bus, Inbound
 from daemon.errors import MessageError, TaskError
-from daemon.messages import decode_any
+from daemon.messages import decode, decode_any
+from daemon.protocol.admin import OrchestratorLease
 from daemon.protocol.common import ERROR_CODE_RE
 from daemon.protocol.task import (
     DirectReply,
@@ -128,6 +129,9 @@ class Worker:
         # reported as "timeout" (up to one TICK late).
         self._deadlines: TimerWheel[tuple[str, int]] = TimerWheel(self._on_deadline)
         self._expired: set[tuple[str, int]] = set()
+        # The highest orchestrator lease epoch seen (high availability): assignments
+        # from a lower one come from an orchestrator that no longer rules.
+        self.epoch = 0
 
     def set_routes(self, routes: dict[str, tuple[Node, int]]) -> None:
         """capability -> (node, max concurrency); called whenever adverts change."""
@@ -138,9 +142,26 @@ class Worker:
         return len(self.running)
 
     async def start(self) -> None:
+        await self.bus.subscribe(topics.ORCH_LEASE.build(realm=self.realm), self._on_lease)
         await self.bus.subscribe(
             topics.NODE_TASK.build(realm=self.realm, node_id=self.node_id), self._on_message
         )
+
+    async def _on_lease(self, msg: Inbound) -> None:
+        """A new active orchestrator: fence off the old one, and tell the new one
+        what runs here (it adopted these tasks from its mirror and waits for this)."""
+        try:
+            lease = decode(msg.payload, OrchestratorLease)
+        except MessageError:
+            return
+        if lease.state != "held" or lease.epoch <= self.epoch:
+            return
+        first = self.epoch == 0
+        self.epoch = lease.epoch
+        if first:
+            return  # the retained lease on subscribing: nothing changed hands
+        for _, run in list(self.running.values()):
+            self._ack(run)
 
     def _report(self, report: WorkerReport) -> None:
         self.bus.post(self.report_topic, report, qos=1)
@@ -184,6 +205,11 @@ class Worker:
             reason = ErrorInfo(code="overloaded", message=f"{assign.capability} slots are full")
         elif assign.deadline is not None and assign.deadline <= time.time():
             reason = ErrorInfo(code="timeout", message="deadline passed before the task started")
+        elif assign.epoch is not None and assign.epoch < self.epoch:
+            reason = ErrorInfo(
+                code="stale_epoch",
+                message=f"assigned in epoch {assign.epoch}; orchestrator epoch {self.epoch} rules",
+            )
         if reason is not None or route is None:
             self._report(
                 WorkerReport(task_id=key, attempt=assign.attempt, status="rejected", error=reason)

@@ -19,6 +19,7 @@ EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 64
 EXIT_UNAVAILABLE: Final = 69  # broker unreachable, nothing answered
+EXIT_TEMPFAIL: Final = 75  # try again: an orchestrator that stepped down
 EXIT_NOPERM: Final = 77  # broker refused credentials / authorisation
 EXIT_CONFIG: Final = 78  # configuration invalid
 

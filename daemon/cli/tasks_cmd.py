@@ -13,6 +13,7 @@ from typing import Any
 from daemon.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
+    EXIT_TEMPFAIL,
     Command,
     client_bus,
     environ,
@@ -94,13 +95,20 @@ def _token(args: argparse.Namespace, config: Config) -> str | None:
 
 
 def cmd_orchestrator(args: argparse.Namespace, config: Config) -> int:
+    from daemon.orchestrator.ha import SteppedDown
     from daemon.orchestrator.service import Orchestrator
     from daemon.sdnotify import Notifier
 
     async def main() -> int:
         stop = asyncio.Event()
         install_stop_signals(stop)
-        await Orchestrator(config, notifier=Notifier(environ())).run(stop)
+        try:
+            await Orchestrator(config, notifier=Notifier(environ())).run(stop)
+        except SteppedDown as exc:
+            # Another orchestrator took over while this one was away: start again, as
+            # its standby (systemd and `mtor up` restart a daemon that exits 75).
+            print(f"mtor orchestrator: stepped down: {exc}", file=sys.stderr)
+            return EXIT_TEMPFAIL
         return EXIT_OK
 
     from daemon.cli.main import run_async

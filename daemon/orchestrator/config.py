@@ -90,6 +90,22 @@ class OrchestratorConfig(_Strict):
         default=None, ge=1, le=65535, description="Serve /metrics on this port (off if unset)."
     )
     prometheus_host: str = Field(default="127.0.0.1")
+    instance: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="This orchestrator's name among several on one realm (high "
+        "availability; default: the node id). Each needs its own.",
+    )
+    lease_renew: float = Field(
+        default=1.0, gt=0, le=30, description="How often the active renews its lease (s)."
+    )
+    lease_timeout: float = Field(
+        default=3.0,
+        gt=0,
+        le=120,
+        description="A lease not renewed this long is taken over by a standby (s); an active "
+        "that dies is noticed at once (its will).",
+    )
     dedupe_size: int = Field(
         default=10_000, ge=100, description="Finished tasks remembered for idempotent resubmits."
     )

@@ -35,6 +35,7 @@ from daemon.config import Config
 from daemon.errors import BusError, ConfigError, MessageError
 from daemon.messages import M, decode, now
 from daemon.orchestrator import policy
+from daemon.orchestrator.ha import HighAvailability, Mirrored, SteppedDown
 from daemon.orchestrator.identity import (
     Identities,
     Identity,
@@ -49,7 +50,7 @@ from daemon.orchestrator.stats import Stats
 from daemon.orchestrator.store import Store
 from daemon.orchestrator.tasks import Task, TokenBucket, bucket_for
 from daemon.orchestrator.users import Users
-from daemon.protocol.admin import OrchestratorState, OrchestratorStats
+from daemon.protocol.admin import InstanceState, OrchestratorState, OrchestratorStats
 from daemon.protocol.node import NodeHealth, NodeInfo, NodeState
 from daemon.protocol.task import (
     PEER_FAULT_CODES,
@@ -72,7 +73,7 @@ SWEEP_INTERVAL: Final = 1.0
 # How often (s) long-gone peers are looked for (a pass over the whole registry).
 FORGET_INTERVAL: Final = 30.0
 # Worker rejections that hand a task back without counting against the peer.
-NEUTRAL_REJECTIONS: Final = frozenset({"overloaded", "shutting_down", "timeout"})
+NEUTRAL_REJECTIONS: Final = frozenset({"overloaded", "shutting_down", "timeout", "stale_epoch"})
 # Tasks a single dispatch pass may set aside because their constraints fit no free peer.
 MAX_PARKED: Final = 64
 # Outputs of finished tasks kept for resubmissions, at most (bytes): 10,000 finals of
@@ -97,12 +98,11 @@ class Orchestrator:
         self.notifier = notifier or Notifier({})
         self.started = time.monotonic()
         self.state_topic = topics.ORCH_STATE.build(realm=self.realm)
-        offline = OrchestratorState(state="offline", boot_id=self.boot_id, version=__version__)
         self.bus = Bus(
             config.broker,
             config.daemon_client_id("orchestrator"),
             password=config.broker_password(),
-            will=(self.state_topic, offline),
+            will=(self.state_topic, self.offline_state()),
             session_expiry=config.broker.session_expiry,
             duplicate_hint=f"is a second orchestrator running for realm {self.realm!r}?",
         )
@@ -154,27 +154,27 @@ class Orchestrator:
         from daemon.workflows.realm import RealmWorkflows
 
         self.workflows = RealmWorkflows(self)
+        self.ha = HighAvailability(self)
+        self._served = False  # requests are taken (became active once)
+
+    def offline_state(self) -> OrchestratorState:
+        return OrchestratorState(state="offline", boot_id=self.boot_id, version=__version__)
 
     # ============================================================== lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Follow the realm; take requests once this instance holds the lease (see
+        :mod:`daemon.orchestrator.ha`).  Raises :class:`SteppedDown` when a newer
+        active took over from it."""
         await self.store.open()
         await self.admin.bootstrap_sysop()
-        await self._recover()
         r = self.realm
         sub = self.bus.subscribe
         await sub(topics.NODE_STATE.filter(realm=r), self._on_state)
         await sub(topics.NODE_INFO.filter(realm=r), self._on_info)
         await sub(topics.NODE_HEALTH.filter(realm=r), self._on_health, qos=0)
-        await sub(topics.TASK_SUBMIT.filter(realm=r), self._on_submit)
-        await sub(topics.TASK_CONTROL.filter(realm=r), self._on_control)
         await sub(topics.TASK_WORKER.filter(realm=r), self._on_report)
-        await sub(topics.ORCH_ADMIN.filter(realm=r), self.admin.on_request)
-        await self.state.start()
-        await self.workflows.start()
-        from daemon.homeassistant.realm import attach as attach_homeassistant
-
-        await attach_homeassistant(self.bus, self.config)  # the realm device: armed panel
+        await self.ha.start()
         self.bus.on_connect(self._announce)
         if self.cfg.prometheus_port:
             self.stats.serve_prometheus(self.cfg.prometheus_host, self.cfg.prometheus_port)
@@ -185,6 +185,7 @@ class Orchestrator:
                     tg.create_task(self.store.run(), name="store"),
                     tg.create_task(self._sweep_loop(), name="sweep"),
                     tg.create_task(self._stats_loop(), name="stats"),
+                    tg.create_task(self._lead(stop), name="lease"),
                 ]
                 if self.notifier.watchdog_interval:
                     background.append(tg.create_task(self._watchdog(), name="watchdog"))
@@ -193,14 +194,9 @@ class Orchestrator:
                 log.info("orchestrator shutting down (%d active tasks journalled)", len(self.tasks))
                 for t in background:
                     t.cancel()
-                await self.workflows.stop()
-                offline = OrchestratorState(
-                    state="offline", boot_id=self.boot_id, version=__version__
-                )
-                if self.bus.connected:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(1.0):
-                            await self.bus.publish(self.state_topic, offline, retain=True)
+                if self._served:
+                    await self.workflows.stop()
+                await self._goodbye()
                 await self.bus.drain(1.0)
                 bus_task.cancel()
         finally:
@@ -208,8 +204,82 @@ class Orchestrator:
             self.ack_timeouts.close()
             await self.store.close()
             self.users.close()
+        if self.ha.stepped_down is not None:
+            raise SteppedDown(f"orchestrator {self.ha.stepped_down.holder!r} took over")
+
+    async def _lead(self, stop: asyncio.Event) -> None:
+        try:
+            await self.ha.run()
+        except SteppedDown:
+            stop.set()
+
+    async def _goodbye(self) -> None:
+        """A clean stop: the lease free at once (a standby takes over without waiting),
+        and the realm told the orchestrator is offline; a standby's own presence."""
+        if not self.bus.connected:
+            return
+        released = self.ha.release()
+        with contextlib.suppress(TimeoutError, BusError):
+            async with asyncio.timeout(1.0):
+                if released is not None:
+                    await self.bus.publish(self.ha.lease_topic, released, retain=True)
+                    await self.bus.publish(self.state_topic, self.offline_state(), retain=True)
+                elif self.ha.stepped_down is None:
+                    offline = InstanceState(state="offline", boot_id=self.boot_id)
+                    await self.bus.publish(self.ha.instance_topic, offline, retain=True)
+
+    async def become_active(self, mirror: dict[str, Mirrored]) -> None:
+        """This instance holds the lease: take requests, adopt what the previous
+        active left (``mirror``), announce (clients resubmit what they wait for)."""
+        if not self._served:
+            self._served = True
+            if not mirror:
+                await self._recover()  # this state_dir's own journal: no one else ran
+            else:
+                for doc in await self.store.load_active():
+                    self.store.journal_remove(str(doc.get("id")))  # the mirror is newer
+            r = self.realm
+            sub = self.bus.subscribe
+            await sub(topics.TASK_SUBMIT.filter(realm=r), self._on_submit)
+            await sub(topics.TASK_CONTROL.filter(realm=r), self._on_control)
+            await sub(topics.ORCH_ADMIN.filter(realm=r), self.admin.on_request)
+            await self.state.start()
+            await self.workflows.start()
+            from daemon.homeassistant.realm import attach as attach_homeassistant
+
+            bridge = await attach_homeassistant(self.bus, self.config)  # the realm device
+            if self.bus.connected:
+                await bridge.refresh()  # its discovery, now: later on every connect
+        self._adopt(mirror)
+        await self._announce()
+
+    def _adopt(self, mirror: dict[str, Mirrored]) -> None:
+        for task_id, m in mirror.items():
+            if task_id in self.tasks:
+                continue
+            task = self._task_from(m.doc)
+            if task is None:
+                continue
+            self.tasks[task.id] = task
+            self.store.journal_add(task.id, task.submitted, task.journal_doc)
+            self._arm_deadline(task)
+            peer = self.registry.peers.get(m.node) if m.node else None
+            if m.final is not None and m.node is not None:
+                task.attempt, task.node = m.attempt, m.node
+                self._finish_reported(task, m.final)
+            elif peer is not None and task.capability in peer.slots:
+                self._take_slot(task, peer, attempt=m.attempt)
+                # The worker re-announces it to the new epoch ("started"); one that
+                # does not within ack_timeout is presumed gone, the task retried.
+                task.ack_key = self.ack_timeouts.add_in(task, self.cfg.ack_timeout)
+            else:
+                self._queue(task).push(task)
+        if mirror:
+            log.info("took over %d task(s) from the previous active", len(mirror))
 
     async def _announce(self) -> None:
+        if not self.ha.active:
+            return
         online = OrchestratorState(state="online", boot_id=self.boot_id, version=__version__)
         await self.bus.publish(self.state_topic, online, retain=True)
         if not self._online.is_set():
@@ -226,26 +296,33 @@ class Orchestrator:
             self.notifier.watchdog()
             await asyncio.sleep(self.notifier.watchdog_interval)
 
+    @staticmethod
+    def _task_from(doc: dict[str, Any]) -> Task | None:
+        """A task from its journal document (this state_dir's, or a standby's mirror)."""
+        try:
+            submit = TaskSubmit.model_validate(doc["submit"])
+            corr = doc.get("correlation")
+            return Task(
+                id=doc["id"],
+                submit=submit,
+                user=doc["user"],
+                role=doc["role"],
+                deadline=float(doc["deadline"]),
+                reply_topic=doc.get("reply_topic"),
+                correlation=bytes.fromhex(corr) if corr else None,
+                submitted=float(doc.get("submitted", time.time())),
+                peer_timeout=bool(doc.get("peer_timeout", True)),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning("dropping unreadable journal entry: %s", exc)
+            return None
+
     async def _recover(self) -> None:
         """Queue again what the previous run left active (see module docstring)."""
         docs = await self.store.load_active()
         for doc in docs:
-            try:
-                submit = TaskSubmit.model_validate(doc["submit"])
-                corr = doc.get("correlation")
-                task = Task(
-                    id=doc["id"],
-                    submit=submit,
-                    user=doc["user"],
-                    role=doc["role"],
-                    deadline=float(doc["deadline"]),
-                    reply_topic=doc.get("reply_topic"),
-                    correlation=bytes.fromhex(corr) if corr else None,
-                    submitted=float(doc.get("submitted", time.time())),
-                    peer_timeout=bool(doc.get("peer_timeout", True)),
-                )
-            except (KeyError, ValueError, TypeError) as exc:
-                log.warning("dropping unreadable journal entry: %s", exc)
+            task = self._task_from(doc)
+            if task is None:
                 continue
             self.tasks[task.id] = task
             self._queue(task).push(task)
@@ -393,6 +470,7 @@ class Orchestrator:
                 self.idempotency.popitem(last=False)
         self.tasks[task_id] = task
         self.store.journal_add(task_id, task.submitted, task.journal_doc)
+        self.ha.accepted(task)
         self._arm_deadline(task)
         q = self._queue(task)
         # Nothing queued and a peer free: assign at once, as a push and _dispatch's
@@ -623,12 +701,13 @@ class Orchestrator:
             return False
         return peer.slots[task.capability].offers(c.backend, c.model, c.language)
 
-    def _assign(self, task: Task, peer: Peer) -> None:
+    def _take_slot(self, task: Task, peer: Peer, *, attempt: int) -> None:
+        """``task`` is (attempt ``attempt``) on ``peer`` now: its slot taken."""
         slot = peer.slots[task.capability]
         slot.in_use += 1
         slot.breaker.on_assign()
         self.registry.refresh(peer, task.capability)
-        task.attempt += 1
+        task.attempt = attempt
         task.node = peer.node_id
         task.tried.add(peer.node_id)
         task.state = "assigned"
@@ -641,6 +720,10 @@ class Orchestrator:
             on_node = self.by_node[peer.node_id] = set()
         on_node.add(task.id)
         self.user_running[task.user] += 1
+
+    def _assign(self, task: Task, peer: Peer) -> None:
+        self._take_slot(task, peer, attempt=task.attempt + 1)
+        self.ha.assigned(task)
         assign = TaskAssign(
             task_id=task.id,
             attempt=task.attempt,
@@ -651,6 +734,7 @@ class Orchestrator:
             stream=task.submit.stream,
             constraints=task.submit.constraints,
             reply=self._direct_reply(task),
+            epoch=self.ha.epoch,
         )
         expiry = max(1.0, task.deadline - time.time())
         self.bus.post(self._node_topic(peer.node_id), assign, expiry=expiry)
@@ -801,6 +885,9 @@ class Orchestrator:
             log.warning("bad report from %s: %s (%s)", node_id, exc, msg.preview())
             return
         self.registry.seen(node_id, time.monotonic())
+        if not self.ha.active:
+            self.ha.on_report(node_id, report)
+            return
         task = self.tasks.get(report.task_id)
         if task is None:
             return  # already final: a late or duplicate report
@@ -819,20 +906,8 @@ class Orchestrator:
         if status == "partial":
             if task.submit.stream:
                 self._reply(task, "partial", output=report.output)
-        elif status == "done":
-            self._peer_outcome(task, ok=True, run_ms=self._measured_ms(task))
-            self._release(task)
-            if report.replied:  # the worker numbered its final after every relayed partial
-                task.seq = max(task.seq, report.seq - 1)
-            self._finish(
-                task, "done", output=report.output, run_ms=report.run_ms, sent=report.replied
-            )
-        elif status == "failed":
-            error = report.error or ErrorInfo(code="internal", message="worker failed")
-            if error.code in PEER_FAULT_CODES:  # a failure the input chose is not the peer's
-                self._peer_outcome(task, ok=False)
-            self._release(task)
-            self._finish(task, "failed", error=error, run_ms=report.run_ms)
+        elif status in ("done", "failed"):
+            self._finish_reported(task, report)
         elif status == "rejected":
             error = report.error or ErrorInfo(code="rejected", message="worker rejected")
             if error.code not in NEUTRAL_REJECTIONS:
@@ -841,6 +916,23 @@ class Orchestrator:
             self._retry(task, error)
 
     # ============================================================== finals
+
+    def _finish_reported(self, task: Task, report: WorkerReport) -> None:
+        """A worker's final for ``task`` (now, or kept by a standby for the next active)."""
+        if report.status == "done":
+            self._peer_outcome(task, ok=True, run_ms=self._measured_ms(task))
+            self._release(task)
+            if report.replied:  # the worker numbered its final after every relayed partial
+                task.seq = max(task.seq, report.seq - 1)
+            self._finish(
+                task, "done", output=report.output, run_ms=report.run_ms, sent=report.replied
+            )
+            return
+        error = report.error or ErrorInfo(code="internal", message="worker failed")
+        if error.code in PEER_FAULT_CODES:  # a failure the input chose is not the peer's
+            self._peer_outcome(task, ok=False)
+        self._release(task)
+        self._finish(task, "failed", error=error, run_ms=report.run_ms)
 
     def _finish(
         self,
@@ -856,6 +948,7 @@ class Orchestrator:
         did: ``sent``), remember the answer for duplicates, record history."""
         if self.tasks.pop(task.id, None) is None:
             return
+        self.ha.finished(task.id)
         self._queue(task).discard(task)
         task.state = "final"
         self.deadlines.discard(task, task.deadline_key)
@@ -967,6 +1060,8 @@ class Orchestrator:
         topic = topics.ORCH_STATS.build(realm=self.realm)
         while True:
             await asyncio.sleep(self.cfg.stats_interval)
+            if not self.ha.active:
+                continue
             try:
                 await self.bus.publish(
                     topic, self.snapshot(periodic=True), qos=0, retain=True, wait=False

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from daemon.messages import Message, now
-from daemon.protocol.common import Attrs, ErrorCode, Text
+from daemon.protocol.common import Attrs, ErrorCode, Name, Text
 
 AdminOp = Literal[
     "users",
@@ -36,6 +36,46 @@ class OrchestratorState(Message):
     boot_id: str
     ts: float = Field(default_factory=now)
     version: str | None = None
+
+
+class OrchestratorLease(Message):
+    """``orchestrator/lease``, retained: which orchestrator instance is active, and
+    its epoch (the fencing token its assignments carry).  The active renews it every
+    ``renew_s``; the lease with the highest (epoch, holder) rules."""
+
+    TYPE = "orchestrator.lease"
+
+    holder: Name
+    boot_id: Name
+    epoch: int = Field(ge=0)
+    state: Literal["held", "released"] = "held"
+    renew_s: float = Field(default=1.0, gt=0, le=60)
+
+
+class InstanceState(Message):
+    """``orchestrator/instance/<name>/state``, retained: one orchestrator instance's
+    role; the offline one is a standby's will."""
+
+    TYPE = "orchestrator.instance"
+
+    state: Literal["active", "standby", "offline"]
+    boot_id: Name
+    epoch: int = Field(default=0, ge=0)
+    ts: float = Field(default_factory=now)
+
+
+class JournalRecord(Message):
+    """``orchestrator/journal``: one change of the active's task table, for standbys
+    (only published while a standby is online)."""
+
+    TYPE = "orchestrator.journal"
+
+    epoch: int = Field(ge=0)
+    op: Literal["accept", "assign", "final"]
+    task_id: str = Field(max_length=128)
+    doc: dict[str, Any] | None = None  # accept: the task as the journal keeps it
+    node: Name | None = None  # assign
+    attempt: int = Field(default=0, ge=0)
 
 
 class AdminRequest(Message):

@@ -146,6 +146,9 @@ class TaskAssign(Message):
     stream: bool = True
     constraints: Constraints = Field(default_factory=Constraints)
     reply: DirectReply | None = None
+    # The assigning orchestrator's lease epoch (high availability): a worker that has
+    # seen a higher one refuses the assignment ("stale_epoch").
+    epoch: int | None = Field(default=None, ge=0)
 
 
 class TaskAbort(Message):
