@@ -35,6 +35,7 @@ from daemon.protocol.node import Capability, Event
 if TYPE_CHECKING:
     from daemon.client import RealmClient
     from daemon.config import Config
+    from daemon.spool import EventSpool
     from daemon.worker import TaskRun
     from nodes.base import NodeConfigBase
 
@@ -49,6 +50,10 @@ class NodeContext:
     state_dir: Path
     announce: Callable[[], Awaitable[None]]
     extras: dict[str, Any] = field(default_factory=dict)
+    # The daemon's event spool: events get their seq and boot id there and outlive a
+    # lost broker and a restart.  None (a context built for a test or a tool): events
+    # go straight to the bus, unnumbered.
+    events: EventSpool | None = None
 
     @property
     def realm(self) -> str:
@@ -80,10 +85,15 @@ class NodeContext:
         retain: bool = False,
         wait: bool = False,
     ) -> None:
-        """Publish ``event/<node_id>/<domain>/<name>`` (kept in the outbox while offline)."""
+        """Publish ``event/<node_id>/<domain>/<name>``: numbered and spooled on disk
+        until the broker has it (see :mod:`daemon.spool`); returns at once, or with
+        ``wait`` once the broker has acknowledged it."""
         topic = topics.EVENT.build(realm=self.realm, node_id=self.node_id, domain=domain, name=name)
         event = Event(value=value, unit=unit, device_class=device_class, attrs=attrs or {})
-        await self.bus.publish(topic, event, qos=1, retain=retain, wait=wait)
+        if self.events is not None:
+            await self.events.publish(topic, event, retain=retain, wait=wait)
+        else:
+            await self.bus.publish(topic, event, qos=1, retain=retain, wait=wait)
 
     async def publish_media(
         self, stream: str, data: bytes, content_type: str, *, retain: bool = False

@@ -36,8 +36,10 @@ from daemon.protocol.node import (
     NodeInfo,
     NodeState,
     NodeSummary,
+    SpoolStats,
 )
 from daemon.sdnotify import Notifier
+from daemon.spool import EventSpool, spool_path
 from daemon.supervisor import Supervised, supervise
 from daemon.worker import Worker
 from nodes.catalog import node_class
@@ -194,12 +196,14 @@ class NodeDaemon:
         self.hardware = hostinfo.hardware()
         self.cpu = hostinfo.CpuMeter()
         self.hosted: dict[str, HostedNode] = {}
+        self.spool = EventSpool(spool_path(config.daemon.state_dir, realm, nid), self.boot_id)
         self.ctx = NodeContext(
             node_id=nid,
             config=config,
             bus=self.bus,
             state_dir=config.daemon.state_dir,
             announce=self.publish_info,
+            events=self.spool,
         )
         self._tg: asyncio.TaskGroup | None = None
         self._restart_lock = asyncio.Lock()
@@ -269,6 +273,7 @@ class NodeDaemon:
             active_tasks=self.worker.active,
             nodes=self.summaries(),
             bus=BusStats(**self.bus.stats()),
+            spool=SpoolStats(**self.spool.stats()),
         )
 
     async def publish_info(self) -> None:
@@ -448,6 +453,8 @@ class NodeDaemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; raises :class:`BusAuthError` if refused."""
         pin_mmap_threshold()  # before any model loads: see its docstring
+        await self.spool.open()  # the seq to go on from, and what an earlier run left
+        self.spool.start(self.bus)
         self._build_nodes()
         self.bus.on_connect(self._announce)
         cmd_filter = topics.NODE_CMD.filter(realm=self.config.realm, node_id=self.node_id)
@@ -496,6 +503,7 @@ class NodeDaemon:
             await asyncio.wait(node_tasks, timeout=max(0.1, deadline - time.monotonic() - 1.0))
         for hosted in self.hosted.values():
             await self._close_node(hosted, max(0.1, deadline - time.monotonic() - 1.0))
+        await self.spool.close(timeout=max(0.1, deadline - time.monotonic() - 1.0))
         offline = NodeState(
             state="offline", boot_id=self.boot_id, version=__version__, reason="shutdown"
         )

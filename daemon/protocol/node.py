@@ -83,6 +83,18 @@ class BusStats(Part):
     inbox_dropped: int = Field(default=0, ge=0)  # incoming, dispatch too far behind
 
 
+class SpoolStats(Part):
+    """The daemon's event spool (``daemon.spool.EventSpool.stats``)."""
+
+    events: int = Field(default=0, ge=0)  # events not yet acknowledged by the broker
+    bytes: int = Field(default=0, ge=0)
+    in_flight: int = Field(default=0, ge=0)  # of those, handed to the broker connection
+    dropped: int = Field(default=0, ge=0)  # oldest unsent events dropped while it was full
+    refused: int = Field(default=0, ge=0)  # events the broker refused (not kept)
+    write_errors: int = Field(default=0, ge=0)  # failed disk writes (retried)
+    last_seq: int = Field(default=0, ge=0)  # the seq of the newest event
+
+
 class NodeInfo(Message):
     """Capability advert: ``node/<id>/info``, retained, QoS 1."""
 
@@ -108,6 +120,7 @@ class NodeHealth(Message):
     """Periodic health: ``node/<id>/health``, retained, QoS 0."""
 
     TYPE = "node.health"
+    VERSION = 2  # v2: spool
 
     boot_id: Name
     ts: float = Field(default_factory=now)
@@ -123,13 +136,23 @@ class NodeHealth(Message):
     queue_depth: int = 0
     nodes: list[NodeSummary] = Field(default_factory=list, max_length=MAX_ITEMS)
     bus: BusStats | None = None
+    spool: SpoolStats | None = None
 
 
 class Event(Message):
-    """Something a node saw, heard or measured: ``event/<id>/<domain>/<name>``, QoS 1."""
+    """Something a node saw, heard or measured: ``event/<id>/<domain>/<name>``.
+
+    A node daemon stamps each with ``seq`` (per node id, +1 per event, never reused,
+    across restarts) and ``boot_id`` (of the daemon run that made it) so consumers
+    can tell gaps and duplicates (docs/protocol.md §6.1); other publishers may leave
+    them out.
+    """
 
     TYPE = "event"
+    VERSION = 2  # v2: seq, boot_id
 
+    seq: int | None = Field(default=None, ge=1, le=(1 << 63) - 1)
+    boot_id: Name | None = None
     ts: float = Field(default_factory=now)
     value: Scalar = None
     unit: Label | None = None

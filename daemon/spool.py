@@ -1,0 +1,510 @@
+"""The node daemon's event spool: a bounded outbox on disk that outlives the process.
+
+Every event a node daemon publishes goes through here, *write-ahead*: it gets the
+node's next sequence number (``seq``, never reused: the high-water mark is stored
+with the events) and this boot's id, is appended to a SQLite table by a writer
+thread, is handed to the bus in ``seq`` order once written, and is deleted once
+the broker has acknowledged it (:meth:`daemon.bus.Bus.publish` with ``wait=True``
+waits for that across reconnects).  So an event is on disk from (about) the moment
+it was made until the broker has it: a broker that is away, a connection that
+drops, a daemon killed with ``-9`` or a power cut after the next WAL write lose
+nothing; what was spooled is sent, oldest first, before anything newer.
+
+Why write-ahead rather than "spool only while offline": the sequence number must
+be durable before an event leaves the process (a restarted daemon must not reuse
+one a consumer has seen), and an event handed to the bus's in-memory outbox just
+before a ``kill -9`` would be lost.  Writing every event costs a few microseconds
+of loop time and one batched transaction on the writer thread (see
+docs/protocol.md §6.1 for the measured cost); with ``synchronous=NORMAL`` in WAL
+mode a commit is not an fsync (SQLite syncs the WAL at checkpoints), so a
+*crash* of the daemon loses nothing and a *power cut* loses at most the commits
+since the last checkpoint (the database stays consistent).
+
+Events go out at QoS 2 (:data:`EVENT_QOS`): with the bus's resumed session a cut
+connection delivers each event exactly once; across a daemon restart the new
+process has no session, so an event the broker had taken just before the old
+one died (unacknowledged on our side) is sent again: consumers drop it by its
+``(boot_id, seq)``.
+
+Bounds (:data:`MAX_EVENTS`, :data:`MAX_BYTES`): when the spool is full the
+*oldest events not yet handed to the bus* are dropped (the newest is what a
+consumer wants first, and a gap in ``seq`` tells it exactly what it missed),
+counted (``spool.dropped`` in health) and logged once per burst.  At most
+:data:`WINDOW` events are handed to the bus at a time, and only while it is
+connected, so what waits while the broker is away waits here, not in memory.
+
+The event loop never touches the disk: SQLite runs on one thread of its own,
+in order (a write and a read never race), and the loop only appends to a list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from daemon.errors import BusPublishError
+from daemon.messages import encode
+from daemon.mqtt.connection import SESSION_MESSAGES
+from daemon.protocol.node import Event
+
+if TYPE_CHECKING:
+    from daemon.bus import Bus
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# Bounds of the spool (rows on disk, and their topic + payload bytes).  A day of a
+# busy node's events at 1/s fits; a Pi's SD card does not notice 32 MiB.
+MAX_EVENTS: Final = 100_000
+MAX_BYTES: Final = 32 * 1024 * 1024
+# Events handed to the bus and not yet acknowledged: enough to fill a LAN's round
+# trip many times over (replay runs at ~WINDOW per round trip), small enough that
+# what waits for a broker that is away waits on disk (and can be dropped oldest
+# first), not in the bus's memory.  At most half of the spool's own bound.
+WINDOW: Final = 256
+# Rows per transaction (and per read) at most.
+BATCH: Final = 1024
+EVENT_QOS: Final = 2
+# The bus outbox must have this much room (bytes; the largest JSON message) before
+# an event is handed to it without waiting: see Spool._forward, why.
+ROOM_MARGIN: Final = 1 << 20
+# After a failed write (disk full, I/O error) the writer tries again this much later.
+WRITE_RETRY: Final = 1.0
+# A burst of drops ends once the spool is below this share of its bounds.
+BURST_END: Final = 0.9
+# Refused events: each of the first ones gets a log line, then every 1000th.
+LOGGED_REFUSALS: Final = 10
+# How often close() looks whether everything was acknowledged (only while closing).
+CLOSE_POLL: Final = 0.01
+
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    retain INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+def spool_path(state_dir: Path, realm: str, node_id: str) -> Path:
+    """Where a node's spool lives: one file per (realm, node id), since the
+    sequence is per node.  Realm and node id are config names (no ``/``, no
+    leading dot: ``daemon.config.NAME_RE``)."""
+    return state_dir / "spool" / realm / f"{node_id}.sqlite"
+
+
+@dataclass(slots=True)
+class Row:
+    seq: int
+    topic: str
+    payload: bytes
+    retain: bool
+
+    @property
+    def size(self) -> int:
+        return len(self.topic) + len(self.payload)
+
+
+@dataclass(slots=True)
+class _Written:
+    """What one transaction did (returned from the writer thread)."""
+
+    events: int
+    bytes: int
+    dropped: int
+    dropped_last: int
+
+
+class EventSpool:
+    """The write-ahead outbox of one node daemon's events (see the module docstring).
+
+    ``open()`` (reads the high-water mark), ``start(bus)``, then :meth:`publish`
+    from the loop; ``close()`` waits (bounded) for what is handed to the bus and
+    writes what is left.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        boot_id: str,
+        *,
+        max_events: int = MAX_EVENTS,
+        max_bytes: int = MAX_BYTES,
+        window: int = WINDOW,
+    ) -> None:
+        self.path = path
+        self.boot_id = boot_id
+        self.max_events = max(1, max_events)
+        self.max_bytes = max_bytes
+        self.window = max(1, min(window, self.max_events // 2))
+        self.durable = False  # on disk (False: in memory, see _open)
+        self.dropped = 0
+        self.refused = 0
+        self.write_errors = 0
+        # Loop side.
+        self._next = 0  # the next seq (0: not open)
+        self._pending: list[Row] = []  # made, not yet written
+        self._acked: list[tuple[int, int]] = []  # (seq, size) acknowledged, not yet deleted
+        self._committed = 0  # highest seq written
+        self._read = 0  # highest seq the forwarder has taken
+        self._events = 0  # rows written (on disk) and their bytes
+        self._bytes = 0
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._waiters: dict[int, asyncio.Future[None]] = {}
+        self._burst = 0  # drops in the current burst (0: not full)
+        self._wrote = asyncio.Event()  # the writer has something to do
+        self._more = asyncio.Event()  # the forwarder may have something to do
+        self._tasks: list[asyncio.Task[None]] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._closed = False
+        self._bus: Bus | None = None
+        # Writer-thread side: only ever touched by the one thread, in order.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtor-spool")
+        self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._t_read = 0
+        self._t_committed = 0
+        self._t_events = 0
+        self._t_bytes = 0
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        """Open (or create) the spool; what it holds will be sent first."""
+        self._next, self._committed, self._events, self._bytes = await self._call(self._open)
+        if self._events:
+            log.info(
+                "event spool %s holds %d events (%d bytes) from before: sending them first",
+                self.path,
+                self._events,
+                self._bytes,
+            )
+
+    def _open(self) -> tuple[int, int, int, int]:
+        try:
+            db = self._open_file()
+            self.durable = True
+        except (OSError, sqlite3.Error) as exc:
+            # Another daemon with this node id on this state_dir, a read-only or full
+            # disk: events still go out, in order, but do not outlive this process.
+            log.warning(
+                "event spool %s unusable (%s): events are kept in memory only", self.path, exc
+            )
+            db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+            db.executescript(SCHEMA)
+        self._db = db
+        row = db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
+        top, count, size = db.execute(
+            "SELECT MAX(seq), COUNT(*), SUM(length(topic) + length(payload)) FROM events"
+        ).fetchone()
+        next_seq = max(row[0] if row else 1, (top or 0) + 1)
+        self._t_committed = top or 0
+        self._t_events, self._t_bytes = count, size or 0
+        return next_seq, self._t_committed, count, size or 0
+
+    def _open_file(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise OSError(f"another process holds {self.path}.lock ({exc.strerror})") from exc
+        self._lock_fd = fd
+        # What a node saw and heard: the daemon's alone.
+        self.path.touch(mode=0o600, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+        return db
+
+    def start(self, bus: Bus) -> None:
+        """Start the writer and the forwarder (after :meth:`open`)."""
+        self._bus = bus
+        self._tasks = [
+            asyncio.create_task(self._writer(), name="spool-writer"),
+            asyncio.create_task(self._forwarder(bus), name="spool-forwarder"),
+        ]
+
+    async def close(self, timeout: float = 2.0) -> None:
+        """Wait up to ``timeout`` for every event to be acknowledged, then write what
+        is left (unacknowledged events stay for the next start) and close."""
+        self._closed = True
+        bus = self._bus
+        if self._tasks and bus is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    # Only while connected: what the broker cannot take now waits on disk.
+                    while bus.connected and (
+                        self._pending or self._inflight or self._read < self._next - 1
+                    ):
+                        self._more.set()
+                        await asyncio.sleep(CLOSE_POLL)
+        for task in [*self._tasks, *self._inflight.values()]:
+            task.cancel()
+        for task in [*self._tasks, *self._inflight.values()]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for waiter in self._waiters.values():
+            waiter.cancel()
+        if self._flushing is not None:  # a transaction under way finishes first
+            with contextlib.suppress(sqlite3.Error, OSError):
+                await self._flushing
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error, OSError):
+                while self._pending or self._acked:
+                    await self._flush()
+            await self._call(self._close_db)
+        self._end_burst()
+        self._thread.shutdown(wait=False)
+
+    def _close_db(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    # ---------------------------------------------------------------- publish
+
+    async def publish(
+        self, topic: str, event: Event, *, retain: bool = False, wait: bool = False
+    ) -> int:
+        """Stamp ``event`` with the next ``seq`` and this boot's id and spool it;
+        never waits for the disk or the broker unless ``wait`` (then: until the
+        broker has acknowledged it).  Returns its ``seq``."""
+        if not self._next:
+            raise RuntimeError("the event spool is not open")
+        seq = self._next
+        self._next += 1
+        event.seq = seq
+        event.boot_id = self.boot_id
+        self._pending.append(Row(seq, topic, encode(event), retain))
+        if len(self._pending) > self.max_events:  # the disk is failing: memory is bounded too
+            del self._pending[0]
+            self._count_drop(1, seq)
+        self._wrote.set()
+        if not wait:
+            return seq
+        waiter = self._waiters[seq] = asyncio.get_running_loop().create_future()
+        await waiter
+        return seq
+
+    def stats(self) -> dict[str, int]:
+        """Counters for health reports."""
+        return {
+            "events": self._events + len(self._pending),
+            "bytes": self._bytes + sum(r.size for r in self._pending),
+            "in_flight": len(self._inflight),
+            "dropped": self.dropped,
+            "refused": self.refused,
+            "write_errors": self.write_errors,
+            "last_seq": self._next - 1 if self._next else 0,
+        }
+
+    # ----------------------------------------------------------------- writer
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wrote.wait()
+            self._wrote.clear()
+            # Shielded: a transaction handed to the thread is waited for to the end
+            # (cancelled half-way, the loop would not know whether it was written).
+            self._flushing = asyncio.ensure_future(self._flush())
+            try:
+                await asyncio.shield(self._flushing)
+            except (sqlite3.Error, OSError) as exc:
+                self.write_errors += 1
+                if self.write_errors in (1, 10, 100) or self.write_errors % 1000 == 0:
+                    log.error(  # noqa: TRY400 - the cause in one line; no traceback per retry
+                        "event spool %s: write failed (%s); events wait in memory "
+                        "(%d failures so far)",
+                        self.path,
+                        exc,
+                        self.write_errors,
+                    )
+                await asyncio.sleep(WRITE_RETRY)
+                self._wrote.set()
+            self._flushing = None
+
+    async def _flush(self) -> None:
+        """One transaction: what was made and what was acknowledged since the last."""
+        rows, self._pending = self._pending[:BATCH], self._pending[BATCH:]
+        acked, self._acked = self._acked, []
+        if not rows and not acked:
+            return
+        try:
+            written = await self._call(self._write, rows, acked, self._next)
+        except (sqlite3.Error, OSError):
+            self._pending[:0] = rows  # written again, in order, next time
+            self._acked[:0] = acked
+            raise
+        if rows:
+            self._committed = rows[-1].seq
+        self._events, self._bytes = written.events, written.bytes
+        if written.dropped:
+            self._count_drop(written.dropped, written.dropped_last)
+        elif self._burst and (
+            self._events < self.max_events * BURST_END and self._bytes < self.max_bytes * BURST_END
+        ):
+            self._end_burst()
+        if self._pending:
+            self._wrote.set()
+        self._more.set()
+
+    def _write(self, rows: list[Row], acked: list[tuple[int, int]], next_seq: int) -> _Written:
+        db = self._db
+        assert db is not None
+        db.execute("BEGIN")
+        try:
+            if rows:
+                db.executemany(
+                    "INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
+                    [(r.seq, r.topic, r.payload, int(r.retain)) for r in rows],
+                )
+            if acked:
+                db.executemany("DELETE FROM events WHERE seq = ?", [(s,) for s, _ in acked])
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (next_seq,))
+            events = self._t_events + len(rows) - len(acked)
+            size = self._t_bytes + sum(r.size for r in rows) - sum(n for _, n in acked)
+            dropped, last, events, size = self._drop_oldest(db, events, size)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self._t_events, self._t_bytes = events, size
+        if rows:
+            self._t_committed = rows[-1].seq
+        return _Written(events, size, dropped, last)
+
+    def _drop_oldest(
+        self, db: sqlite3.Connection, events: int, size: int
+    ) -> tuple[int, int, int, int]:
+        """Over a bound: delete the oldest events the forwarder has not taken yet."""
+        dropped = last = 0
+        while events > self.max_events or size > self.max_bytes:
+            over = events - self.max_events
+            candidates = db.execute(
+                "SELECT seq, length(topic) + length(payload) FROM events"
+                " WHERE seq > ? ORDER BY seq LIMIT ?",
+                (self._t_read, max(over, 64)),
+            ).fetchall()
+            if not candidates:
+                break  # only events handed to the bus are left: they leave on their own
+            cut = 0
+            for seq, n in candidates:
+                if events <= self.max_events and size <= self.max_bytes:
+                    break
+                events, size, dropped, last = events - 1, size - n, dropped + 1, seq
+                cut += 1
+            db.execute("DELETE FROM events WHERE seq > ? AND seq <= ?", (self._t_read, last))
+            if cut < len(candidates):
+                break
+        return dropped, last, events, size
+
+    def _count_drop(self, n: int, last: int) -> None:
+        self.dropped += n
+        if not self._burst:
+            log.warning(
+                "event spool full (%d events / %d bytes at most): dropping the oldest unsent "
+                "events (up to seq %d); consumers see the gap",
+                self.max_events,
+                self.max_bytes,
+                last,
+            )
+        self._burst += n
+
+    def _end_burst(self) -> None:
+        if self._burst:
+            log.warning(
+                "event spool: %d oldest events were dropped while it was full (%d in all)",
+                self._burst,
+                self.dropped,
+            )
+            self._burst = 0
+
+    # -------------------------------------------------------------- forwarder
+
+    def _take(self, limit: int) -> tuple[list[Row], int]:
+        """The next events in seq order, after the last taken (writer thread)."""
+        db = self._db
+        assert db is not None
+        rows = [
+            Row(seq, topic, payload, bool(retain))
+            for seq, topic, payload, retain in db.execute(
+                "SELECT seq, topic, payload, retain FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (self._t_read, limit),
+            )
+        ]
+        # Everything written up to now has been seen when the page is not full (rows
+        # dropped meanwhile included): without that a dropped tail would be read forever.
+        self._t_read = rows[-1].seq if len(rows) == limit else max(self._t_read, self._t_committed)
+        return rows, self._t_read
+
+    async def _forwarder(self, bus: Bus) -> None:
+        while True:
+            await bus.wait_connected()
+            room = self.window - len(self._inflight)
+            if room <= 0 or self._read >= self._committed:
+                self._more.clear()
+                await self._more.wait()
+                continue
+            rows, self._read = await self._call(self._take, min(room, BATCH))
+            for row in rows:
+                await self._hand(bus, row)
+
+    async def _hand(self, bus: Bus, row: Row) -> None:
+        """Hand one event to the bus, in seq order.
+
+        ``Bus.publish`` waits for room in the bus's outbox before the event enters it;
+        two events waiting there at once could enter in the other order (a smaller one
+        fits first).  So an event is handed in a task of its own only while the outbox
+        clearly has room; otherwise the forwarder waits for this one itself."""
+        task = asyncio.create_task(self._send(bus, row), name=f"spool-send-{row.seq}")
+        self._inflight[row.seq] = task
+        stats = bus.stats()
+        limit = bus.config.outbox_size or SESSION_MESSAGES
+        if (
+            stats["outbox"] + 1 < limit
+            and stats["outbox_bytes"] + ROOM_MARGIN < bus.config.outbox_bytes
+        ):
+            await asyncio.sleep(0)  # its first step (into the outbox) runs before the next's
+        else:
+            await asyncio.wait([task])
+
+    async def _send(self, bus: Bus, row: Row) -> None:
+        try:
+            await bus.publish(row.topic, row.payload, qos=EVENT_QOS, retain=row.retain, wait=True)
+        except BusPublishError as exc:
+            # Refused by the broker (its ACL, its packet size): never deliverable, so not
+            # kept to block everything behind it.
+            self.refused += 1
+            if self.refused <= LOGGED_REFUSALS or self.refused % 1000 == 0:
+                log.warning("event %d refused, not kept: %s", row.seq, exc)
+        finally:
+            self._inflight.pop(row.seq, None)  # before the forwarder wakes: room for the next
+        self._acked.append((row.seq, row.size))
+        self._wrote.set()
+        self._more.set()
+        waiter = self._waiters.pop(row.seq, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
