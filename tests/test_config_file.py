@@ -24,9 +24,23 @@ CONFIG_FILE = ROOT / "config.yaml"
 KEY_LINE = re.compile(r"^(\s*)(-\s+)?([A-Za-z_][A-Za-z0-9_]*):(\s|$)")
 
 
+def uncomment_nodes(shipped: str) -> str:
+    """config.yaml with its commented-out ``nodes:`` block uncommented (it runs from
+    ``# nodes:`` to the end of the file), as a user who names their nodes has it."""
+    head, sep, block = shipped.partition("\n# nodes:\n")
+    assert sep, "config.yaml has no commented-out `# nodes:` block"
+    lines = ("nodes:\n" + block).splitlines()
+    return head + "\n" + "\n".join(re.sub(r"^# ?", "", line) for line in lines) + "\n"
+
+
 @pytest.fixture(scope="module")
-def text() -> str:
+def shipped() -> str:
     return CONFIG_FILE.read_text()
+
+
+@pytest.fixture(scope="module")
+def text(shipped: str) -> str:
+    return uncomment_nodes(shipped)
 
 
 @pytest.fixture(scope="module")
@@ -178,10 +192,20 @@ def test_every_key_is_in_the_configuration_doc(data: dict[str, Any]) -> None:
     assert not missing, "docs/configuration.md does not mention: " + ", ".join(missing)
 
 
-def test_commented_node_examples_are_valid() -> None:
+def test_shipped_file_leaves_the_nodes_to_the_machine(shipped: str) -> None:
+    # No `nodes:` key as shipped: `mtor node` hosts every node type that works
+    # there (daemon.cli.nodes); uncommented, the block is the built-in default.
+    loaded = yaml.safe_load(shipped)
+    assert "nodes" not in loaded
+    assert not build_config(loaded, {}).nodes_named
+    named = build_config(yaml.safe_load(uncomment_nodes(shipped)), {})
+    assert named.nodes_named
+    assert named.nodes == build_config({}, {}).nodes
+
+
+def test_commented_node_examples_are_valid(text: str) -> None:
     """The node examples at the end of config.yaml validate once uncommented."""
-    text = (ROOT / "config.yaml").read_text()
-    block = text.split("# BEGIN EXAMPLES")[1].split("# END EXAMPLES")[0]
+    block = text.split("# BEGIN EXAMPLES")[1].split("# END EXAMPLES", maxsplit=1)[0]
     uncommented = "\n".join(
         re.sub(r"^  # ?", "", line) for line in block.splitlines()[1:] if line.strip()
     )

@@ -62,11 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, description=help_text, parents=[common])
 
-    node = add("node", "run the node daemon (the nodes named in config)")
+    node = add(
+        "node",
+        "run the node daemon: the nodes named in config; without `nodes:` in it, "
+        "every node type that works on this machine",
+    )
     node.add_argument(
         "--auto-nodes",
         action="store_true",
-        help="also run every optional node type that works here (what `mtor up` does)",
+        help="beside the nodes the config names, run every other node type that works "
+        "here (what `mtor up` does)",
     )
     up = add("up", "all-in-one: broker if none is reachable, orchestrator and a node")
     up.add_argument("--no-broker", action="store_true", help="never start a private broker")
@@ -134,13 +139,16 @@ def _find(exc: BaseException, kind: type[Exception]) -> BaseException | None:
 
 @command("node")
 def cmd_node(args: argparse.Namespace, config: Config) -> int:
+    from daemon.cli.nodes import hosted_config
     from daemon.runtime import NodeDaemon
     from daemon.sdnotify import Notifier
+
+    hosted = hosted_config(config, add_offers=args.auto_nodes)
 
     async def main() -> int:
         stop = asyncio.Event()
         install_stop_signals(stop)
-        daemon = NodeDaemon(config, notifier=Notifier(environ()), auto_nodes=args.auto_nodes)
+        daemon = NodeDaemon(hosted, notifier=Notifier(environ()))
         await daemon.run(stop)
         return EXIT_OK
 
