@@ -45,6 +45,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -82,6 +83,10 @@ ROOM_MARGIN: Final = 1 << 20
 WRITE_RETRY: Final = 1.0
 # A burst of drops ends once the spool is below this share of its bounds.
 BURST_END: Final = 0.9
+# Acknowledged events are deleted with the next events written, or this long (s)
+# after the first acknowledgement when no new event comes: one transaction for many.
+# A daemon killed meanwhile sends them again at its next start (at least once).
+ACK_FLUSH_DELAY: Final = 0.25
 # Refused events: each of the first ones gets a log line, then every 1000th.
 LOGGED_REFUSALS: Final = 10
 # How often close() looks whether everything was acknowledged (only while closing).
@@ -125,6 +130,7 @@ class _Written:
     bytes: int
     dropped: int
     dropped_last: int
+    direct: list[Row]  # written and taken for the forwarder at once (no read back)
 
 
 class EventSpool:
@@ -162,6 +168,9 @@ class EventSpool:
         self._events = 0  # rows written (on disk) and their bytes
         self._bytes = 0
         self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._unhanded = 0  # taken by the forwarder, not yet handed to the bus
+        self._ready: deque[Row] = deque()  # taken straight from the writer, not yet handed
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._waiters: dict[int, asyncio.Future[None]] = {}
         self._burst = 0  # drops in the current burst (0: not full)
         self._wrote = asyncio.Event()  # the writer has something to do
@@ -252,10 +261,21 @@ class EventSpool:
                 async with asyncio.timeout(timeout):
                     # Only while connected: what the broker cannot take now waits on disk.
                     while bus.connected and (
-                        self._pending or self._inflight or self._read < self._next - 1
+                        self._pending
+                        or self._inflight
+                        or self._unhanded
+                        or self._ready
+                        or self._read < self._next - 1
                     ):
                         self._more.set()
                         await asyncio.sleep(CLOSE_POLL)
+        if self._inflight or self._pending or self._read < self._next - 1:
+            log.info(
+                "event spool: %d events not acknowledged at close (%d in flight); they go "
+                "out at the next start",
+                self._events + len(self._pending),
+                len(self._inflight),
+            )
         for task in [*self._tasks, *self._inflight.values()]:
             task.cancel()
         for task in [*self._tasks, *self._inflight.values()]:
@@ -349,16 +369,27 @@ class EventSpool:
         """One transaction: what was made and what was acknowledged since the last."""
         rows, self._pending = self._pending[:BATCH], self._pending[BATCH:]
         acked, self._acked = self._acked, []
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         if not rows and not acked:
             return
+        # What the forwarder could take at once: it need not read these back.
+        direct = 0
+        bus = self._bus
+        if bus is not None and bus.connected and rows:
+            direct = self.window - len(self._inflight) - self._unhanded - len(self._ready)
         try:
-            written = await self._call(self._write, rows, acked, self._next)
+            written = await self._call(self._write, rows, acked, direct)
         except (sqlite3.Error, OSError):
             self._pending[:0] = rows  # written again, in order, next time
             self._acked[:0] = acked
             raise
         if rows:
             self._committed = rows[-1].seq
+        if written.direct:
+            self._ready.extend(written.direct)
+            self._read = written.direct[-1].seq
         self._events, self._bytes = written.events, written.bytes
         if written.dropped:
             self._count_drop(written.dropped, written.dropped_last)
@@ -370,9 +401,10 @@ class EventSpool:
             self._wrote.set()
         self._more.set()
 
-    def _write(self, rows: list[Row], acked: list[tuple[int, int]], next_seq: int) -> _Written:
+    def _write(self, rows: list[Row], acked: list[tuple[int, int]], direct: int) -> _Written:
         db = self._db
         assert db is not None
+        caught_up = self._t_read >= self._t_committed  # the forwarder has read all before
         db.execute("BEGIN")
         try:
             if rows:
@@ -382,7 +414,13 @@ class EventSpool:
                 )
             if acked:
                 db.executemany("DELETE FROM events WHERE seq = ?", [(s,) for s, _ in acked])
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (next_seq,))
+            if rows:
+                # The high-water mark of what is *written*: an event made but not yet
+                # written when the process dies never left it, and its seq may be used
+                # again; one that was written (and maybe delivered) never is.
+                db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (rows[-1].seq + 1,)
+                )
             events = self._t_events + len(rows) - len(acked)
             size = self._t_bytes + sum(r.size for r in rows) - sum(n for _, n in acked)
             dropped, last, events, size = self._drop_oldest(db, events, size)
@@ -392,9 +430,14 @@ class EventSpool:
                 db.execute("ROLLBACK")
             raise
         self._t_events, self._t_bytes = events, size
+        taken: list[Row] = []
         if rows:
             self._t_committed = rows[-1].seq
-        return _Written(events, size, dropped, last)
+            kept = [r for r in rows if r.seq > last]
+            if caught_up and kept and len(kept) <= direct:
+                taken = kept
+                self._t_read = kept[-1].seq
+        return _Written(events, size, dropped, last, taken)
 
     def _drop_oldest(
         self, db: sqlite3.Connection, events: int, size: int
@@ -464,13 +507,24 @@ class EventSpool:
         while True:
             await bus.wait_connected()
             room = self.window - len(self._inflight)
-            if room <= 0 or self._read >= self._committed:
+            if room <= 0 or (not self._ready and self._read >= self._committed):
                 self._more.clear()
                 await self._more.wait()
                 continue
-            rows, self._read = await self._call(self._take, min(room, BATCH))
+            if self._ready:
+                rows = [self._ready.popleft() for _ in range(min(room, len(self._ready)))]
+            else:
+                rows, read = await self._call(self._take, min(room, BATCH))
+                self._read = max(self._read, read)
+                if self._ready:
+                    # Written (and taken) while this read waited: the thread ran those
+                    # writes first, so they come before what the read found.
+                    rows[:0] = self._ready
+                    self._ready.clear()
+            self._unhanded = len(rows)
             for row in rows:
                 await self._hand(bus, row)
+                self._unhanded -= 1
 
     async def _hand(self, bus: Bus, row: Row) -> None:
         """Hand one event to the bus, in seq order.
@@ -503,7 +557,10 @@ class EventSpool:
         finally:
             self._inflight.pop(row.seq, None)  # before the forwarder wakes: room for the next
         self._acked.append((row.seq, row.size))
-        self._wrote.set()
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(
+                ACK_FLUSH_DELAY, self._wrote.set
+            )
         self._more.set()
         waiter = self._waiters.pop(row.seq, None)
         if waiter is not None and not waiter.done():
