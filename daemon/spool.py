@@ -7,18 +7,26 @@ thread, is handed to the bus in ``seq`` order once written, and is deleted once
 the broker has acknowledged it (:meth:`daemon.bus.Bus.publish` with ``wait=True``
 waits for that across reconnects).  So an event is on disk from (about) the moment
 it was made until the broker has it: a broker that is away, a connection that
-drops, a daemon killed with ``-9`` or a power cut after the next WAL write lose
-nothing; what was spooled is sent, oldest first, before anything newer.
+drops, a daemon killed with ``-9`` lose nothing that was written (the writer
+commits within a loop turn or two); what was spooled is sent, oldest first,
+before anything newer.
 
 Why write-ahead rather than "spool only while offline": the sequence number must
 be durable before an event leaves the process (a restarted daemon must not reuse
 one a consumer has seen), and an event handed to the bus's in-memory outbox just
 before a ``kill -9`` would be lost.  Writing every event costs a few microseconds
-of loop time and one batched transaction on the writer thread (see
-docs/protocol.md §6.1 for the measured cost); with ``synchronous=NORMAL`` in WAL
-mode a commit is not an fsync (SQLite syncs the WAL at checkpoints), so a
-*crash* of the daemon loses nothing and a *power cut* loses at most the commits
-since the last checkpoint (the database stays consistent).
+of loop time and a share of one transaction on the writer thread.  Measured on a
+2-core VM (Mosquitto on loopback, a ~120-byte event): ``publish()`` holds the loop
+2.7 µs per event in a burst (16 µs for a lone event, encoding included); process
+CPU per event end to end (spooled, sent at QoS 2, acknowledged, deleted) is
+~64 µs in bursts of 50 (the bus alone at QoS 1: ~13 µs) and ~450 µs for lone
+events at 1,000/s, one transaction and thread hop each (the bus alone: ~110 µs)
+— at a node's usual few events a second, well under 0.1 % of a core.  With
+``synchronous=NORMAL`` in WAL mode a commit is not an fsync (SQLite syncs the WAL
+at checkpoints), so a *crash* of the daemon loses nothing written and a *power
+cut* loses at most the commits since the last checkpoint (the database stays
+consistent); an fsync per event (``synchronous=FULL``) would cost milliseconds on
+an SD card.
 
 Events go out at QoS 2 (:data:`EVENT_QOS`): with the bus's resumed session a cut
 connection delivers each event exactly once; across a daemon restart the new
