@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,7 @@ from bench.simnodes import raise_fd_limit
 from daemon import topics
 from daemon.broker import PrivateBroker
 from daemon.bus import Bus, Inbound
-from daemon.client import RealmClient
+from daemon.client import RealmClient, TaskFailed
 from daemon.config import build_config
 from daemon.errors import MtorError
 
@@ -84,6 +85,7 @@ SETTLE: Final = 3.0  # after registration: the last adverts and health are read
 READY_TIMEOUT: Final = 30.0  # the orchestrator answers its first admin request
 REGISTER_TIMEOUT: Final = 120.0
 WARMUP_TASKS: Final = 20
+TASK_TIMEOUT: Final = 10.0  # per echo task (s)
 PREFIX: Final = "sim"
 
 log = logging.getLogger(__name__)
@@ -349,11 +351,20 @@ async def latency(step: Step, tasks: int) -> dict[str, Any]:
     queue: list[float] = []
     nodes: set[str] = set()
     cpu0, t0 = step.cpu(), time.monotonic()
+    failed: Counter[str] = Counter()
     for i in range(WARMUP_TASKS + tasks):
         started = time.perf_counter()
-        handle = await step.client.submit("echo", {"i": i}, timeout=10)
-        async with asyncio.timeout(10):
-            await handle.result()
+        handle = await step.client.submit("echo", {"i": i}, timeout=TASK_TIMEOUT)
+        try:
+            async with asyncio.timeout(TASK_TIMEOUT + 1):
+                await handle.result()
+        except TaskFailed as exc:  # counted, not fatal: a realm in trouble is a result
+            failed[exc.code] += 1
+            continue
+        except TimeoutError:
+            step.client.pending.pop(handle.task_id, None)
+            failed["no_answer"] += 1
+            continue
         if i < WARMUP_TASKS:
             continue
         total.append((time.perf_counter() - started) * 1000)
@@ -366,8 +377,11 @@ async def latency(step: Step, tasks: int) -> dict[str, Any]:
     wall = time.monotonic() - t0
     total.sort()
     queue.sort()
+    if not total:
+        return {"tasks": tasks, "failed": dict(failed)}
     out: dict[str, Any] = {
         "tasks": tasks,
+        "failed": dict(failed),
         "inflight": 1,
         "p50_ms": round(percentile(total, 50), 3),
         "p99_ms": round(percentile(total, 99), 3),
@@ -443,8 +457,8 @@ async def measure_step(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
             out["orchestrator_log"] = log_problems(step.directory / "orchestrator.log")
             out["orchestrator_log"] += log_problems(step.directory / "orchestrator-restart.log")
             note(
-                f"[{nodes}] p50 {out['latency']['p50_ms']} ms; "
-                f"restart: all {nodes} again in {reg2['s']} s"
+                f"[{nodes}] echo p50 {out['latency'].get('p50_ms')} ms, "
+                f"failed {out['latency']['failed']}; restart: all {nodes} again in {reg2['s']} s"
             )
             return out
 
