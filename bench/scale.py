@@ -83,7 +83,6 @@ SYS_TOPICS: Final = (
 POLL: Final = 0.25  # between two reads of the registry (admin 'peers')
 SETTLE: Final = 3.0  # after registration: the last adverts and health are read
 READY_TIMEOUT: Final = 30.0  # the orchestrator answers its first admin request
-REGISTER_TIMEOUT: Final = 120.0
 WARMUP_TASKS: Final = 20
 TASK_TIMEOUT: Final = 10.0  # per echo task (s)
 LATENCY_BUDGET: Final = 60.0  # the latency phase stops sending after this (s)
@@ -270,19 +269,23 @@ class Step:
             if node_id.startswith(PREFIX) and p["online"] and "echo" in p["slots"]
         )
 
-    async def wait_registered(self, t0: float) -> dict[str, Any]:
-        """Poll the registry until it holds all N; seconds since ``t0`` (monotonic)."""
+    async def wait_registered(self, t0: float, timeout: float) -> dict[str, Any]:
+        """Poll the registry until it holds all N; seconds since ``t0`` (monotonic).
+        Past ``timeout``: ``s`` is None and ``seen`` says how many it held."""
         polls = 0
         seen = 0
-        async with asyncio.timeout(REGISTER_TIMEOUT):
-            while True:
-                self.check_orchestrator()
-                polls += 1
-                with contextlib.suppress(MtorError):
-                    seen = await self.registered()
-                if seen >= self.nodes:
-                    return {"s": round(time.monotonic() - t0, 2), "polls": polls}
-                await asyncio.sleep(POLL)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    self.check_orchestrator()
+                    polls += 1
+                    with contextlib.suppress(MtorError):
+                        seen = await self.registered()
+                    if seen >= self.nodes:
+                        return {"s": round(time.monotonic() - t0, 2), "polls": polls}
+                    await asyncio.sleep(POLL)
+        except TimeoutError:
+            return {"s": None, "seen": seen, "polls": polls}
 
     def cpu(self) -> dict[str, float]:
         assert self.orch is not None and self.broker.pid is not None
@@ -425,7 +428,7 @@ async def measure_step(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
             note(f"[{nodes}] starting {out['processes']} simulator processes")
             cpu0, t0 = step.cpu(), time.monotonic()
             await step.start_sims()
-            reg = await step.wait_registered(t0)
+            reg = await step.wait_registered(t0, args.register_timeout)
             wall = time.monotonic() - t0
             reg["cpu_percent"] = cpu_percent(cpu0, step.cpu(), wall)
             reg["cpu_s"] = {k: round(v * wall / 100, 2) for k, v in reg["cpu_percent"].items()}
@@ -435,7 +438,9 @@ async def measure_step(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
             if len(announced) == out["processes"]:
                 reg["simulators_announced_s"] = round(max(announced), 2)
             reg["connects"] = sum(e.get("connects", 0) for e in step.sim_events)
-            reg["pass"] = reg["s"] <= TARGET_REGISTER_S if nodes >= TARGET_AT else None
+            reg["pass"] = None  # the targets are for TARGET_AT nodes
+            if nodes >= TARGET_AT:
+                reg["pass"] = reg["s"] is not None and reg["s"] <= TARGET_REGISTER_S
             out["register"] = reg
             note(f"[{nodes}] registered in {reg['s']} s; idle for {args.seconds:g} s")
 
@@ -453,7 +458,7 @@ async def measure_step(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.monotonic()
             step.start_orchestrator("orchestrator-restart")
             ready = await step.wait_ready()
-            reg2 = await step.wait_registered(t0)
+            reg2 = await step.wait_registered(t0, args.register_timeout)
             await asyncio.sleep(SETTLE)
             out["restart"] = {
                 "ready_s": round(ready, 2),
@@ -499,6 +504,9 @@ def main() -> None:
     parser.add_argument("--per-process", type=int, default=200, help="simulated nodes per process")
     parser.add_argument("--seconds", type=float, default=30.0, help="idle window (s)")
     parser.add_argument("--tasks", type=int, default=300, help="echo tasks for the latency")
+    parser.add_argument(
+        "--register-timeout", type=float, default=60.0, help="give up waiting for all N (s)"
+    )
     parser.add_argument("--quick", action="store_true", help="200 nodes, 10 s idle, 100 tasks")
     parser.add_argument("--json", action="store_true", help="JSON only (no progress lines)")
     args = parser.parse_args()
