@@ -176,8 +176,13 @@ class RealmClient:
         if state.state != "online":
             return
         previous, self._orch_boot = self._orch_boot, state.boot_id
-        if previous is not None and previous != state.boot_id and self.pending:
-            log.info("orchestrator restarted: resubmitting %d task(s)", len(self.pending))
+        # Another orchestrator now (restarted, or a standby took over), or the first
+        # one this client hears of: what it still waits for may have been lost with
+        # the last one.  Resubmitting is safe: the orchestrator joins a task by its id.
+        if previous != state.boot_id and self.pending:
+            log.info(
+                "orchestrator %s online: resubmitting %d task(s)", state.boot_id, len(self.pending)
+            )
             for handle in list(self.pending.values()):
                 self._post(handle.submit)
 

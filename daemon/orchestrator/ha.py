@@ -97,6 +97,7 @@ class HighAvailability:
         self.stepped_down: OrchestratorLease | None = None
         self._changed = asyncio.Event()
         self._standby_will = False
+        self._claiming = 0  # the epoch of a claim not yet decided
 
     # ------------------------------------------------------------- following
 
@@ -128,7 +129,9 @@ class HighAvailability:
             return
         if current is None or current.state == "released" or _rank(lease) >= _rank(current):
             self.lease, self.lease_at = lease, time.monotonic()
-            if self.active and not self._ours(lease):
+            if self._ours(lease):
+                return  # our own, back from the broker: nothing to decide
+            if self.active:
                 self._step_down(lease)
             self._changed.set()
         elif self.active:
@@ -241,8 +244,10 @@ class HighAvailability:
             holder=self.name, boot_id=self.orch.boot_id, epoch=epoch, renew_s=self.renew
         )
         log.info("claiming the orchestrator lease (epoch %d)", epoch)
+        self._claiming = epoch
         await self.orch.bus.publish(self.lease_topic, mine, retain=True)
         await asyncio.sleep(SETTLE)
+        self._claiming = 0
         lease = self.lease
         if lease is not None and self._ours(lease) and lease.epoch == epoch:
             await self._become_active(epoch)
@@ -265,11 +270,11 @@ class HighAvailability:
             InstanceState(state="active", boot_id=self.orch.boot_id, epoch=epoch),
             retain=True,
         )
+        await self.orch.become_active(mirror)
         if was_standby:  # the realm's will again: this one's death says "offline"
             self.orch.bus.set_will(self.orch.state_topic, self.orch.offline_state())
             self.orch.bus.reconnect()
             self._standby_will = False
-        await self.orch.become_active(mirror)
 
     async def _be_standby(self) -> None:
         """Stand by: presence on the instance topic, and the will moves there (a
@@ -308,12 +313,14 @@ class HighAvailability:
         self.orch.bus.post(self.lease_topic, lease, retain=True)
 
     def release(self) -> OrchestratorLease | None:
-        """On a clean shutdown of the active: the lease is free at once."""
-        if not self.active:
+        """On a clean shutdown of the active (or of one claiming): the lease is free
+        at once, the next one need not wait it out."""
+        epoch = self.epoch if self.active else self._claiming
+        if not epoch or self.stepped_down is not None:
             return None
         self.active = False
         return OrchestratorLease(
-            holder=self.name, boot_id=self.orch.boot_id, epoch=self.epoch, state="released"
+            holder=self.name, boot_id=self.orch.boot_id, epoch=epoch, state="released"
         )
 
     # ------------------------------------------------------------- replicating

@@ -224,9 +224,8 @@ class Orchestrator:
                 if released is not None:
                     await self.bus.publish(self.ha.lease_topic, released, retain=True)
                     await self.bus.publish(self.state_topic, self.offline_state(), retain=True)
-                elif self.ha.stepped_down is None:
-                    offline = InstanceState(state="offline", boot_id=self.boot_id)
-                    await self.bus.publish(self.ha.instance_topic, offline, retain=True)
+                offline = InstanceState(state="offline", boot_id=self.boot_id)
+                await self.bus.publish(self.ha.instance_topic, offline, retain=True)
 
     async def become_active(self, mirror: dict[str, Mirrored]) -> None:
         """This instance holds the lease: take requests, adopt what the previous
@@ -399,6 +398,8 @@ class Orchestrator:
     # ============================================================ submission
 
     async def _on_submit(self, msg: Inbound) -> None:
+        if not self.ha.active:
+            return  # stepped down: the active one answers (clients resubmit to it)
         # Submissions are limited per user and role by admission (_admit), not here.
         account = self.request_account(msg, topics.TASK_SUBMIT, "task", limited=False)
         if account is None:
@@ -637,6 +638,8 @@ class Orchestrator:
         )
 
     def _dispatch(self, cap: str) -> None:
+        if not self.ha.active:
+            return
         q = self.queues.get(cap)
         free = self.registry.free.get(cap)
         if q is None or not len(q) or free is None or not len(free):
@@ -1019,6 +1022,8 @@ class Orchestrator:
     # ============================================================== control
 
     async def _on_control(self, msg: Inbound) -> None:
+        if not self.ha.active:
+            return
         account = self.request_account(msg, topics.TASK_CONTROL, "control", limited=False)
         if account is None:
             return
