@@ -258,6 +258,8 @@ class EventSpool:
             asyncio.create_task(self._writer(), name="spool-writer"),
             asyncio.create_task(self._forwarder(bus), name="spool-forwarder"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(_crashed)
 
     async def close(self, timeout: float = 2.0) -> None:
         """Wait up to ``timeout`` for every event to be acknowledged, then write what
@@ -522,7 +524,13 @@ class EventSpool:
             if self._ready:
                 rows = [self._ready.popleft() for _ in range(min(room, len(self._ready)))]
             else:
-                rows, read = await self._call(self._take, min(room, BATCH))
+                try:
+                    rows, read = await self._call(self._take, min(room, BATCH))
+                except (sqlite3.Error, OSError) as exc:
+                    self.write_errors += 1
+                    log.error("event spool %s: read failed (%s); trying again", self.path, exc)  # noqa: TRY400
+                    await asyncio.sleep(WRITE_RETRY)
+                    continue
                 self._read = max(self._read, read)
                 if self._ready:
                     # Written (and taken) while this read waited: the thread ran those
@@ -573,3 +581,9 @@ class EventSpool:
         waiter = self._waiters.pop(row.seq, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def _crashed(task: asyncio.Task[None]) -> None:
+    """A spool task that died of a bug: said at once, not when it is collected."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s died: events are no longer sent", task.get_name(), exc_info=task.exception())
