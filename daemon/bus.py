@@ -688,7 +688,7 @@ class Bus:
             "connected to %s as %s%s",
             self.config.url,
             self.client_id,
-            " (session resumed)" if conn.session_present else "",
+            " (session resumed)" if conn.session_present and self.connects > 1 else "",
         )
         conn.start_sending()  # the outbox, now that replies can be heard
         ready = asyncio.Event()

@@ -132,6 +132,18 @@ class RealmClient:
         await self.bus.subscribe(self.direct_topic, self._on_direct)
         await self.bus.subscribe(self.admin_topic, self._on_admin_reply)
         await self.bus.subscribe(topics.ORCH_STATE.build(realm=self.realm), self._on_orch)
+        self._connects = self.bus.connects
+        self.bus.on_connect(self._on_reconnect)
+
+    async def _on_reconnect(self) -> None:
+        """Our own connection came back: a clean session lost the subscriptions for a
+        moment, and an answer sent meanwhile is gone.  Resubmitting is safe (joined by
+        task id; a finished one's final is sent again)."""
+        if self.bus.connects > self._connects and self.pending:
+            log.info("reconnected: resubmitting %d task(s)", len(self.pending))
+            for handle in list(self.pending.values()):
+                self._post(handle.submit)
+        self._connects = self.bus.connects
 
     async def _on_reply(self, msg: Inbound) -> None:
         try:

@@ -11,7 +11,7 @@ import logging
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -22,7 +22,7 @@ from daemon import topics
 from daemon.bus import Bus, Inbound
 from daemon.errors import MessageError, TaskError
 from daemon.messages import decode, decode_any
-from daemon.protocol.admin import OrchestratorLease
+from daemon.protocol.admin import OrchestratorState
 from daemon.protocol.common import ERROR_CODE_RE
 from daemon.protocol.task import (
     DirectReply,
@@ -98,6 +98,9 @@ _ERROR_CODE: Final = re.compile(ERROR_CODE_RE)
 # Fast tasks (echo) answer within this time and their result is the ack, which
 # saves one message per task on the hot path.
 ACK_DELAY: Final = 0.02
+# Assignments remembered as run (see Worker._done): a broker restart's resends come
+# within seconds, and this many cover a busy worker's last minutes.
+DONE_REMEMBERED: Final = 4096
 # Acks are sent in rounds at most this often (s), not from a loop timer per task.
 ACK_ROUND: Final = 0.005
 
@@ -129,6 +132,10 @@ class Worker:
         # reported as "timeout" (up to one TICK late).
         self._deadlines: TimerWheel[tuple[str, int]] = TimerWheel(self._on_deadline)
         self._expired: set[tuple[str, int]] = set()
+        # Assignments already run here, (task id, attempt), newest last: the same one
+        # delivered again (QoS 1 is at least once; an orchestrator's publish resent
+        # after a broker restart) is not run twice.
+        self._done: OrderedDict[tuple[str, int], None] = OrderedDict()
         # The highest orchestrator lease epoch seen (high availability): assignments
         # from a lower one come from an orchestrator that no longer rules.
         self.epoch = 0
@@ -142,22 +149,22 @@ class Worker:
         return len(self.running)
 
     async def start(self) -> None:
-        await self.bus.subscribe(topics.ORCH_LEASE.build(realm=self.realm), self._on_lease)
+        await self.bus.subscribe(topics.ORCH_STATE.build(realm=self.realm), self._on_orchestrator)
         await self.bus.subscribe(
             topics.NODE_TASK.build(realm=self.realm, node_id=self.node_id), self._on_message
         )
 
-    async def _on_lease(self, msg: Inbound) -> None:
+    async def _on_orchestrator(self, msg: Inbound) -> None:
         """A new active orchestrator: fence off the old one, and tell the new one
         what runs here (it adopted these tasks from its mirror and waits for this)."""
         try:
-            lease = decode(msg.payload, OrchestratorLease)
+            state = decode(msg.payload, OrchestratorState)
         except MessageError:
             return
-        if lease.state != "held" or lease.epoch <= self.epoch:
+        if state.state != "online" or state.epoch <= self.epoch:
             return
         first = self.epoch == 0
-        self.epoch = lease.epoch
+        self.epoch = state.epoch
         if first:
             return  # the retained lease on subscribing: nothing changed hands
         for _, run in list(self.running.values()):
@@ -191,8 +198,8 @@ class Worker:
 
     async def _on_assign(self, assign: TaskAssign) -> None:
         key = assign.task_id
-        if key in self.running:
-            return  # a duplicate delivery of an assignment we are already running
+        if key in self.running or (key, assign.attempt) in self._done:
+            return  # a duplicate delivery of an assignment running or run here
         route = self.routes.get(assign.capability)
         reason = None
         if not self.accepting:
@@ -282,6 +289,9 @@ class Worker:
                 self._expired.discard(key)
             self.running.pop(run.task_id, None)
             self.load[run.capability] -= 1
+            self._done[key] = None
+            if len(self._done) > DONE_REMEMBERED:
+                self._done.popitem(last=False)
         report.run_ms = round((time.perf_counter() - started) * 1000, 3)
         if report.status == "done" and run.reply is not None and not run.partials:
             # Partials travel through the orchestrator: a direct final could overtake them.

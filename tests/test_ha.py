@@ -203,3 +203,50 @@ async def test_one_orchestrator_alone_is_active_at_once(
         print(f"released lease taken in {time.monotonic() - released:.2f} s")
         assert watch.lease.epoch > epoch
         assert watch.roles.get("a") != "active"
+
+
+async def test_a_broker_restart_during_a_storm_loses_nothing(
+    tmp_path: Path, realm: str, processes: list[MtorProcess]
+) -> None:
+    """The broker (its state on disk) stopped and started again while tasks stream:
+    the daemons resume their sessions, clients resubmit nothing twice that ran —
+    every task has exactly one final."""
+    persist = f"persistence true\npersistence_location {tmp_path}/\nmax_queued_messages 100000\n"
+    with PrivateBroker(extra_config=persist) as broker:
+        orch = orchestrator(broker, realm, tmp_path, "a")
+        processes.append(orch)
+        for i in range(2):
+            processes.append(worker(broker, realm, tmp_path, f"w{i}", 4))
+        async with running_bus(make_config(broker.url, realm)) as bus:
+            client = RealmClient(bus, realm, user="storm")
+            await client.start()
+            counter = FinalCounter()
+            await bus.subscribe(client.reply_topic, counter)
+            await bus.subscribe(client.direct_topic, counter)
+            await wait_for_peers(client, 2)
+            handles = [
+                await client.submit("sleep", {"seconds": 0.1}, timeout=90, direct=False)
+                for _ in range(80)
+            ]
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(broker.stop)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(broker.start)
+            try:
+                results = await asyncio.wait_for(
+                    asyncio.gather(*(h.result() for h in handles), return_exceptions=True), 60
+                )
+            except TimeoutError:
+                orch.proc.kill()
+                raise AssertionError(
+                    f"{len(client.pending)} pending\n" + orch.output()[-3000:]
+                ) from None
+            await client.call("echo", "sentinel", timeout=20)
+            await asyncio.sleep(0.5)
+    bad = [r for r in results if not (isinstance(r, dict) and r["node"] in ("w0", "w1"))]
+    assert not bad, bad[:5]
+    # Each task ran to one outcome; the client, back on the broker with a clean
+    # session, resubmits what it still waits for, and a task that had just finished
+    # gets its (same) final once more: on the wire at most twice, never different.
+    assert all(1 <= counter.finals[h.task_id] <= 2 for h in handles), counter.finals
+    assert set(counter.outcomes) == {"done"}, counter.outcomes

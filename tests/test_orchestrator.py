@@ -299,7 +299,10 @@ async def test_worker_loss_requeues_to_another_peer(realm_env: Realm) -> None:
     await realm_env.start_worker("w1")
     await realm_env.wait_peers("sleep", 1)
     async with client(realm_env) as c:
-        h = await c.submit("sleep", {"seconds": 1.0}, progress=True)
+        # Longer than the grace a peer that went offline gets (LOST_GRACE: a broker
+        # shutting down sends every will); not direct, so w1's own final (it still
+        # runs: its will is faked) is not the one that counts.
+        h = await c.submit("sleep", {"seconds": 3.0}, progress=True, direct=False)
         async with asyncio.timeout(10):
             async for u in h:
                 if u.status == "started":

@@ -12,7 +12,10 @@ Standard MQTT 5 only, so it works on any broker (a clustered one too):
   (epoch, holder) came meanwhile; the lease with the highest (epoch, holder)
   always rules, and an active that sees a lower one asserts its own again.
 * **Fencing.** Every assignment carries the epoch; a worker that has seen a
-  higher one (from the lease, which it follows too) refuses it (``stale_epoch``).
+  higher one refuses it (``stale_epoch``).  Workers learn the epoch from
+  ``orchestrator/state``, which the active publishes when it takes over (the
+  lease's renewals go to orchestrators only: at 1,000 nodes a renewal a second to
+  every worker was most of the realm's idle traffic).
   An old active that comes back and sees a higher lease steps down: it stops,
   and its supervisor starts it again as a standby.
 * **The standby's state** is what it can see: the registry (node adverts and

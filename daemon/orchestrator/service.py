@@ -73,6 +73,8 @@ SWEEP_INTERVAL: Final = 1.0
 # How often (s) long-gone peers are looked for (a pass over the whole registry).
 FORGET_INTERVAL: Final = 30.0
 # Worker rejections that hand a task back without counting against the peer.
+# How long a peer that went offline keeps its tasks before they are retried (s).
+LOST_GRACE: Final = 2.0
 NEUTRAL_REJECTIONS: Final = frozenset({"overloaded", "shutting_down", "timeout", "stale_epoch"})
 # Tasks a single dispatch pass may set aside because their constraints fit no free peer.
 MAX_PARKED: Final = 64
@@ -156,6 +158,8 @@ class Orchestrator:
         self.workflows = RealmWorkflows(self)
         self.ha = HighAvailability(self)
         self._served = False  # requests are taken (became active once)
+        self._connected_at = 0.0  # the last (re)connect to the broker (monotonic)
+        self._connects = 0
 
     def offline_state(self) -> OrchestratorState:
         return OrchestratorState(state="offline", boot_id=self.boot_id, version=__version__)
@@ -277,9 +281,13 @@ class Orchestrator:
             log.info("took over %d task(s) from the previous active", len(mirror))
 
     async def _announce(self) -> None:
+        self._connected_at = time.monotonic()
+        self._connects += 1
         if not self.ha.active:
             return
-        online = OrchestratorState(state="online", boot_id=self.boot_id, version=__version__)
+        online = OrchestratorState(
+            state="online", boot_id=self.boot_id, version=__version__, epoch=self.ha.epoch
+        )
         await self.bus.publish(self.state_topic, online, retain=True)
         if not self._online.is_set():
             self._online.set()
@@ -338,8 +346,25 @@ class Orchestrator:
         node_id, state = got
         if self.registry.on_state(node_id, state, time.monotonic()):
             log.info("peer %s went offline", node_id)
-            self._peer_lost(node_id, "went offline")
+            # Not at once: a broker that shuts down sends every client's will (and a
+            # moment later drops us too); the worker, back with the same boot, still
+            # runs its tasks.  Retried only if it is still gone after the grace.
+            asyncio.get_running_loop().call_later(
+                LOST_GRACE, self._peer_lost_later, node_id, state.boot_id, self._connects
+            )
         self._dispatch_peer(node_id)
+
+    def _peer_lost_later(self, node_id: str, boot_id: str, connects: int) -> None:
+        peer = self.registry.peers.get(node_id)
+        if peer is not None and peer.online and peer.boot_id == boot_id:
+            return  # back, same boot: its tasks are still its own
+        if not self.bus.connected or self._connects != connects:
+            # We lost the broker too since: wait until we can see again.
+            asyncio.get_running_loop().call_later(
+                LOST_GRACE, self._peer_lost_later, node_id, boot_id, self._connects
+            )
+            return
+        self._peer_lost(node_id, "went offline")
 
     async def _on_info(self, msg: Inbound) -> None:
         got = _node_message(msg, topics.NODE_INFO, NodeInfo)
@@ -845,6 +870,11 @@ class Orchestrator:
     def _on_ack_timeout(self, task: Task) -> None:
         task.ack_key = None
         if task.state != "assigned" or task.id not in self.tasks:
+            return
+        if not self.bus.connected or time.monotonic() - self._connected_at < self.cfg.ack_timeout:
+            # We could not have heard the acknowledgement (no broker, or only just
+            # back: the worker's report waits in its outbox): wait once more.
+            task.ack_key = self.ack_timeouts.add_in(task, self.cfg.ack_timeout)
             return
         node = task.node
         log.warning("%s did not acknowledge task %s; reassigning", node, task.id)

@@ -36,6 +36,10 @@ class OrchestratorState(Message):
     boot_id: str
     ts: float = Field(default_factory=now)
     version: str | None = None
+    # The active orchestrator's lease epoch (high availability): workers refuse
+    # assignments of a lower one.  Here rather than only in the lease, which is
+    # renewed every second: workers hear of it only when it changes.
+    epoch: int = Field(default=0, ge=0)
 
 
 class OrchestratorLease(Message):

@@ -100,8 +100,6 @@ def _watcher(root: str) -> list[Rule]:
         _r(f"{root}/node/+/health"),
         _r(f"{root}/orchestrator/state"),
         _r(f"{root}/orchestrator/stats"),
-        # which orchestrator is active, and its epoch: workers fence off a stale one
-        _r(f"{root}/orchestrator/lease"),
         _r(f"{root}/event/#"),
         _r(f"{root}/media/#"),
         _r(f"{root}/state/+"),
