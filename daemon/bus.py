@@ -155,6 +155,9 @@ class Subscription:
     no_local: bool = False
     handlers: list[Handler] = field(default_factory=list)
     conn: Connection | None = None  # the connection it was last sent on
+    # Handlers added since the last resubscription: the retained copies that the
+    # SUBSCRIBE made for them brings go to them alone (the others have them).
+    retained_to: list[Handler] | None = None
     strikes: int = 0  # connections closed while it was unanswered, in a row
 
 
@@ -307,6 +310,14 @@ class Bus:
         sub = self._subs.get(topic_filter)
         if sub is not None:
             sub.handlers.append(handler)
+            conn = self._conn
+            if conn is not None and self.connected:
+                # Subscribe again so the broker sends the retained messages once more,
+                # for the new handler only: without a new SUBSCRIBE it would never get
+                # the state the others got (retained copies come only with SUBSCRIBE).
+                sub.retained_to = [*(sub.retained_to or []), handler]
+                with contextlib.suppress(MqttError):
+                    await self._subscribe(conn, sub)
             return
         sub = Subscription(topic_filter, qos, next(self._ids), no_local, [handler])
         self._subs[topic_filter] = sub
@@ -365,6 +376,7 @@ class Bus:
         """Every registered filter on ``conn``, including those registered meanwhile."""
         while pending := [s for s in self._subs.values() if s.conn is not conn]:
             for sub in pending:
+                sub.retained_to = None  # a new connection's retained copies: for all
                 if self._subs.get(sub.topic_filter) is sub:
                     with contextlib.suppress(BusSubscribeError):  # logged, forgotten
                         await self._subscribe(conn, sub)
@@ -756,7 +768,8 @@ class Bus:
         else:
             inbound = Inbound(message.topic, message.payload, message.qos, message.retain)
         for sub in self._route(inbound.topic, ids, inbound.payload):
-            for handler in list(sub.handlers):
+            to = sub.retained_to if inbound.retain and sub.retained_to is not None else sub.handlers
+            for handler in list(to):
                 try:
                     await handler(inbound)
                 except asyncio.CancelledError:

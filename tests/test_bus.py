@@ -230,3 +230,23 @@ async def test_unix_socket_transport(tmp_path: Path) -> None:
             await bus.subscribe("mtor/unix/t", got)
             await bus.publish("mtor/unix/t", b"over a unix socket")
             await got.wait_for(lambda m: m.payload == b"over a unix socket", timeout=5)
+
+
+async def test_a_second_handler_of_a_filter_gets_the_retained_state(config: Config) -> None:
+    """Two parts of one process subscribe to the same retained topic at different
+    times (a worker and a voice node both follow orchestrator/state): the second one
+    gets the retained message too, and the first does not get it twice."""
+    topic = f"mtor/{config.realm}/retained-state"
+    async with running_bus(config) as bus:
+        await bus.publish(topic, b"current", retain=True)
+        first, second = Collector(), Collector()
+        await bus.subscribe(topic, first)
+        await first.wait_for(lambda m: m.payload == b"current", timeout=5)
+        await bus.subscribe(topic, second)
+        await second.wait_for(lambda m: m.payload == b"current" and m.retain, timeout=5)
+        await bus.publish(topic, b"next", retain=True)
+        await first.wait_for(lambda m: m.payload == b"next", timeout=5)
+        await second.wait_for(lambda m: m.payload == b"next", timeout=5)
+        assert [m.payload for m in first.messages] == [b"current", b"next"]
+        assert [m.payload for m in second.messages] == [b"current", b"next"]
+        await bus.publish(topic, b"", retain=True)
