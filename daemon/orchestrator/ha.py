@@ -273,7 +273,7 @@ class HighAvailability:
             InstanceState(state="active", boot_id=self.orch.boot_id, epoch=epoch),
             retain=True,
         )
-        await self.orch.become_active(mirror)
+        await self.orch.become_active(mirror, took_over=was_standby)
         if was_standby:  # the realm's will again: this one's death says "offline"
             self.orch.bus.set_will(self.orch.state_topic, self.orch.offline_state())
             self.orch.bus.reconnect()

@@ -231,12 +231,13 @@ class Orchestrator:
                 offline = InstanceState(state="offline", boot_id=self.boot_id)
                 await self.bus.publish(self.ha.instance_topic, offline, retain=True)
 
-    async def become_active(self, mirror: dict[str, Mirrored]) -> None:
+    async def become_active(self, mirror: dict[str, Mirrored], *, took_over: bool) -> None:
         """This instance holds the lease: take requests, adopt what the previous
-        active left (``mirror``), announce (clients resubmit what they wait for)."""
+        active left (``mirror``; ``took_over``: this one stood by while another
+        was active), announce (clients resubmit what they wait for)."""
         if not self._served:
             self._served = True
-            if not mirror:
+            if not took_over:
                 await self._recover()  # this state_dir's own journal: no one else ran
             else:
                 for doc in await self.store.load_active():
