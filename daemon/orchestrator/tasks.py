@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from daemon.orchestrator.config import RoleLimits
 from daemon.protocol.task import PRIORITY_RANK, TaskSubmit
+
+# A task's life at the orchestrator: queued → assigned (a worker has it, unacknowledged)
+# → running (acknowledged) → released (its slot given back: retried, or about to be
+# final) → queued again or final.  Typed, so a misspelt state is a type error.
+TaskState = Literal["queued", "assigned", "running", "released", "final"]
 
 
 @dataclass(eq=False)
@@ -21,7 +26,7 @@ class Task:
     correlation: bytes | None
     submitted: float = field(default_factory=time.time)
     submitted_mono: float = field(default_factory=time.monotonic)
-    state: str = "queued"  # queued | assigned | running | released (slot given back) | final
+    state: TaskState = "queued"
     attempt: int = 0
     node: str | None = None
     tried: set[str] = field(default_factory=set)
