@@ -35,9 +35,9 @@ from daemon.protocol.node import Capability, Event
 if TYPE_CHECKING:
     from daemon.client import RealmClient
     from daemon.config import Config
+    from daemon.plugins import NodeConfigBase
     from daemon.spool import EventSpool
     from daemon.worker import TaskRun
-    from nodes.base import NodeConfigBase
 
 
 @dataclass

@@ -28,6 +28,7 @@ from daemon.config import Config
 from daemon.errors import MessageError
 from daemon.messages import decode
 from daemon.node import Node, NodeContext
+from daemon.plugins import node_class
 from daemon.protocol.node import (
     BusStats,
     Capability,
@@ -42,7 +43,6 @@ from daemon.sdnotify import Notifier
 from daemon.spool import EventSpool, spool_path
 from daemon.supervisor import Supervised, supervise
 from daemon.worker import Worker
-from nodes.catalog import node_class
 
 if TYPE_CHECKING:
     from daemon.workflows.local import LocalWorkflows
@@ -69,45 +69,6 @@ class HostedNode:
     node: Node | None = None
     task: asyncio.Task[None] | None = None
     ready: bool = False
-
-
-def with_auto_nodes(config: Config) -> Config:
-    """``mtor up``: add a default node of each optional type that works here and
-    that the config does not already have: reference echo/sleep; chat when the
-    llama.cpp package and the default model are installed; vision (detect,
-    faces) with OpenCV; voice as an stt/tts server (no microphone) with
-    faster-whisper or piper.  Each backend still fails soft in its node."""
-    import importlib.util
-
-    from nodes.chat.config import ChatConfig
-    from nodes.reference.config import ReferenceConfig
-    from nodes.vision.config import VisionConfig
-    from nodes.voice.config import VoiceConfig
-
-    have = {cfg.type for cfg in config.nodes.values()}
-    extra: dict[str, object] = {}
-    if "reference" not in have:
-        extra["reference"] = ReferenceConfig()
-    if "chat" not in have and importlib.util.find_spec("llama_cpp") is not None:
-        from daemon.modelstore import ModelStore
-
-        chat = ChatConfig()
-        try:
-            models = {b.model for b in chat.backends if getattr(b, "model", None)}
-            if all(ModelStore.default().status(str(m)).present for m in models):
-                extra["chat"] = chat
-        except Exception as exc:  # a broken manifest must not stop the realm
-            log.warning("chat not started automatically: %s", exc)
-    if "vision" not in have and importlib.util.find_spec("cv2") is not None:
-        extra["vision"] = VisionConfig()
-    if "voice" not in have and any(
-        importlib.util.find_spec(m) is not None for m in ("faster_whisper", "vosk", "piper")
-    ):
-        extra["voice"] = VoiceConfig(type="voice")
-    if not extra:
-        return config
-    nodes = {**config.nodes, **{k: v for k, v in extra.items() if k not in config.nodes}}
-    return config.model_copy(update={"nodes": nodes})
 
 
 def collect_garbage() -> None:
@@ -170,11 +131,7 @@ def _libc() -> ctypes.CDLL | None:
 class NodeDaemon:
     """One node daemon process: one MQTT identity hosting several nodes."""
 
-    def __init__(
-        self, config: Config, *, notifier: Notifier | None = None, auto_nodes: bool = False
-    ) -> None:
-        if auto_nodes:
-            config = with_auto_nodes(config)
+    def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
         self.config = config
         self.node_id = config.effective_node_id
         self.boot_id = uuid.uuid4().hex[:12]

@@ -65,15 +65,6 @@ KNOWN_DAEMON_CYCLES: Final[dict[tuple[str, ...], str]] = {
 # daemon/ modules that still import nodes/, each with the reason (the rest of the
 # core must not): the CLI is the application shell, the others are to be changed.
 KNOWN_CORE_TO_NODES: Final[dict[str, str]] = {
-    "daemon.runtime": (
-        "imports nodes.catalog.node_class (use daemon.plugins.node_class) and, in "
-        "with_auto_nodes, the node configs (dead since daemon/cli/nodes.py decides what "
-        "runs: delete it and NodeDaemon(auto_nodes=)) (owner: daemon/runtime.py)"
-    ),
-    "daemon.node": (
-        "names nodes.base.NodeConfigBase for typing (use daemon.plugins.NodeConfigBase) "
-        "(owner: daemon/node.py)"
-    ),
     "daemon.cli.voice_cmd": "the `mtor listen/say` tools run a voice node in-process",
     "daemon.cli.vision_cmd": "the `mtor detect` tools read images with the vision helpers",
 }
