@@ -27,10 +27,11 @@ from typing import Any
 
 import pytest
 
-from daemon.broker import PrivateBroker, free_port
+from daemon.broker import PrivateBroker
 from daemon.bus import Bus, Inbound
 from daemon.config import Config
 from daemon.errors import BusError
+from tests.cable import Cable
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.slow
@@ -261,65 +262,6 @@ async def test_broker_killed_and_restarted(
         assert not tally.lost(qos, kept), sorted(tally.lost(qos, kept))[:20]
 
 
-class Proxy:
-    """A TCP relay to the broker that a test can cut (every connection reset, new
-    ones refused) and restore: a network outage, as a node on Wi-Fi sees one."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> Proxy:
-        await self.restore()
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.cut()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def restore(self) -> None:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
-
-    async def cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.add(writer)
-        try:
-            try:
-                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-            except OSError:
-                return
-            self._writers.add(up_writer)
-            await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
-        finally:
-            for w in (writer, *([up_writer] if "up_writer" in locals() else [])):
-                self._writers.discard(w)
-                w.transport.abort()
-            self._tasks.discard(task)
-
-
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    try:
-        while data := await src.read(65536):
-            dst.write(data)
-            await dst.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        dst.transport.abort()
-
-
 @pytest.mark.parametrize(
     "restart_broker",
     [
@@ -336,9 +278,9 @@ async def test_persistent_session_gets_what_it_missed(
     client id, it gets every one, QoS 2 exactly once (scope item 3)."""
     count = 200
     with PrivateBroker(extra_config=persistent(tmp_path / "state")) as broker:
-        async with Proxy(broker.port) as proxy:
+        async with Cable(broker.port) as proxy:
             reconnect = {"reconnect": {"max_delay": 1.0}}
-            sub_cfg = make_config(f"mqtt://127.0.0.1:{proxy.port}", realm, broker=reconnect)
+            sub_cfg = make_config(proxy.url, realm, broker=reconnect)
             pub_cfg = make_config(broker.url, realm)
             prefix = f"mtor/{realm}/missed"
             tally = Tally()
@@ -346,7 +288,7 @@ async def test_persistent_session_gets_what_it_missed(
             for qos in (1, 2):
                 await sub.subscribe(f"{prefix}/{qos}", tally.handler, qos=qos)
             async with running(sub):
-                await proxy.cut()
+                proxy.pull()
                 async with asyncio.timeout(10):
                     while sub.connected:
                         await asyncio.sleep(0.01)
@@ -358,7 +300,7 @@ async def test_persistent_session_gets_what_it_missed(
                 if restart_broker:
                     await asyncio.to_thread(broker.restart)
                 assert tally.got == {0: [], 1: [], 2: []}
-                await proxy.restore()
+                proxy.plug()
                 await sub.wait_connected(15)
                 await tally.settle(timeout=15, quiet=1.0)
     tally.report(f"persistent session, {'restart' if restart_broker else 'away'}", capsys)
@@ -375,15 +317,15 @@ async def test_the_will_only_when_the_connection_is_lost(
     will_topic = f"mtor/{realm}/will"
     watcher_cfg = make_config(own_broker.url, realm)
     wills = Tally()
-    async with Proxy(own_broker.port) as proxy:
-        cfg = make_config(f"mqtt://127.0.0.1:{proxy.port}", realm)
+    async with Cable(own_broker.port) as proxy:
+        cfg = make_config(proxy.url, realm)
         async with running(Bus(watcher_cfg.broker, f"watch-{realm}")) as watcher:
             await watcher.subscribe(f"{will_topic}/+", wills.handler, qos=1)
             async with running(Bus(cfg.broker, f"calm-{realm}", will=(f"{will_topic}/1", "1"))):
                 pass
             lost = Bus(cfg.broker, f"lost-{realm}", will=(f"{will_topic}/2", "2"))
             async with running(lost):
-                await proxy.cut()
+                proxy.pull()
                 async with asyncio.timeout(10):
                     while not wills.got[2]:
                         wills.changed.clear()

@@ -20,6 +20,7 @@ from daemon.bus import Bus
 from daemon.config import Config, default_node_id
 from daemon.mqtt import ConnectParams, codec, connect
 from daemon.mqtt.connection import WRITE_BUFFER_LIMIT
+from tests.cable import Cable
 from tests.conftest import Collector, make_config, running_bus
 
 
@@ -35,47 +36,6 @@ async def bus_running(bus: Bus) -> AsyncIterator[Bus]:
             await task
 
 
-class Cable:
-    """A TCP proxy in front of the broker that can be pulled out (every connection
-    through it dropped, new ones refused) and plugged back in."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.plugged = True
-        self._pipes: set[asyncio.StreamWriter] = set()
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.pull()
-        assert self._server is not None
-        self._server.close()
-
-    def pull(self) -> None:
-        self.plugged = False
-        for writer in list(self._pipes):
-            writer.transport.abort()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self.plugged:
-            writer.transport.abort()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self._pipes |= {writer, up_writer}
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-            dst.transport.abort()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        self._pipes -= {writer, up_writer}
-
-
 async def test_a_stream_loses_nothing_in_an_outage(broker: PrivateBroker) -> None:
     """Defect 7: a 700 msg/s QoS 1 stream across a 1 s outage of the publisher's
     connection: every message arrives (the old 1,000-message outbox lost ~2 %)."""
@@ -83,8 +43,8 @@ async def test_a_stream_loses_nothing_in_an_outage(broker: PrivateBroker) -> Non
     topic = f"mtor/{realm}/stream"
     sent = 2100
     cable = Cable(broker.port)
-    async with cable as port:
-        publisher = Bus(make_config(f"mqtt://127.0.0.1:{port}", realm).broker, f"pub-{realm}")
+    async with cable:
+        publisher = Bus(make_config(cable.url, realm).broker, f"pub-{realm}")
         async with bus_running(publisher), running_bus(make_config(broker.url, realm)) as sub:
             got = Collector()
             await sub.subscribe(topic, got)
@@ -96,7 +56,7 @@ async def test_a_stream_loses_nothing_in_an_outage(broker: PrivateBroker) -> Non
                     cable.pull()
                     pulled = time.monotonic()
                 elif not cable.plugged and time.monotonic() - pulled >= 1.0:
-                    cable.plugged = True
+                    cable.plug()
                 await asyncio.sleep(max(0.0, start + (i + 1) / 700 - time.monotonic()))
             await publisher.wait_connected(10)
             await publisher.flush()

@@ -29,53 +29,12 @@ from daemon.bus import Bus, Inbound
 from daemon.messages import decode
 from daemon.protocol.node import Event, NodeHealth
 from daemon.spool import WINDOW, EventSpool, spool_path
+from tests.cable import Cable
 from tests.conftest import MtorProcess, make_config, running_bus
 
 CUT_S = float(os.environ.get("MTOR_STORE_FORWARD_CUT_S", "5"))
 RATE_HZ = 20  # the sensor's reads (and events) per second
 NODE = "edge1"
-
-
-class Cable:
-    """A TCP proxy in front of the broker that can be pulled out (every connection
-    through it dropped, new ones refused) and plugged back in (as in
-    tests/test_mqtt_session.py)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.plugged = True
-        self._pipes: set[asyncio.StreamWriter] = set()
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.pull()
-        assert self._server is not None
-        self._server.close()
-
-    def pull(self) -> None:
-        self.plugged = False
-        for writer in list(self._pipes):
-            writer.transport.abort()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self.plugged:
-            writer.transport.abort()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self._pipes |= {writer, up_writer}
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-            dst.transport.abort()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        self._pipes -= {writer, up_writer}
 
 
 @dataclass
@@ -197,14 +156,14 @@ async def test_a_node_cut_off_loses_nothing(own_broker: PrivateBroker, tmp_path:
     what it made meanwhile arrives after the cut, in order, once each."""
     realm = "t" + uuid.uuid4().hex[:10]
     cable = Cable(own_broker.port)
-    async with cable as port, watching(own_broker.url, realm) as (tally, healths):
-        proc = start_node(node_config(tmp_path, realm), f"mqtt://127.0.0.1:{port}")
+    async with cable, watching(own_broker.url, realm) as (tally, healths):
+        proc = start_node(node_config(tmp_path, realm), cable.url)
         try:
             await tally.until(lambda: len(tally.seen) >= RATE_HZ)
             cable.pull()
             pulled, before = time.monotonic(), tally.last
             await asyncio.sleep(CUT_S)  # the cut itself: nothing to wait for
-            cable.plugged = True
+            cable.plug()
             plugged, plugged_wall = time.monotonic(), time.time()
             # Events made a second after the plug: everything before them came first.
             await tally.until(lambda: tally.newest_ts > plugged_wall + 1.0)
@@ -241,8 +200,8 @@ async def test_killed_while_cut_off_sends_its_spool_after_restart(
     realm = "t" + uuid.uuid4().hex[:10]
     config = node_config(tmp_path, realm)
     cable = Cable(own_broker.port)
-    async with cable as port, watching(own_broker.url, realm) as (tally, _):
-        first = start_node(config, f"mqtt://127.0.0.1:{port}")
+    async with cable, watching(own_broker.url, realm) as (tally, _):
+        first = start_node(config, cable.url)
         try:
             await tally.until(lambda: len(tally.seen) >= RATE_HZ)
             cable.pull()
@@ -256,7 +215,7 @@ async def test_killed_while_cut_off_sends_its_spool_after_restart(
         assert len(spooled) >= CUT_S * RATE_HZ // 2
         assert spooled == sorted(spooled) and spooled[-1] == next_seq - 1
         old_boots = {boot for boot, _ in tally.seen}
-        cable.plugged = True
+        cable.plug()
         restarted = time.monotonic()
         second = start_node(config, own_broker.url)
         try:
@@ -299,8 +258,8 @@ async def test_a_full_spool_drops_the_oldest_and_keeps_the_seq(
     topic = f"mtor/{realm}/event/{NODE}/sensor/x"
     cable = Cable(own_broker.port)
     cable.plugged = False  # the broker is away from the start
-    async with cable as port:
-        offline = Bus(make_config(f"mqtt://127.0.0.1:{port}", realm).broker, f"off-{realm}")
+    async with cable:
+        offline = Bus(make_config(cable.url, realm).broker, f"off-{realm}")
         bus_task = asyncio.create_task(offline.run())
         spool = EventSpool(path, "aaaaaaaaaaaa", max_events=50)
         await spool.open()
