@@ -447,7 +447,7 @@ class Bus:
             expiry=expiry,
             user_properties=user_properties,
         )
-        await self._session.wait_room(len(out.topic) + len(out.payload) + len(out.props))
+        await self._session.wait_room(out.size)
         acked = self._offer(out, ack=wait, raise_refusal=True)
         if acked is None:
             return

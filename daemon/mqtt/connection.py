@@ -250,6 +250,11 @@ class Outgoing:
     props: bytes  # the encoded MQTT 5 property block
     expiry: float | None = None  # Message Expiry Interval (s), also in ``props``
 
+    @property
+    def size(self) -> int:
+        """What it takes of a session's byte bound (as :class:`_InFlight` counts it)."""
+        return len(self.topic) + len(self.payload) + len(self.props)
+
 
 class Session:
     """The client's side of an MQTT session: what must outlive one connection.
@@ -772,11 +777,6 @@ class Connection(asyncio.Protocol):
     @property
     def usable(self) -> bool:
         return self._error is None and self._transport is not None
-
-    @property
-    def queued(self) -> int:
-        """QoS>0 publishes waiting for a slot in the in-flight window."""
-        return len(self.session.queued)
 
     @property
     def wildcards_ok(self) -> bool:

@@ -41,7 +41,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 from daemon import topics
 from daemon.bus import Inbound
@@ -243,9 +243,7 @@ class HighAvailability:
 
     async def _claim(self) -> None:
         epoch = max(self.max_epoch + 1, int(time.time() * 1000))
-        mine = OrchestratorLease(
-            holder=self.name, boot_id=self.orch.boot_id, epoch=epoch, renew_s=self.renew
-        )
+        mine = self._lease(epoch)
         log.info("claiming the orchestrator lease (epoch %d)", epoch)
         self._claiming = epoch
         await self.orch.bus.publish(self.lease_topic, mine, retain=True)
@@ -268,11 +266,7 @@ class HighAvailability:
             f", {len(mirror)} task(s) taken over" if was_standby else "",
         )
         self._publish_lease()
-        await self.orch.bus.publish(
-            self.instance_topic,
-            InstanceState(state="active", boot_id=self.orch.boot_id, epoch=epoch),
-            retain=True,
-        )
+        await self.orch.bus.publish(self.instance_topic, self.presence("active"), retain=True)
         await self.orch.become_active(mirror, took_over=was_standby)
         if was_standby:  # the realm's will again: this one's death says "offline"
             self.orch.bus.set_will(self.orch.state_topic, self.orch.offline_state())
@@ -283,14 +277,9 @@ class HighAvailability:
         """Stand by: presence on the instance topic, and the will moves there (a
         standby's death must not say the realm's orchestrator is offline)."""
         self._standby_will = True
-        offline = InstanceState(state="offline", boot_id=self.orch.boot_id)
-        self.orch.bus.set_will(self.instance_topic, offline)
+        self.orch.bus.set_will(self.instance_topic, self.presence("offline"))
         self.orch.bus.reconnect()
-        await self.orch.bus.publish(
-            self.instance_topic,
-            InstanceState(state="standby", boot_id=self.orch.boot_id),
-            retain=True,
-        )
+        await self.orch.bus.publish(self.instance_topic, self.presence("standby"), retain=True)
         lease = self.lease
         log.info(
             "orchestrator %s standing by (%s is active)",
@@ -309,11 +298,22 @@ class HighAvailability:
         self.stepped_down = lease
         self._changed.set()
 
-    def _publish_lease(self) -> None:
-        lease = OrchestratorLease(
-            holder=self.name, boot_id=self.orch.boot_id, epoch=self.epoch, renew_s=self.renew
+    def _lease(self, epoch: int, state: Literal["held", "released"] = "held") -> OrchestratorLease:
+        return OrchestratorLease(
+            holder=self.name,
+            boot_id=self.orch.boot_id,
+            epoch=epoch,
+            state=state,
+            renew_s=self.renew,
         )
-        self.orch.bus.post(self.lease_topic, lease, retain=True)
+
+    def presence(self, state: Literal["active", "standby", "offline"]) -> InstanceState:
+        """This instance's role, for its ``orchestrator/instance/<name>/state``."""
+        epoch = self.epoch if state == "active" else 0
+        return InstanceState(state=state, boot_id=self.orch.boot_id, epoch=epoch)
+
+    def _publish_lease(self) -> None:
+        self.orch.bus.post(self.lease_topic, self._lease(self.epoch), retain=True)
 
     def release(self) -> OrchestratorLease | None:
         """On a clean shutdown of the active (or of one claiming): the lease is free
@@ -322,9 +322,7 @@ class HighAvailability:
         if not epoch or self.stepped_down is not None:
             return None
         self.active = False
-        return OrchestratorLease(
-            holder=self.name, boot_id=self.orch.boot_id, epoch=epoch, state="released"
-        )
+        return self._lease(epoch, "released")
 
     # ------------------------------------------------------------- replicating
 

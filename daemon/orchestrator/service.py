@@ -50,7 +50,7 @@ from daemon.orchestrator.stats import Stats
 from daemon.orchestrator.store import Store
 from daemon.orchestrator.tasks import Task, TokenBucket, bucket_for
 from daemon.orchestrator.users import Users
-from daemon.protocol.admin import InstanceState, OrchestratorState, OrchestratorStats
+from daemon.protocol.admin import OrchestratorState, OrchestratorStats
 from daemon.protocol.node import NodeHealth, NodeInfo, NodeState
 from daemon.protocol.task import (
     PEER_FAULT_CODES,
@@ -228,7 +228,7 @@ class Orchestrator:
                 if released is not None:
                     await self.bus.publish(self.ha.lease_topic, released, retain=True)
                     await self.bus.publish(self.state_topic, self.offline_state(), retain=True)
-                offline = InstanceState(state="offline", boot_id=self.boot_id)
+                offline = self.ha.presence("offline")
                 await self.bus.publish(self.ha.instance_topic, offline, retain=True)
 
     async def become_active(self, mirror: dict[str, Mirrored], *, took_over: bool) -> None:
