@@ -36,11 +36,6 @@ Kind = Literal["top", "deferred", "typing"]
 # matches an entry when it shares two of them (the same circle, grown or shrunk
 # while its owners work on it).
 KNOWN_DAEMON_CYCLES: Final[dict[tuple[str, ...], str]] = {
-    ("daemon.mqtt.connection", "daemon.mqtt.websocket"): (
-        "daemon/mqtt/websocket.py imports daemon.mqtt.connection for typing only, while "
-        "connection imports websocket in a function: the shared type (the stream "
-        "protocol) belongs in a module of its own (owner: daemon/mqtt/)"
-    ),
     ("daemon.node", "daemon.worker"): (
         "daemon/worker.py names daemon.node.Node / NodeContext for typing and "
         "daemon/node.py names daemon.worker.Worker for typing: the worker's port into "

@@ -1,5 +1,8 @@
 """The project's MQTT 5 client: wire format (:mod:`.codec`), one connection
-(:mod:`.connection`) and the websocket transport (:mod:`.websocket`).
+(:mod:`.connection`, built in layers: :mod:`.wire`, :mod:`.publishing`,
+:mod:`.handshake`, :mod:`.reading`), the session that outlives it
+(:mod:`.session`), its parameters (:mod:`.params`) and errors (:mod:`.errors`), and
+the websocket transport (:mod:`.websocket`).
 
 :class:`daemon.bus.Bus` is the only user; everything else talks to the bus.
 """

@@ -19,12 +19,10 @@ import asyncio
 import base64
 import hashlib
 import os
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from daemon.mqtt.codec import ProtocolError
-
-if TYPE_CHECKING:
-    from daemon.mqtt.connection import Connection, ConnectParams
+from daemon.mqtt.params import ConnectParams
 
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _MAX_HEADER: Final = 16_384
@@ -95,7 +93,7 @@ class _FramingTransport(asyncio.WriteTransport, asyncio.ReadTransport):
 class WebSocketProtocol(asyncio.Protocol):
     """The socket's protocol: HTTP upgrade, then frames to and from ``inner``."""
 
-    def __init__(self, inner: Connection, host: str, port: int, path: str) -> None:
+    def __init__(self, inner: asyncio.Protocol, host: str, port: int, path: str) -> None:
         self._inner = inner
         self._request_target = (host, port, path or "/")
         self._key = base64.b64encode(os.urandom(16))
@@ -253,7 +251,7 @@ class WebSocketProtocol(asyncio.Protocol):
             raise ProtocolError(f"websocket frame with unknown opcode 0x{opcode:x}")
 
 
-async def open_websocket(conn: Connection, params: ConnectParams) -> None:
+async def open_websocket(conn: asyncio.Protocol, params: ConnectParams) -> None:
     """Connect ``conn`` to ``params``' broker over a (TLS) websocket."""
     loop = asyncio.get_running_loop()
     ws = WebSocketProtocol(conn, params.host, params.port, params.websocket_path)
