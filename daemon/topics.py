@@ -129,6 +129,17 @@ ENTITY_SET: Final = TopicPattern(ROOT + "/{realm}/node/{node_id}/entity/{object_
 # Workflows: run events of one workflow, and requests (run / list / history) to the engine.
 WORKFLOW_EVENT: Final = TopicPattern(ROOT + "/{realm}/workflow/{name}/event")
 WORKFLOW_REQUEST: Final = TopicPattern(ROOT + "/{realm}/workflows/request/{user}")
+# Swarm (docs/protocol.md, Swarm): every message on swarm/<kind>/<sender>, the sender
+# being the account that wrote it (robot state, missions, bids, calls, awards, acks,
+# progress); one subscription to SWARM_ANY.filter() hears the whole auction.
+SWARM_ANY: Final = TopicPattern(ROOT + "/{realm}/swarm/{kind}/{sender}")
+SWARM_ROBOT: Final = TopicPattern(ROOT + "/{realm}/swarm/robot/{sender}")
+SWARM_MISSION: Final = TopicPattern(ROOT + "/{realm}/swarm/mission/{sender}")
+SWARM_BID: Final = TopicPattern(ROOT + "/{realm}/swarm/bid/{sender}")
+SWARM_CALL: Final = TopicPattern(ROOT + "/{realm}/swarm/call/{sender}")
+SWARM_AWARD: Final = TopicPattern(ROOT + "/{realm}/swarm/award/{sender}")
+SWARM_ACK: Final = TopicPattern(ROOT + "/{realm}/swarm/ack/{sender}")
+SWARM_PROGRESS: Final = TopicPattern(ROOT + "/{realm}/swarm/progress/{sender}")
 
 
 def shared(group: str, topic_filter: str) -> str:

@@ -11,6 +11,6 @@ below.
 """
 
 # Each package registers its type on import.
-from nodes import camera, chat, reference, sensors, vision, voice
+from nodes import camera, chat, reference, sensors, swarm, vision, voice
 
-__all__ = ["camera", "chat", "reference", "sensors", "vision", "voice"]
+__all__ = ["camera", "chat", "reference", "sensors", "swarm", "vision", "voice"]

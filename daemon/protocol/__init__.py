@@ -9,3 +9,4 @@ from daemon.protocol import node as node
 from daemon.protocol import state as state
 from daemon.protocol import task as task
 from daemon.protocol import workflow as workflow
+from daemon.protocol import swarm as swarm

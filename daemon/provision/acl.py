@@ -119,6 +119,9 @@ def _sysop(u: str, root: str, realm: str, ha: str) -> list[Rule]:
         *_requester(u, root),
         _w(f"{root}/workflows/request/{u}"),
         _w(f"{root}/state/+/set/{u}"),
+        _w(f"{root}/swarm/mission/{u}"),
+        _w(f"{root}/swarm/call/{u}"),
+        _w(f"{root}/swarm/award/{u}"),
     ]
 
 
@@ -130,6 +133,12 @@ def _user(u: str, root: str, realm: str, ha: str) -> list[Rule]:
         *_requester(u, root),
         _w(f"{root}/workflows/request/{u}"),
         _w(f"{root}/state/+/set/{u}"),
+        # the swarm: announce missions as itself (and run their auction: calls,
+        # awards, which robots take only for missions naming it), watch auctions
+        _w(f"{root}/swarm/mission/{u}"),
+        _w(f"{root}/swarm/call/{u}"),
+        _w(f"{root}/swarm/award/{u}"),
+        _r(f"{root}/swarm/#"),
     ]
 
 
@@ -168,6 +177,9 @@ def _node(u: str, root: str, realm: str, ha: str) -> list[Rule]:
         _r(f"{root}/workflows/request/orchestrator"),
         _rw(f"{root}/workflow/+/event"),
         _w(f"{root}/state/+/set/{u}"),
+        # the swarm (a robot bids, claims, acks, reports and announces as itself)
+        _w(f"{root}/swarm/+/{u}"),
+        _r(f"{root}/swarm/#"),
         # Home Assistant: its own device's discovery configs; HA's birth and the
         # other configs (a voice node learns the devices it can talk about)
         _w(f"{ha}/+/{ha_node_id(realm, u)}/#"),
