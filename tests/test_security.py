@@ -39,7 +39,7 @@ RULE: dict[str, Any] = {
         {
             "type": "event",
             "topic": "+/vision/object",
-            "match": {"attrs.event": "new", "attrs.label": "Normal"},
+            "match": {"attrs.event": "new", "attrs.label": "person"},
         }
     ],
     "conditions": [

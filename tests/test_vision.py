@@ -104,7 +104,7 @@ def faces() -> HaarFaces:
 
 
 def test_yolo_classes_come_from_the_manifest(yolo: YoloOnnxDetector) -> None:
-    assert yolo.labels == ["Normal", "Fall"]
+    assert yolo.labels == ["upright", "fall"]
     assert ModelStore.default().entry("yolov8n-fall").extra["classes"] == yolo.labels
 
 
@@ -113,7 +113,7 @@ def test_yolo_finds_the_astronaut_upright(yolo: YoloOnnxDetector, faces: HaarFac
     found = yolo.detect(img)
     assert found, "the fall model sees no one in the astronaut photo"
     best = found[0]
-    assert best.label == "Normal" and best.score > 0.5  # a person, upright
+    assert best.label == "upright" and best.score > 0.5  # a person, upright
     (face,) = faces.detect(img)
     fx, fy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
     assert inside((fx, fy), best.box), (face, best)  # the person box holds her face
@@ -277,7 +277,8 @@ async def test_vision_node_through_the_realm(
         async with vision_realm(broker, realm, tmp_path, node) as (client, daemon):
             caps = {(c.name, c.backend) for c in daemon.capabilities()}
             assert caps == {
-                ("vision.detect", "yolo_onnx"),
+                ("vision.detect", "ssd_tf"),
+                ("vision.detect", "darknet"),
                 ("vision.detect", "hog"),
                 ("vision.faces", "haar"),
                 ("vision.describe", "anthropic"),
@@ -285,11 +286,21 @@ async def test_vision_node_through_the_realm(
             }
             astronaut = encode_jpeg_b64(photo("astronaut"))
 
+            # no backend asked for: the best detector for each label (person: the SSD)
+            out = await client.call("vision.detect", {"image": astronaut})
+            assert out["backend"] == "auto" and (out["width"], out["height"]) == (512, 512)
+            assert out["detections"][0]["label"] == "person"
+            assert out["detections"][0]["score"] > 0.8
             out = await client.call(
-                "vision.detect", {"image": astronaut}, constraints=Constraints(backend="yolo_onnx")
+                "vision.detect",
+                {"image": encode_jpeg_b64(photo("coffee")), "labels": ["cup", "person"]},
             )
-            assert out["backend"] == "yolo_onnx" and (out["width"], out["height"]) == (512, 512)
-            assert out["detections"][0]["label"] == "Normal"
+            assert [d["label"] for d in out["detections"]] == ["cup"]
+            assert out["model"] == "ssdlite-mobilenet-v2-person+yolov3-tiny-coco"
+            out = await client.call(
+                "vision.detect", {"image": astronaut}, constraints=Constraints(backend="ssd_tf")
+            )
+            assert out["backend"] == "ssd_tf" and out["detections"][0]["label"] == "person"
             out = await client.call(
                 "vision.detect", {"image": astronaut}, constraints=Constraints(backend="hog")
             )
@@ -339,7 +350,7 @@ async def test_vision_node_through_the_realm(
                 timeout=60,
             )
             assert proc.returncode == 0, proc.stderr
-            assert "512x512" in proc.stdout and "Normal" in proc.stdout
+            assert "512x512" in proc.stdout and "person" in proc.stdout
 
 
 async def test_imagine_not_advertised_unless_configured_and_describe_needs_a_key(

@@ -9,13 +9,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from nodes.base import NodeConfigBase
-from nodes.vision.config import DetectBackendConfig, YoloOnnxConfig
+from nodes.vision.config import DetectBackendConfig, default_detectors
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}$")
 # Camera names become the domain of event topics; these are taken.
 RESERVED = frozenset({"vision", "sensor", "node", "state"})
 
 Point = tuple[float, float]
+# Tracked by default (COCO names): people, vehicles and pets, as a porch camera wants.
+DEFAULT_LABELS = ("person", "bicycle", "car", "motorcycle", "cat", "dog")
 
 
 class _Strict(BaseModel):
@@ -79,14 +81,21 @@ class DetectConfig(_Strict):
         default="local",
         description="local: a detector in this node; realm: vision.detect tasks on the best peer.",
     )
-    backend: DetectBackendConfig = Field(
-        default_factory=YoloOnnxConfig, description="The local detector (where: local)."
+    backend: DetectBackendConfig | None = Field(
+        default=None,
+        description="One local detector for every label (set: `detectors` is not used).",
+    )
+    detectors: list[DetectBackendConfig] = Field(
+        default_factory=default_detectors,
+        description="Local detectors, best first: each label goes to the first that knows it "
+        "(default: the person detector, then COCO yolov3-tiny).",
     )
     realm_backend: str | None = Field(
         default=None, description="where: realm — ask for this backend (e.g. yolo_onnx)."
     )
     labels: list[str] | None = Field(
-        default=None, description="Labels tracked (None: every label of the model)."
+        default_factory=lambda: list(DEFAULT_LABELS),
+        description="Labels tracked, COCO names (None: every label of the detectors).",
     )
     min_score: float | None = Field(default=None, ge=0, description="Override the backend's.")
     max_inflight: int = Field(

@@ -34,6 +34,7 @@ from nodes.camera.camera import Camera, slug
 from nodes.camera.config import CameraConfig, VerifyConfig
 from nodes.camera.snapshots import SnapshotStore
 from nodes.camera.tracker import Track
+from nodes.vision.combined import DetectorSet
 from nodes.vision.detect import Detector, DetectorEnv, DetectorUnavailable, load_detector
 from nodes.vision.images import Image, encode_jpeg_b64
 
@@ -72,19 +73,34 @@ class CameraNode(Node):
     async def setup(self) -> None:
         configured = self.config.models_dir or _models_dir(self.ctx)
         env = DetectorEnv(store=ModelStore.default(configured, dict(os.environ)))
-        shared: dict[str, Detector] = {}
+        shared: dict[str, Detector | None] = {}
         for cam in self.cameras.values():
             d = cam.spec.detect
             if d.where != "local":
                 continue
-            key = d.backend.model_dump_json()
-            if key not in shared:
-                try:
-                    shared[key] = await asyncio.to_thread(load_detector, d.backend, env)
-                except DetectorUnavailable as exc:
-                    self.log.warning("camera %s: detection off: %s", cam.name, exc)
-                    continue
-            cam.detector = shared[key]
+            loaded: list[Detector] = []
+            for cfg in [d.backend] if d.backend is not None else d.detectors:
+                key = cfg.model_dump_json()
+                if key not in shared:
+                    try:
+                        shared[key] = await asyncio.to_thread(load_detector, cfg, env)
+                    except DetectorUnavailable as exc:
+                        self.log.warning(
+                            "camera %s: detector %s unavailable: %s", cam.name, cfg.type, exc
+                        )
+                        shared[key] = None
+                detector = shared[key]
+                if detector is not None:
+                    loaded.append(detector)
+            best = DetectorSet(loaded, d.labels)
+            if best.missing:
+                self.log.warning(
+                    "camera %s: no detector here knows %s", cam.name, ", ".join(best.missing)
+                )
+            if not best.plan:
+                self.log.warning("camera %s: detection off (no detector for its labels)", cam.name)
+                continue
+            cam.detector = best
         needs_realm = any(
             c.spec.detect.where == "realm" or (c.spec.alarm and c.spec.alarm.verify)
             for c in self.cameras.values()
@@ -133,6 +149,9 @@ class CameraNode(Node):
                         c.name: {
                             "detect": c.spec.detect.where if c.detecting else "off",
                             "labels": c.labels(),
+                            "detectors": c.detector.attrs().get("detectors", {})
+                            if c.detector is not None
+                            else {},
                             "zones": sorted(c.spec.zones),
                         }
                         for c in self.cameras.values()

@@ -54,6 +54,8 @@ class DetectorEnv:
 _MODULES: dict[str, str] = {
     "yolo_onnx": "nodes.vision.yolo:YoloOnnxDetector",
     "hog": "nodes.vision.hog:HogDetector",
+    "ssd_tf": "nodes.vision.ssd:SsdTfDetector",
+    "darknet": "nodes.vision.darknet:DarknetDetector",
 }
 
 
@@ -87,10 +89,20 @@ async def run_detector(
     return await asyncio.to_thread(detector.detect, img, min_score)
 
 
+def model_extra(store: ModelStore | None, name: str, path: Path | None) -> dict[str, Any]:
+    """The manifest entry's ``extra`` settings ({} for an explicit path or an unknown model)."""
+    if store is None or path is not None:
+        return {}
+    try:
+        return dict(store.entry(name).extra)
+    except MtorError:
+        return {}
+
+
 def model_file(store: ModelStore | None, name: str, path: Path | None) -> Path:
-    """The model file: an explicit path, else the manifest model's installed file."""
+    """The model file (or folder): an explicit path, else the manifest model's installed one."""
     if path is not None:
-        if not path.is_file():
+        if not path.exists():
             raise DetectorUnavailable(f"model file {path} does not exist")
         return path
     if store is None:

@@ -21,6 +21,7 @@ from daemon.modelstore import ModelStore
 from daemon.node import Node, NodeContext
 from daemon.protocol.node import Capability
 from daemon.worker import TaskRun, task_input
+from nodes.vision.combined import DetectorSet
 from nodes.vision.config import VisionConfig
 from nodes.vision.detect import Detector, DetectorEnv, DetectorUnavailable, load_detector
 from nodes.vision.images import MAX_IMAGE_B64, decode_b64, media_type
@@ -36,7 +37,7 @@ class DetectInput(_Input):
     image: str = Field(min_length=1, max_length=MAX_IMAGE_B64 + 64, description="Base64 JPEG/PNG.")
     min_score: float | None = Field(default=None, ge=0, le=100)
     labels: list[str] | None = Field(default=None, description="Keep only these labels.")
-    backend: Literal["yolo_onnx", "hog"] | None = None
+    backend: Literal["yolo_onnx", "hog", "ssd_tf", "darknet"] | None = None
 
 
 class FacesInput(_Input):
@@ -180,7 +181,12 @@ class VisionNode(Node):
             return await self._imagine(task)
         raise TaskError("unavailable", f"{self.name} does not do {task.capability!r}")
 
-    def _detector(self, wanted: str | None, model: str | None) -> Detector:
+    def _detector(
+        self, wanted: str | None, model: str | None, labels: list[str] | None = None
+    ) -> Detector:
+        if not wanted and not model and self.detectors:
+            # No backend asked for: the best detector here for each label.
+            return DetectorSet(self.detectors, labels)
         for d in self.detectors:
             if (not wanted or d.type_name == wanted) and (not model or d.model == model):
                 return d
@@ -189,7 +195,9 @@ class VisionNode(Node):
     async def _detect(self, task: TaskRun) -> Any:
         inp = parse(DetectInput, task.input)
         detector = self._detector(
-            inp.backend or task.constraints.get("backend"), task.constraints.get("model")
+            inp.backend or task.constraints.get("backend"),
+            task.constraints.get("model"),
+            inp.labels,
         )
         started = time.perf_counter()
         img = await asyncio.to_thread(decode_b64, inp.image)
