@@ -107,6 +107,7 @@ EXTENSION_MODULES: list[str] = [
     "daemon.cli.vision_cmd",
     "daemon.cli.voice_cmd",
     "daemon.cli.broker_cmd",
+    "daemon.cli.swarm_cmd",
 ]
 
 

@@ -117,9 +117,12 @@ class Reject:
 
 @dataclass(frozen=True, slots=True)
 class Note:
-    """Something a watcher reports (awarded, acknowledged, reopened, ...)."""
+    """Something a watcher reports: ``kind`` is round, claimed, awarded, acked,
+    done, failed, reopened, no_bid or info; ``sector`` where it is about one."""
 
     text: str
+    kind: str = "info"
+    sector: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +287,9 @@ class Auction:
             return [Reject(f"award of sector {award.sector} to {award.winner}: it is {sec.phase}")]
         if self.peer_run:
             return self._claim(sec, award, now)
-        out: list[Action] = [Note(f"sector {award.sector} awarded to {award.winner}")]
+        out: list[Action] = [
+            Note(f"sector {award.sector} awarded to {award.winner}", "awarded", award.sector)
+        ]
         self._hold(sec, award.winner, award.cost, award.round, now, phase="claimed")
         if award.winner == self.me and self.role == "bidder":
             sec.phase, sec.started, sec.deadline = "held", True, None
@@ -299,11 +304,11 @@ class Auction:
             return []  # our own, or a duplicate
         if sec.phase == "claimed" and sec.holder == sender:
             sec.phase, sec.deadline, sec.since = "held", None, now
-            return [Note(f"sector {ack.sector} acknowledged by {sender}")]
+            return [Note(f"sector {ack.sector} acknowledged by {sender}", "acked", ack.sector)]
         if sec.phase == "open" and ack.round <= self.round and sender not in self.excluded:
             # A late ack of a holder whose round we had given up on: it works on it.
             self._hold(sec, sender, sec.cost or 0.0, ack.round, now, phase="held")
-            return [Note(f"sector {ack.sector} acknowledged late by {sender}")]
+            return [Note(f"sector {ack.sector} acknowledged late by {sender}", "acked", ack.sector)]
         if sec.phase == "claimed" and sec.holder == self.me and sec.started:
             return [Reject(f"ack of {sender} for sector {ack.sector} that we hold")]
         return [Reject(f"ack of {sender} for sector {ack.sector}: {sec.phase} by {sec.holder}")]
@@ -323,11 +328,14 @@ class Auction:
             return []
         if p.status == "done":
             sec.phase, sec.fraction, sec.deadline = "done", 1.0, None
-            return [Note(f"sector {p.sector} done by {sender}"), *self._maybe_finished()]
+            return [
+                Note(f"sector {p.sector} done by {sender}", "done", p.sector),
+                *self._maybe_finished(),
+            ]
         self.excluded.add(sender)
         self._reopen(sec)
         return [
-            Note(f"sector {p.sector} failed on {sender}: {p.detail or 'no detail'}"),
+            Note(f"sector {p.sector} failed on {sender}: {p.detail or '-'}", "failed", p.sector),
             *self._next_round(now, f"{sender} failed"),
         ]
 
@@ -344,7 +352,7 @@ class Auction:
         # Losses first: a sector whose holder is gone is allocated in the closing round.
         reasons = self._reopen_lost(now)
         if reasons:
-            out += [Note(r) for r in reasons]
+            out += [Note(r, "reopened") for r in reasons]
             out += self._next_round(now, reasons[0])
         if self.close_at is not None and now >= self.close_at:
             self.close_at = None
@@ -386,7 +394,7 @@ class Auction:
             sec.expected = None
             if sec.phase == "open":
                 sec.deadline = None
-        out: list[Action] = [Note(f"round {r}: {reason}")]
+        out: list[Action] = [Note(f"round {r}: {reason}", "round")]
         if self.role == "auctioneer" and r > 1:
             out.append(SendCall(r, reason))
         out += self._my_bid()
@@ -415,7 +423,7 @@ class Auction:
             if i not in won:
                 if self.role in ("peer", "auctioneer", "watcher"):
                     sec.phase = "failed"
-                    out.append(Note(f"sector {i}: no robot bid in round {self.round}"))
+                    out.append(Note(f"sector {i}: no robot bid in round {self.round}", "no_bid", i))
                 continue
             node, cost = won[i]
             deadline = now + self.timing.award_timeout_s
@@ -429,7 +437,10 @@ class Auction:
                     cost=cost,
                 )
                 self._hold(sec, node, cost, self.round, now, phase="claimed")
-                out += [SendAward(award), Note(f"sector {i} awarded to {node} ({cost:.1f})")]
+                out += [
+                    SendAward(award),
+                    Note(f"sector {i} awarded to {node} ({cost:.1f})", "awarded", i),
+                ]
             elif self.peer_run:
                 sec.expected, sec.deadline, sec.cost = node, deadline, cost
                 if node == self.me and self.role == "peer":
@@ -462,7 +473,13 @@ class Auction:
         sec.settle_at = now + self.timing.settle_s if best == self.me else None
         if previous == self.me and best != self.me:
             out.append(Note(f"sector {award.sector}: {self.me} yields to {best}"))
-        out.append(Note(f"sector {award.sector} claimed by {best} ({best_cost:.1f})"))
+        out.append(
+            Note(
+                f"sector {award.sector} claimed by {best} ({best_cost:.1f})",
+                "claimed",
+                award.sector,
+            )
+        )
         return out
 
     def _hold(

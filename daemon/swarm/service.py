@@ -93,8 +93,8 @@ class AuctionHost:
     async def on_abandon(self, auction: Auction, sector: int, reason: str) -> None:
         """This participant must drop a sector it took on (robots)."""
 
-    async def on_note(self, auction: Auction, text: str) -> None:
-        log.debug("mission %s/%s: %s", auction.issuer, auction.mission, text)
+    async def on_note(self, auction: Auction, note: Note) -> None:
+        log.debug("mission %s/%s: %s", auction.issuer, auction.mission, note.text)
 
     async def on_finished(self, auction: Auction) -> None:
         log.info("mission %s/%s %s", auction.issuer, auction.mission, auction.finished)
@@ -247,7 +247,7 @@ class AuctionHost:
                 level = logging.WARNING if action.hostile else logging.DEBUG
                 log.log(level, "mission %s/%s: %s", auction.issuer, auction.mission, action.reason)
             elif isinstance(action, Note):
-                await self.on_note(auction, action.text)
+                await self.on_note(auction, action)
             elif isinstance(action, Finished):
                 await self.on_finished(auction)
             elif isinstance(action, Start):
