@@ -25,6 +25,7 @@ EXTRAS=(
     chat    # llama.cpp (compiled, portable flags below), Anthropic, OpenAI-compatible; --no-chat skips
     voice   # wake word, voice activity, vosk / faster-whisper, piper (all wheels)
     vision  # OpenCV 4.x headless, onnxruntime (wheels)
+    swarm   # pymavlink: the swarm node's MAVLink driver (wheels)
 )
 # llama-cpp-python has no wheel: build it portably (no -march=native, no tools/server).
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF}"
