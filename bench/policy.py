@@ -28,18 +28,17 @@ import argparse
 import gc
 import random
 import statistics
-import tempfile
 import time
 import tracemalloc
-from pathlib import Path
 from typing import Any, Final
 
 from bench.common import emit, machine
 from bench.realm import percentile
 from daemon.config import build_config
 from daemon.orchestrator import policy
+from daemon.orchestrator.placement import Placement
+from daemon.orchestrator.ports import SystemClock
 from daemon.orchestrator.registry import Registry
-from daemon.orchestrator.service import Orchestrator
 from daemon.orchestrator.tasks import Task
 from daemon.protocol.node import Capability, Hardware, NodeHealth, NodeInfo, NodeState
 from daemon.protocol.task import Constraints, TaskSubmit
@@ -78,11 +77,11 @@ def populate(registry: Registry, peers: int, seed: int = 1) -> None:
         )
         peer = registry.peers[node_id]
         slot = peer.slots["echo"]
-        slot.in_use = rng.randrange(capacity)  # every peer keeps at least one free slot
+        for _ in range(rng.randrange(capacity)):  # every peer keeps at least one free slot
+            registry.take(peer, "echo")
         if rng.random() < 0.8:
             slot.latency_ms = rng.uniform(0.5, 50)
         slot.success = rng.uniform(0.9, 1.0)
-        registry.refresh(peer, "echo", now)
 
 
 def timed(fn: Any, n: int) -> dict[str, Any]:
@@ -116,52 +115,41 @@ def make_task(constraints: Constraints | None = None) -> Task:
 
 
 def measure(peers: int, decisions: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="mtor-bench-") as tmp:
-        config = build_config(
-            {
-                "realm": "bench",
-                "nodes": {},
-                "orchestrator": {"state_dir": str(Path(tmp) / "state")},
-            }
-        )
-        orch = Orchestrator(config)
-        try:
-            gc.collect()
-            tracemalloc.start()
-            before = tracemalloc.get_traced_memory()[0]
-            registry = Registry(config.orchestrator.breaker)
-            populate(registry, peers)
-            gc.collect()
-            after = tracemalloc.get_traced_memory()[0]
-            tracemalloc.stop()
-            orch.registry = registry
-            free = registry.free["echo"]
+    config = build_config({"realm": "bench", "nodes": {}})
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    registry = Registry(config.orchestrator.breaker)
+    populate(registry, peers)
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    placement = Placement(registry, random.Random(), SystemClock())
+    free = registry.free["echo"]
 
-            plain, constrained = make_task(), make_task(Constraints(language="de"))
-            picked = orch._pick(plain)
-            fits = orch._pick(constrained)
-            assert picked is not None and fits is not None
+    plain, constrained = make_task(), make_task(Constraints(language="de"))
+    picked = placement.pick(plain)
+    fits = placement.pick(constrained)
+    assert picked is not None and fits is not None
 
-            def pick() -> None:
-                orch._pick(plain)
+    def pick() -> None:
+        placement.pick(plain)
 
-            def pick_constrained() -> None:
-                orch._pick(constrained)
+    def pick_constrained() -> None:
+        placement.pick(constrained)
 
-            def score_all() -> None:
-                candidates = []
-                for node_id in free.items:
-                    candidates.append(registry.peers[node_id].candidate("echo"))
-                policy.choose(candidates)
+    def score_all() -> None:
+        candidates = []
+        for node_id in free.items:
+            candidates.append(registry.peers[node_id].candidate("echo"))
+        policy.choose(candidates)
 
-            timed(pick, min(decisions, 2000))  # warm-up
-            results = {
-                "pick": timed(pick, decisions),
-                "pick_constrained": timed(pick_constrained, max(200, decisions // 20)),
-                "score_all": timed(score_all, max(200, decisions // 20)),
-            }
-        finally:
-            orch.users.close()
+    timed(pick, min(decisions, 2000))  # warm-up
+    results = {
+        "pick": timed(pick, decisions),
+        "pick_constrained": timed(pick_constrained, max(200, decisions // 20)),
+        "score_all": timed(score_all, max(200, decisions // 20)),
+    }
     return {
         "benchmark": "policy",
         "peers": peers,

@@ -304,9 +304,9 @@ async def test_odd_account_levels_are_refused_without_a_traceback(env: Env) -> N
 async def test_remembered_finals_are_bounded_in_bytes(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from daemon.orchestrator import service
+    from daemon.orchestrator import finals
 
-    monkeypatch.setattr(service, "FINISHED_MAX_BYTES", 250_000)
+    monkeypatch.setattr(finals, "FINISHED_MAX_BYTES", 250_000)
     orch = await env.start()
     async with running_bus(orch.config) as bus:
         assigned = Collector()
@@ -323,8 +323,8 @@ async def test_remembered_finals_are_bounded_in_bytes(
         async with asyncio.timeout(10):
             while orch.tasks:
                 await asyncio.sleep(0.01)
-    assert len(orch.finished) == 2  # 5 x 100 kB against a 250 kB budget
-    assert orch._finished_bytes <= 250_000
+    assert len(orch.core.finals) == 2  # 5 x 100 kB against a 250 kB budget
+    assert orch.core.finals.bytes <= 250_000
 
 
 async def test_direct_finals_count_only_with_the_submitters_reply_key(env: Env) -> None:

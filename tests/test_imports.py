@@ -46,15 +46,6 @@ KNOWN_DAEMON_CYCLES: Final[dict[tuple[str, ...], str]] = {
         "(typing import of daemon.runtime) while daemon/runtime.py builds them: hand "
         "them a narrow port instead of the daemon (owner: daemon/runtime.py and those two)"
     ),
-    (
-        "daemon.orchestrator.admin",
-        "daemon.orchestrator.service",
-        "daemon.workflows.realm",
-    ): (
-        "daemon/orchestrator/admin.py and daemon/workflows/realm.py take the whole "
-        "Orchestrator (typing import of daemon.orchestrator.service), which builds them: "
-        "the orchestrator split gives them narrow parts (owner: daemon/orchestrator/)"
-    ),
 }
 
 # daemon/ modules that still import nodes/, each with the reason (the rest of the

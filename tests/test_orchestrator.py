@@ -199,7 +199,7 @@ async def test_queue_full_priority_and_fairness(realm_env: Realm) -> None:
     await realm_env.start_orchestrator()
     await realm_env.start_worker("w1", max_concurrency=1)
     await realm_env.wait_peers("sleep", 1)
-    realm_env.orchestrator.queues.clear()  # type: ignore[union-attr]
+    realm_env.orchestrator.core.queues.clear()  # type: ignore[union-attr]
     order: list[str] = []
     async with client(realm_env, user="hog") as hog, client(realm_env, user="amy") as amy:
         blocker = await hog.submit("sleep", {"seconds": 0.5})

@@ -13,18 +13,24 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
 
 from daemon import topics
 from daemon.bus import Inbound
 from daemon.config import SECRET_KEYS
 from daemon.errors import MessageError
-from daemon.messages import decode
+from daemon.messages import Message, decode
+from daemon.orchestrator.admission import Admission
+from daemon.orchestrator.core import Scheduler
 from daemon.orchestrator.identity import Identity, Refused
-from daemon.protocol.admin import AdminReply, AdminRequest
+from daemon.orchestrator.store import Store
+from daemon.orchestrator.users import Users
+from daemon.protocol.admin import AdminReply, AdminRequest, OrchestratorStats
 
-if TYPE_CHECKING:
-    from daemon.orchestrator.service import Orchestrator
+# Sends a reply: (topic, message, MQTT 5 correlation data).
+Reply = Callable[[str, Message, bytes | None], None]
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +44,31 @@ class AdminError(Exception):
 
 
 class Admin:
-    def __init__(self, orch: Orchestrator) -> None:
-        self.orch = orch
+    """Built from the parts it needs: who asks (admission), the users database,
+    the task table and peers (scheduler, its registry), history (store), the
+    stats snapshot, and a way to reply."""
 
-    @property
-    def token_file(self) -> Any:
-        return self.orch.cfg.state_dir / "sysop.token"
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        admission: Admission,
+        users: Users,
+        scheduler: Scheduler,
+        store: Store,
+        stats: Callable[[], OrchestratorStats],
+        reply: Reply,
+    ) -> None:
+        self.token_file = state_dir / "sysop.token"
+        self.admission = admission
+        self.users = users
+        self.scheduler = scheduler
+        self.store = store
+        self.stats = stats
+        self.reply = reply
 
     async def bootstrap_sysop(self) -> None:
-        users = self.orch.users
+        users = self.users
         if any(u["role"] == "sysop" for u in users.all()):
             return
         token = await users.add("sysop", "sysop")
@@ -58,7 +80,7 @@ class Admin:
         log.info("created the sysop user; its token is in %s", path)
 
     async def on_request(self, msg: Inbound) -> None:
-        account = self.orch.request_account(msg, topics.ORCH_ADMIN, "admin")
+        account = self.admission.request_account(msg, topics.ORCH_ADMIN, "admin")
         if account is None:
             return
         reply_topic = msg.response_topic
@@ -87,8 +109,8 @@ class Admin:
                 code="internal",
                 correlation=correlation,
             )
-        if self.orch._reply_ok(reply_topic, account):
-            self.orch.bus.post(reply_topic, reply, correlation_data=msg.correlation_data)
+        if self.admission.reply_ok(reply_topic, account):
+            self.reply(reply_topic, reply, msg.correlation_data)
         elif reply_topic:
             log.warning(
                 "admin reply to %r refused: outside %s's reply topics", reply_topic[:200], account
@@ -96,7 +118,7 @@ class Admin:
 
     def _authorise(self, req: AdminRequest, account: str) -> Identity:
         try:
-            ident = self.orch.identify(account, req.token, req.user)
+            ident = self.admission.identify(account, req.token, req.user)
         except Refused as exc:
             raise AdminError(exc.code, str(exc)) from exc
         if req.op not in OPEN_OPS and ident.role not in ("sysop", "orchestrator"):
@@ -111,13 +133,12 @@ class Admin:
             log.info("sysop %s: %s %s", ident.name, req.op, _args_for_log(req.args))
         # Others' tasks are theirs: a non-sysop sees only its own in the task list.
         mine_only = ident.role not in ("sysop", "orchestrator")
-        orch = self.orch
         a = req.args
         op = req.op
         if op == "stats":
-            return orch.snapshot().model_dump(mode="json")
+            return self.stats().model_dump(mode="json")
         if op == "peers":
-            return orch.snapshot().peers
+            return self.stats().peers
         if op == "tasks":
             return [
                 {
@@ -130,47 +151,44 @@ class Admin:
                     "attempt": t.attempt,
                     "age_s": round(time.time() - t.submitted, 3),
                 }
-                for t in orch.tasks.values()
+                for t in self.scheduler.tasks.values()
                 if not mine_only or t.user == ident.name
             ]
         if op == "history":
-            return await orch.store.history(
+            return await self.store.history(
                 int(a.get("limit", 50)), a.get("user"), a.get("capability")
             )
         if op == "users":
-            return orch.users.all()
+            return self.users.all()
         if op == "user_add":
             role = a.get("role", "user")
             if role not in ("sysop", "user", "guest", "node", "device"):
                 raise AdminError("bad_request", f"unknown role {role!r}")
-            return {"name": _name(a), "role": role, "token": await orch.users.add(_name(a), role)}
+            return {"name": _name(a), "role": role, "token": await self.users.add(_name(a), role)}
         if op == "user_remove":
-            return {"removed": await orch.users.remove(_name(a))}
+            return {"removed": await self.users.remove(_name(a))}
         if op in ("ban", "unban"):
-            await orch.users.set_ban(_name(a), op == "ban", a.get("reason"))
+            await self.users.set_ban(_name(a), op == "ban", a.get("reason"))
             return {"name": _name(a), "banned": op == "ban"}
         if op in ("drain", "undrain", "blacklist", "unblacklist"):
             return self._peer_op(op, str(a.get("node", "")))
         if op == "cancel":
             task_id = str(a.get("task_id", ""))
-            ok = orch.cancel(task_id, None, a.get("reason") or "cancelled by sysop")
+            ok = self.scheduler.cancel(task_id, None, a.get("reason") or "cancelled by sysop")
             if not ok:
                 raise AdminError("not_found", f"no active task {task_id!r}")
             return {"cancelled": task_id}
         raise AdminError("bad_request", f"unknown op {op!r}")
 
     def _peer_op(self, op: str, node_id: str) -> dict[str, Any]:
-        orch = self.orch
-        peer = orch.registry.peers.get(node_id)
+        registry = self.scheduler.registry
+        if op in ("drain", "undrain"):
+            peer = registry.set_flags(node_id, drained=op == "drain")
+        else:
+            peer = registry.set_flags(node_id, blacklisted=op == "blacklist")
         if peer is None:
             raise AdminError("not_found", f"no peer {node_id!r}")
-        if op in ("drain", "undrain"):
-            peer.drained = op == "drain"
-        else:
-            peer.blacklisted = op == "blacklist"
-        for name in peer.slots:
-            orch.registry.refresh(peer, name)
-            orch._dispatch(name)
+        self.scheduler.dispatch_peer(node_id)
         log.info("sysop: %s %s", op, node_id)
         return {"node": node_id, "drained": peer.drained, "blacklisted": peer.blacklisted}
 

@@ -40,35 +40,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Final, Literal
 
 from daemon import topics
-from daemon.bus import Inbound
+from daemon.bus import Bus, Inbound
 from daemon.errors import MessageError
 from daemon.messages import decode
+from daemon.orchestrator.config import OrchestratorConfig
+from daemon.orchestrator.tasks import Mirrored, Task
 from daemon.protocol.admin import InstanceState, JournalRecord, OrchestratorLease, OrchestratorState
 from daemon.protocol.task import WorkerReport
 
-if TYPE_CHECKING:
-    from daemon.orchestrator.service import Orchestrator
-    from daemon.orchestrator.tasks import Task
+# Called when this instance becomes active: (the mirrored tasks, took_over).
+OnActive = Callable[[dict[str, Mirrored], bool], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
 # How long a claim waits for competing claims (and a starting orchestrator for the
 # retained lease) before it decides (s).
 SETTLE: Final = 0.3
-
-
-@dataclass
-class Mirrored:
-    """A task of the active's table, as a standby knows it."""
-
-    doc: dict[str, object]
-    node: str | None = None
-    attempt: int = 0
-    final: WorkerReport | None = None  # a worker's final the active had not yet made final
 
 
 def _rank(lease: OrchestratorLease) -> tuple[int, str]:
@@ -80,13 +71,29 @@ class SteppedDown(Exception):
 
 
 class HighAvailability:
-    def __init__(self, orch: Orchestrator) -> None:
-        self.orch = orch
-        cfg = orch.cfg
-        self.name = cfg.instance or orch.config.effective_node_id
+    def __init__(
+        self,
+        cfg: OrchestratorConfig,
+        realm: str,
+        name: str,
+        bus: Bus,
+        boot_id: str,
+        *,
+        tasks: Mapping[str, Task],
+        on_active: OnActive,
+        offline: tuple[str, OrchestratorState],
+    ) -> None:
+        """``name``: this instance's; ``tasks``: the active table (replicated to
+        standbys); ``offline``: the realm's orchestrator will (topic, state)."""
+        self.bus = bus
+        self.boot_id = boot_id
+        self.realm = realm
+        self.tasks = tasks
+        self.on_active = on_active
+        self.offline = offline
+        self.name = name
         self.renew = cfg.lease_renew
         self.timeout = cfg.lease_timeout
-        realm = orch.realm
         self.lease_topic = topics.ORCH_LEASE.build(realm=realm)
         self.journal_topic = topics.ORCH_JOURNAL.build(realm=realm)
         self.instance_topic = topics.ORCH_INSTANCE.build(realm=realm, name=self.name)
@@ -105,15 +112,15 @@ class HighAvailability:
     # ------------------------------------------------------------- following
 
     async def start(self) -> None:
-        bus = self.orch.bus
-        realm = self.orch.realm
+        bus = self.bus
+        realm = self.realm
         await bus.subscribe(self.lease_topic, self._on_lease)
         await bus.subscribe(self.journal_topic, self._on_journal)
         await bus.subscribe(topics.ORCH_INSTANCE.filter(realm=realm), self._on_instance)
         await bus.subscribe(topics.ORCH_STATE.build(realm=realm), self._on_orch_state)
 
     def _ours(self, lease: OrchestratorLease) -> bool:
-        return lease.holder == self.name and lease.boot_id == self.orch.boot_id
+        return lease.holder == self.name and lease.boot_id == self.boot_id
 
     async def _on_lease(self, msg: Inbound) -> None:
         try:
@@ -205,7 +212,7 @@ class HighAvailability:
     # ------------------------------------------------------------- deciding
 
     async def run(self) -> None:
-        bus = self.orch.bus
+        bus = self.bus
         await bus.wait_connected()
         await asyncio.sleep(SETTLE)  # the retained lease, if any, has arrived
         while True:
@@ -225,7 +232,7 @@ class HighAvailability:
                 lease is None
                 or lease.state == "released"
                 or stale
-                or (lease.holder == self.name and lease.boot_id != self.orch.boot_id)
+                or (lease.holder == self.name and lease.boot_id != self.boot_id)
             ):
                 await self._claim()
                 continue
@@ -246,7 +253,7 @@ class HighAvailability:
         mine = self._lease(epoch)
         log.info("claiming the orchestrator lease (epoch %d)", epoch)
         self._claiming = epoch
-        await self.orch.bus.publish(self.lease_topic, mine, retain=True)
+        await self.bus.publish(self.lease_topic, mine, retain=True)
         await asyncio.sleep(SETTLE)
         self._claiming = 0
         lease = self.lease
@@ -266,20 +273,20 @@ class HighAvailability:
             f", {len(mirror)} task(s) taken over" if was_standby else "",
         )
         self._publish_lease()
-        await self.orch.bus.publish(self.instance_topic, self.presence("active"), retain=True)
-        await self.orch.become_active(mirror, took_over=was_standby)
+        await self.bus.publish(self.instance_topic, self.presence("active"), retain=True)
+        await self.on_active(mirror, was_standby)
         if was_standby:  # the realm's will again: this one's death says "offline"
-            self.orch.bus.set_will(self.orch.state_topic, self.orch.offline_state())
-            self.orch.bus.reconnect()
+            self.bus.set_will(*self.offline)
+            self.bus.reconnect()
             self._standby_will = False
 
     async def _be_standby(self) -> None:
         """Stand by: presence on the instance topic, and the will moves there (a
         standby's death must not say the realm's orchestrator is offline)."""
         self._standby_will = True
-        self.orch.bus.set_will(self.instance_topic, self.presence("offline"))
-        self.orch.bus.reconnect()
-        await self.orch.bus.publish(self.instance_topic, self.presence("standby"), retain=True)
+        self.bus.set_will(self.instance_topic, self.presence("offline"))
+        self.bus.reconnect()
+        await self.bus.publish(self.instance_topic, self.presence("standby"), retain=True)
         lease = self.lease
         log.info(
             "orchestrator %s standing by (%s is active)",
@@ -301,7 +308,7 @@ class HighAvailability:
     def _lease(self, epoch: int, state: Literal["held", "released"] = "held") -> OrchestratorLease:
         return OrchestratorLease(
             holder=self.name,
-            boot_id=self.orch.boot_id,
+            boot_id=self.boot_id,
             epoch=epoch,
             state=state,
             renew_s=self.renew,
@@ -310,10 +317,10 @@ class HighAvailability:
     def presence(self, state: Literal["active", "standby", "offline"]) -> InstanceState:
         """This instance's role, for its ``orchestrator/instance/<name>/state``."""
         epoch = self.epoch if state == "active" else 0
-        return InstanceState(state=state, boot_id=self.orch.boot_id, epoch=epoch)
+        return InstanceState(state=state, boot_id=self.boot_id, epoch=epoch)
 
     def _publish_lease(self) -> None:
-        self.orch.bus.post(self.lease_topic, self._lease(self.epoch), retain=True)
+        self.bus.post(self.lease_topic, self._lease(self.epoch), retain=True)
 
     def release(self) -> OrchestratorLease | None:
         """On a clean shutdown of the active (or of one claiming): the lease is free
@@ -328,7 +335,7 @@ class HighAvailability:
 
     def _record(self, record: JournalRecord) -> None:
         if self.active and self.standbys:
-            self.orch.bus.post(self.journal_topic, record)
+            self.bus.post(self.journal_topic, record)
 
     def accepted(self, task: Task) -> None:
         if self.active and self.standbys:
@@ -358,6 +365,6 @@ class HighAvailability:
 
     def _snapshot(self) -> None:
         """A standby appeared: everything it must mirror."""
-        for task in list(self.orch.tasks.values()):
+        for task in list(self.tasks.values()):
             self._record(self._accept(task))
             self.assigned(task)

@@ -303,7 +303,7 @@ class Registry:
             self.index.setdefault(name, set()).add(p.node_id)
         self._refresh_all(p)
 
-    def refresh(self, p: Peer, name: str, now: float = 0.0) -> None:
+    def _refresh(self, p: Peer, name: str, now: float = 0.0) -> None:
         """Recompute whether the peer can take another ``name`` task right now."""
         slot = p.slots.get(name)
         free = self.free.get(name)
@@ -321,14 +321,86 @@ class Registry:
 
     def _refresh_all(self, p: Peer, now: float = 0.0) -> None:
         for name in p.slots:
-            self.refresh(p, name, now)
+            self._refresh(p, name, now)
 
     def reopen_breakers(self, now: float) -> None:
         """Put peers whose cool-down ended back into the free sets (half-open)."""
         for p in self.peers.values():
             for name, slot in p.slots.items():
                 if slot.breaker.state == "open" and now >= slot.breaker.open_until:
-                    self.refresh(p, name, now)
+                    self._refresh(p, name, now)
+
+    # --------------------------------------------------- slots in use, outcomes
+    # Every change that decides whether a peer is free goes through these: the
+    # free sets are kept by the registry, never by its callers.
+
+    def usable(self, p: Peer, name: str, now: float) -> bool:
+        """May ``p`` be given a ``name`` task now (its breaker allows it)?  A peer
+        whose breaker says no leaves the free set."""
+        if p.slots[name].breaker.allows(now):
+            return True
+        self._refresh(p, name, now)
+        return False
+
+    def take(self, p: Peer, name: str) -> None:
+        """A ``name`` task was assigned to ``p``: one slot more in use."""
+        slot = p.slots[name]
+        slot.in_use += 1
+        slot.breaker.on_assign()
+        self._refresh(p, name)
+
+    def give_back(self, node_id: str, name: str, now: float) -> None:
+        """A ``name`` task of ``node_id`` ended or was taken back: its slot is free."""
+        p = self.peers.get(node_id)
+        if p is None:
+            return
+        slot = p.slots.get(name)
+        if slot is not None:
+            slot.in_use = max(0, slot.in_use - 1)
+            slot.breaker.probing = False
+        self._refresh(p, name, now)
+
+    def outcome(
+        self, node_id: str, name: str, ok: bool, now: float, run_ms: float | None = None
+    ) -> None:
+        """Record how a ``name`` task went on ``node_id`` (latency, success, breaker)."""
+        p = self.peers.get(node_id)
+        slot = p.slots.get(name) if p is not None else None
+        if p is None or slot is None:
+            return
+        slot.record(ok, run_ms)
+        if ok:
+            closed = slot.breaker.state == "closed"
+            slot.breaker.on_success()
+            if closed:
+                return  # nothing that decides whether the peer is free has changed
+        else:
+            was = slot.breaker.state
+            slot.breaker.on_failure(now)
+            if slot.breaker.state == "open" and was != "open":
+                log.warning(
+                    "blacklisted %s for %s for %.0fs (trip %d)",
+                    node_id,
+                    name,
+                    slot.breaker.open_until - now,
+                    slot.breaker.trips,
+                )
+        self._refresh(p, name, now)
+
+    def set_flags(
+        self, node_id: str, *, drained: bool | None = None, blacklisted: bool | None = None
+    ) -> Peer | None:
+        """A sysop's drain / blacklist of a peer (None: unchanged); the peer, or None
+        when unknown."""
+        p = self.peers.get(node_id)
+        if p is None:
+            return None
+        if drained is not None:
+            p.drained = drained
+        if blacklisted is not None:
+            p.blacklisted = blacklisted
+        self._refresh_all(p)
+        return p
 
     def offered(self, name: str) -> bool:
         return bool(self.index.get(name))

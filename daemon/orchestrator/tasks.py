@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import ValidationError
+
 from daemon.orchestrator.config import RoleLimits
-from daemon.protocol.task import PRIORITY_RANK, TaskSubmit
+from daemon.protocol.task import PRIORITY_RANK, TaskSubmit, WorkerReport
+
+log = logging.getLogger(__name__)
 
 # A task's life at the orchestrator: queued → assigned (a worker has it, unacknowledged)
 # → running (acknowledged) → released (its slot given back: retried, or about to be
@@ -69,6 +74,38 @@ class Task:
             "correlation": self.correlation.hex() if self.correlation else None,
             "submitted": self.submitted,
         }
+
+
+def task_from(doc: dict[str, Any]) -> Task | None:
+    """A task from its journal document (this state_dir's, or a standby's mirror);
+    None (logged) when unreadable."""
+    try:
+        submit = TaskSubmit.model_validate(doc["submit"])
+        corr = doc.get("correlation")
+        return Task(
+            id=doc["id"],
+            submit=submit,
+            user=doc["user"],
+            role=doc["role"],
+            deadline=float(doc["deadline"]),
+            reply_topic=doc.get("reply_topic"),
+            correlation=bytes.fromhex(corr) if corr else None,
+            submitted=float(doc.get("submitted", time.time())),
+            peer_timeout=bool(doc.get("peer_timeout", True)),
+        )
+    except (KeyError, ValueError, TypeError, ValidationError) as exc:
+        log.warning("dropping unreadable journal entry: %s", str(exc)[:200])
+        return None
+
+
+@dataclass
+class Mirrored:
+    """A task of the active's table, as a standby knows it (see ha.py)."""
+
+    doc: dict[str, Any]
+    node: str | None = None
+    attempt: int = 0
+    final: WorkerReport | None = None  # a worker's final the active had not yet made final
 
 
 @dataclass

@@ -32,7 +32,12 @@ from daemon.workflows.recorder import LocalRunRecorder
 from daemon.workflows.runner import StepFailed
 
 if TYPE_CHECKING:
-    from daemon.orchestrator.service import Orchestrator
+    from daemon.bus import Bus
+    from daemon.config import Config
+    from daemon.orchestrator.admission import Admission
+    from daemon.orchestrator.registry import Registry
+    from daemon.orchestrator.state import RealmStateStore
+    from daemon.orchestrator.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +47,14 @@ WORKFLOW_USER: Final = "workflows"
 class RealmPorts:
     """What an orchestrator-side run may do."""
 
-    def __init__(self, orch: Orchestrator, client: RealmClient) -> None:
-        self.orch = orch
+    def __init__(
+        self, bus: Bus, state: RealmStateStore, registry: Registry, client: RealmClient
+    ) -> None:
+        self.bus = bus
+        self.realm = client.realm
+        self.realm_state = state
+        self.registry = registry
         self.client = client
-        self.realm = orch.realm
 
     async def run_task(
         self, capability: str, input: Any, *, timeout: float | None, priority: str, node: str | None
@@ -67,49 +76,60 @@ class RealmPorts:
             raise
 
     async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool) -> None:
-        await self.orch.bus.publish(topic, payload, qos=qos, retain=retain, wait=False)
+        await self.bus.publish(topic, payload, qos=qos, retain=retain, wait=False)
 
     async def set_state(self, key: str, value: Any, by: str) -> None:
         try:
-            await self.orch.state.set(key, value, by)
+            await self.realm_state.set(key, value, by)
         except StateError as exc:
             raise StepFailed(exc.code, str(exc)) from exc
 
     def state(self) -> Mapping[str, Any]:
-        return self.orch.state.snapshot()
+        return self.realm_state.snapshot()
 
     def has_capability(self, name: str) -> bool:
-        return self.orch.registry.capable_online(name)
+        return self.registry.capable_online(name)
 
 
 class RealmWorkflows:
     """The orchestrator's workflow engine (non-local workflows of its config)."""
 
-    def __init__(self, orch: Orchestrator) -> None:
-        self.orch = orch
-        every = load_workflows(orch.config)  # a bad workflows_dir file stops the start-up
+    def __init__(
+        self,
+        config: Config,
+        bus: Bus,
+        *,
+        state: RealmStateStore,
+        registry: Registry,
+        store: Store,
+        admission: Admission,
+    ) -> None:
+        self.bus = bus
+        self.realm = config.realm
+        self.registry = registry
+        self.store = store
+        self.admission = admission
+        every = load_workflows(config)  # a bad workflows_dir file stops the start-up
         flows = {n: w for n, w in every.items() if not w.local}
         self.local_names = {n for n, w in every.items() if w.local}  # answered by their node
-        self.client = RealmClient(
-            orch.bus, orch.realm, user=WORKFLOW_USER, account=ORCHESTRATOR_ACCOUNT
-        )
+        self.client = RealmClient(bus, self.realm, user=WORKFLOW_USER, account=ORCHESTRATOR_ACCOUNT)
         self.engine = Engine(
-            orch.bus,
-            orch.realm,
+            bus,
+            self.realm,
             flows,
-            RealmPorts(orch, self.client),
-            orch.state,
+            RealmPorts(bus, state, registry, self.client),
+            state,
             where="orchestrator",
-            record=orch.store.record_run,
+            record=store.record_run,
         )
-        self.local_runs = LocalRunRecorder(orch.store.record_run, here="orchestrator")
+        self.local_runs = LocalRunRecorder(store.record_run, here="orchestrator")
 
     async def start(self) -> None:
         await self.client.start()
         await self.engine.start()
-        realm = self.orch.realm
-        await self.orch.bus.subscribe(topics.WORKFLOW_REQUEST.filter(realm=realm), self.on_request)
-        await self.orch.bus.subscribe(
+        realm = self.realm
+        await self.bus.subscribe(topics.WORKFLOW_REQUEST.filter(realm=realm), self.on_request)
+        await self.bus.subscribe(
             topics.WORKFLOW_EVENT.filter(realm=realm), self.local_runs.on_event
         )
 
@@ -124,7 +144,7 @@ class RealmWorkflows:
             return True
         return any(
             p.online and p.info is not None and name in p.info.workflows
-            for p in self.orch.registry.peers.values()
+            for p in self.registry.peers.values()
         )
 
     def _identify(self, account: str, req: WorkflowRequest) -> tuple[str, str]:
@@ -132,7 +152,7 @@ class RealmWorkflows:
         from daemon.orchestrator.identity import Refused
 
         try:
-            ident = self.orch.identify(account, req.token, req.user)
+            ident = self.admission.identify(account, req.token, req.user)
         except Refused as exc:
             raise EngineError(exc.code, str(exc)) from exc
         return ident.name, ident.role
@@ -144,12 +164,12 @@ class RealmWorkflows:
         forward = WorkflowRequest(
             op="run", name=req.name, input=req.input, user=user, run_id=run_id
         )
-        topic = topics.WORKFLOW_REQUEST.build(realm=self.orch.realm, user=ORCHESTRATOR_ACCOUNT)
-        self.orch.bus.post(topic, forward)
+        topic = topics.WORKFLOW_REQUEST.build(realm=self.realm, user=ORCHESTRATOR_ACCOUNT)
+        self.bus.post(topic, forward)
         return {"run_id": run_id, "workflow": req.name, "where": "node"}
 
     async def on_request(self, msg: Inbound) -> None:
-        account = self.orch.request_account(msg, topics.WORKFLOW_REQUEST, "workflow")
+        account = self.admission.request_account(msg, topics.WORKFLOW_REQUEST, "workflow")
         if account is None:
             return
         reply_topic = msg.response_topic
@@ -174,7 +194,7 @@ class RealmWorkflows:
             elif req.op == "list":
                 result = self.engine.summary()
             else:
-                result = await self.orch.store.workflow_runs(req.limit, req.name)
+                result = await self.store.workflow_runs(req.limit, req.name)
             reply = WorkflowReply(ok=True, result=result, correlation=correlation)
         except MessageError as exc:
             log.warning("bad workflow request: %s (%s)", exc, msg.preview())
@@ -182,5 +202,5 @@ class RealmWorkflows:
         except EngineError as exc:
             log.info("workflow request refused: %s", exc)
             reply = WorkflowReply(ok=False, error=str(exc), code=exc.code, correlation=correlation)
-        if self.orch._reply_ok(reply_topic, account):
-            self.orch.bus.post(reply_topic, reply, correlation_data=msg.correlation_data)
+        if self.admission.reply_ok(reply_topic, account):
+            self.bus.post(reply_topic, reply, correlation_data=msg.correlation_data)
