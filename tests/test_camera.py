@@ -131,7 +131,8 @@ def test_tracker_lifecycle_new_update_end() -> None:
     tr.update([("person", 0.8, moved), ("cat", 0.9, moved)], 0.8)
     assert {x.label for x in tr.tracks} == {"person", "cat"}
     assert tr.counts() == {"person": 1}
-    assert tr.expire(1.5) == []
+    assert tr.update([], 1.5) == [] and tr.expire(1.5) == []  # looked for: 0.7 s unseen
+    tr.update([], 1.9)
     ended = tr.expire(1.9)
     assert ended == [t] and t.end == 1.9 and tr.tracks == []  # the unreported cat ends silently
 

@@ -24,7 +24,8 @@ from nodes.camera.backpressure import LatestSlot
 from nodes.camera.capture import CaptureError, FrameSource
 from nodes.camera.config import CameraSpec
 from nodes.camera.motion import Box, Debounce, MotionDetector, MotionFrame, region
-from nodes.camera.snapshots import render
+from nodes.camera.review import ReviewItem, ReviewKind, ReviewTracker
+from nodes.camera.snapshots import pixel_box, render
 from nodes.camera.tracker import EventKind, IoUTracker, NBox, Track
 from nodes.vision.detect import Detector, run_detector
 from nodes.vision.images import Image, encode_jpeg_b64
@@ -66,7 +67,13 @@ class Camera:
         self.zone_debounce = {
             z: Debounce(spec.motion.start_frames, spec.motion.end_seconds) for z in spec.zones
         }
-        self.tracker = IoUTracker(spec.tracking, self._zones_of)
+        self.tracker = IoUTracker(
+            spec.tracking,
+            self._zones_of,
+            filters=spec.objects,
+            loitering={n: z.loitering_time for n, z in spec.zones.items()},
+        )
+        self.review = ReviewTracker(spec.review, name)
         self.detector: Detector | None = None  # set by the node when detection is local
         self.slot: LatestSlot[Job] = LatestSlot(spec.detect.max_inflight, self._detect_job)
         self.latest: Image | None = None
@@ -164,12 +171,19 @@ class Camera:
             self.latest = frame
             self.size = (frame.shape[1], frame.shape[0])
             await self._on_motion(mf, wall, mono)
-            if mf.moving and self.detecting:
-                box = region(mf.boxes, self.size, self.spec.detect.pad, self.spec.detect.min_region)
-                self.slot.offer(Job(frame, box, wall, mono))
+            if self.detecting:
+                # Where it moves, and where a known object should be looked at again
+                # (one that stopped moving makes no motion, yet it is still there).
+                boxes = list(mf.boxes) if mf.moving else []
+                boxes += [pixel_box(t.box, self.size) for t in self.tracker.due_checks(wall)]
+                if boxes:
+                    d = self.spec.detect
+                    box = region(boxes, self.size, d.pad, d.min_region)
+                    self.slot.offer(Job(frame, box, wall, mono))
             ended = self.tracker.expire(wall)
             if ended:
                 await self._publish_objects([("end", t) for t in ended], None)
+            await self._publish_reviews(self.review.expire(wall))
 
     async def _quiet(self) -> None:
         """The source is gone: motion ends, objects end."""
@@ -182,6 +196,7 @@ class Camera:
         ended = self.tracker.end_all(now)
         if ended:
             await self._publish_objects([("end", t) for t in ended], None)
+        await self._publish_reviews(self.review.close(now))
 
     # ------------------------------------------------------------- motion
 
@@ -257,7 +272,8 @@ class Camera:
             box = ((bx1 + x1) / w, (by1 + y1) / h, (bx2 + x1) / w, (by2 + y1) / h)
             nbox = (round(box[0], 4), round(box[1], 4), round(box[2], 4), round(box[3], 4))
             dets.append((label, score, nbox))
-        events = self.tracker.update(dets, job.wall)
+        looked = (x1 / w, y1 / h, x2 / w, y2 / h)
+        events = self.tracker.update(dets, job.wall, looked)
         if events:
             await self._publish_objects(events, job)
 
@@ -281,10 +297,14 @@ class Camera:
                 "entered_zones": track.entered_zones,
                 "start_time": track.start,
                 "end_time": track.end,
+                "stationary": track.stationary,
+                "verified": track.verified,
                 "snapshot_id": track.id if track.snapshot_score else None,
                 "frame_time": job.wall if job is not None else None,
             }
             await self.ctx.publish_event("vision", "object", track.label, attrs=attrs)
+            now = job.wall if job is not None else time.time()
+            await self._publish_reviews(self.review.on_object(kind, track, now))
             if kind == "end":
                 self._alarmed.pop(track.id, None)
             else:
@@ -293,6 +313,11 @@ class Camera:
         for label in set(counts) | set(self._counts):
             if counts.get(label, 0) != self._counts.get(label):
                 await self._publish_count(label, counts.get(label, 0))
+
+    async def _publish_reviews(self, events: list[tuple[ReviewKind, ReviewItem]]) -> None:
+        for kind, item in events:
+            attrs = item.to_attrs(kind)
+            await self.ctx.publish_event("vision", "review", item.severity, attrs=attrs)
 
     async def _snapshot(self, track: Track, frame: Image) -> None:
         cfg = self.spec.snapshots
@@ -365,6 +390,8 @@ class Camera:
         verified: bool | None = None
         if rule.verify is not None and frame is not None:
             verified = await self.node.verify(self, track, frame, rule.verify)
+            if self.tracker.verdict(track, verified, time.time()) is not None:
+                await self._publish_objects([("update", track)], None)
             if verified is False or (verified is None and rule.verify.on_error == "drop"):
                 self._last_alarm = previous  # not an alarm: the cooldown is not spent
                 self.log.info("alarm for %s %s not confirmed (%s)", track.label, track.id, verified)

@@ -28,6 +28,12 @@ class ZoneConfig(_Strict):
     """A polygon of the picture, in normalised coordinates (0..1, origin top left)."""
 
     points: list[Point] = Field(min_length=3, description="[[x, y], ...] corners, 0..1.")
+    loitering_time: float = Field(
+        default=0.0,
+        ge=0,
+        description="Seconds an object must stay in the zone before it counts as in it "
+        "(zones only; 0: at once).",
+    )
 
     @field_validator("points")
     @classmethod
@@ -71,6 +77,57 @@ class TrackingConfig(_Strict):
     )
     update_interval: float = Field(
         default=1.0, ge=0, description="Least seconds between 'update' events of an object."
+    )
+    stationary_after: float = Field(
+        default=10.0, gt=0, description="Seconds without moving before an object is stationary."
+    )
+    stationary_interval: float = Field(
+        default=10.0,
+        gt=0,
+        description="A stationary object is looked for again this often (no motion needed).",
+    )
+
+
+class ObjectFilter(_Strict):
+    """Which detections of one label count (Frigate's ``objects.filters``)."""
+
+    min_area: float = Field(default=0.0, ge=0, le=1, description="Smallest box, frame fraction.")
+    max_area: float = Field(default=1.0, gt=0, le=1, description="Largest box, frame fraction.")
+    min_ratio: float = Field(default=0.0, ge=0, description="Smallest width / height.")
+    max_ratio: float = Field(default=1e9, gt=0, description="Largest width / height.")
+    min_score: float = Field(default=0.0, ge=0, le=1, description="Weaker detections are dropped.")
+    threshold: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Median score over the first `median_frames` detections an object needs "
+        "before it is announced.",
+    )
+    median_frames: int = Field(default=3, ge=1, le=30, description="Scores the median is over.")
+
+
+class SeverityConfig(_Strict):
+    """Which objects make a review item of one severity."""
+
+    labels: list[str] | None = Field(description="Labels (None: any label).")
+    required_zones: list[str] = Field(
+        default_factory=list, description="The object must be in one of these (empty: anywhere)."
+    )
+
+
+class ReviewConfig(_Strict):
+    """Review items: overlapping activity on a camera grouped into one item."""
+
+    alerts: SeverityConfig = Field(
+        default_factory=lambda: SeverityConfig(labels=["person", "car"]),
+        description="Objects that make an item an alert.",
+    )
+    detections: SeverityConfig = Field(
+        default_factory=lambda: SeverityConfig(labels=None),
+        description="Other objects that make (or join) an item of severity detection.",
+    )
+    end_seconds: float = Field(
+        default=5.0, ge=0, description="The item ends this long after its last object ended."
     )
 
 
@@ -140,7 +197,9 @@ class AlarmConfig(_Strict):
 
     labels: list[str] = Field(default_factory=lambda: ["person"], min_length=1)
     zones: list[str] = Field(
-        default_factory=list, description="Zones that count (empty: anywhere in the picture)."
+        default_factory=list,
+        description="Required zones: the object must be in one (after the zone's "
+        "loitering_time; empty: anywhere in the picture).",
     )
     cooldown: float = Field(default=60.0, ge=0, description="Least seconds between alarms.")
     verify: VerifyConfig | None = Field(default=None, description="Second pass (None: off).")
@@ -159,6 +218,10 @@ class CameraSpec(_Strict):
     detect: DetectConfig = Field(default_factory=DetectConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    objects: dict[str, ObjectFilter] = Field(
+        default_factory=dict, description="Per-label object filters (COCO names)."
+    )
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
     alarm: AlarmConfig | None = Field(default=None, description="Built-in alarm rule (None: off).")
 
     @field_validator("zones")
@@ -171,10 +234,15 @@ class CameraSpec(_Strict):
 
     @model_validator(mode="after")
     def _alarm_zones(self) -> CameraSpec:
-        if self.alarm is not None:
-            unknown = set(self.alarm.zones) - set(self.zones)
+        named = {
+            "alarm": self.alarm.zones if self.alarm is not None else [],
+            "review.alerts.required_zones": self.review.alerts.required_zones,
+            "review.detections.required_zones": self.review.detections.required_zones,
+        }
+        for where, zones in named.items():
+            unknown = set(zones) - set(self.zones)
             if unknown:
-                raise ValueError(f"alarm zones {sorted(unknown)} are not defined in zones")
+                raise ValueError(f"{where} zones {sorted(unknown)} are not defined in zones")
         return self
 
 
