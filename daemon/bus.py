@@ -30,6 +30,9 @@ replies.
   never gets the connection closed.  A publish the broker refuses (a reason
   code, or closing the connection on it) is never replayed forever either:
   see :class:`daemon.mqtt.PublishRejected` and ``MAX_STRIKES``.
+* Built from parts, one module each: :mod:`daemon.bus_routing` (subscriptions,
+  dispatch) and :mod:`daemon.bus_publish` (publishing); the types users see are in
+  :mod:`daemon.bus_types`.  This module holds the connection's lifecycle.
 * Another process with our client id (a cloned image, two daemons with one node
   id) is said plainly, and backed off from.
 """
@@ -38,151 +41,75 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import random
-import re
 import ssl
 import threading
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from dataclasses import dataclass, replace
+from typing import Final
 
+from daemon.bus_publish import LOGGED_REFUSALS, Publishing
+from daemon.bus_routing import SUBSCRIBE_REFUSALS, Routing, Subscription
+from daemon.bus_types import LOG_PAYLOAD_BYTES, Handler, Hook, Inbound, Payload, to_bytes, truncate
 from daemon.config import BrokerConfig
-from daemon.errors import (
-    BusAuthError,
-    BusError,
-    BusNotConnectedError,
-    BusPublishError,
-    BusSubscribeError,
-    MessageError,
-)
-from daemon.messages import Message, encode
+from daemon.errors import BusAuthError, BusError, BusNotConnectedError
 from daemon.mqtt import (
     Connection,
     ConnectParams,
     ConnectRefused,
     MqttError,
-    Publish,
-    PublishRejected,
     Session,
-    SessionFull,
-    SubscribeRefused,
     Will,
     connect,
 )
-from daemon.mqtt.codec import (
-    CONTENT_TYPE,
-    CORRELATION_DATA,
-    RESPONSE_TOPIC,
-    SUBSCRIPTION_ID,
-    USER_PROPERTY,
-    publish_properties,
-    reason_text,
-    subscribe_options,
-)
-from daemon.mqtt.connection import MAX_STRIKES, SESSION_MESSAGES, Outgoing
-from daemon.textcheck import text_problem, topic_name_problem, valid_topic_name
-from daemon.topics import filters_overlap, matches, validate_filter
+from daemon.mqtt.connection import SESSION_MESSAGES
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "AUTH_FAILURES",
+    "LOGGED_REFUSALS",
+    "LOG_PAYLOAD_BYTES",
+    "MAX_QUEUED_INCOMING",
+    "RECEIVE_MAXIMUM",
+    "STABLE_AFTER",
+    "SUBSCRIBE_REFUSALS",
+    "TAKEOVER_SUSPECT",
+    "TAKEOVER_WINDOW",
+    "Bus",
+    "Handler",
+    "Hook",
+    "Inbound",
+    "Payload",
+    "Subscription",
+    "to_bytes",
+    "truncate",
+]
+
+# The bus's one logger, whichever of its modules speaks: log filters and the
+# tests name it.
+log = logging.getLogger("daemon.bus")
 
 # CONNACK reason codes that no retry can fix: bad user name or password, not
 # authorized, bad authentication method (MQTT 5, 3.2.2.2).
 AUTH_FAILURES: Final = frozenset({0x86, 0x87, 0x8C})
+
 # A dispatch queue this deep means handlers cannot keep up: the connection stops
 # reading (TCP back-pressure to the broker) until dispatch catches up.
 MAX_QUEUED_INCOMING: Final = 50_000
-# Payloads in log lines are cut to this many bytes.
-LOG_PAYLOAD_BYTES: Final = 200
+
 # QoS 1/2 messages the broker may have in flight to us (MQTT 5 Receive Maximum).  Left
 # unsaid, Mosquitto allows 20 and queues 1,000 more (max_queued_messages), then drops
 # *silently*: a process whose loop is busy for a moment lost messages in a burst.  The
 # connection acknowledges on read, so the real bound is MAX_QUEUED_INCOMING on our side.
 RECEIVE_MAXIMUM: Final = 65_535
-# DISCONNECT reasons by which a broker refuses the SUBSCRIBE it just read: topic filter
-# invalid, shared subscriptions / subscription identifiers / wildcards not supported.
-SUBSCRIBE_REFUSALS: Final = frozenset({0x8F, 0x9E, 0xA1, 0xA2})
+
 # A connection that stayed up this long (s) resets the reconnect backoff.
 STABLE_AFTER: Final = 10.0
+
 # The broker closing our connection this soon (s) after CONNACK without a word, this
 # many times in a row, is taken for another process connecting with our client id.
 TAKEOVER_WINDOW: Final = 3.0
 TAKEOVER_SUSPECT: Final = 3
-# Refused posts: each of the first ones gets a log line, then every 1000th.
-LOGGED_REFUSALS: Final = 10
-
-Payload = bytes | str | Message
-
-
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """An incoming message, decoupled from the MQTT library."""
-
-    topic: str
-    payload: bytes
-    qos: int = 0
-    retain: bool = False
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    content_type: str | None = None
-    user_properties: tuple[tuple[str, str], ...] = ()
-
-    def preview(self) -> str:
-        return truncate(self.payload)
-
-
-Handler = Callable[[Inbound], Awaitable[None]]
-Hook = Callable[[], Awaitable[None]]
-
-
-_SECRET_FIELD = re.compile(r'("(?:token|password|api_key|secret)"\s*:\s*)"[^"]*"?')
-
-
-def truncate(payload: bytes, limit: int = LOG_PAYLOAD_BYTES) -> str:
-    """A payload for a log line: cut to ``limit`` bytes, secrets masked."""
-    text = _SECRET_FIELD.sub(r'\1"***"', payload[:limit].decode("utf-8", errors="replace"))
-    return text + (f"...(+{len(payload) - limit} bytes)" if len(payload) > limit else "")
-
-
-@dataclass(slots=True)
-class Subscription:
-    topic_filter: str
-    qos: int
-    sub_id: int
-    no_local: bool = False
-    handlers: list[Handler] = field(default_factory=list)
-    conn: Connection | None = None  # the connection it was last sent on
-    # Handlers added since the last resubscription: the retained copies that the
-    # SUBSCRIBE made for them brings go to them alone (the others have them).
-    retained_to: list[Handler] | None = None
-    strikes: int = 0  # connections closed while it was unanswered, in a row
-
-
-def to_bytes(payload: Payload) -> bytes:
-    if isinstance(payload, Message):
-        return encode(payload)
-    return payload.encode() if isinstance(payload, str) else payload
-
-
-def _check_properties(props: dict[str, Any]) -> None:
-    """The strings of a PUBLISH's properties: a response topic must be a topic name;
-    no string may hold U+0000 or a lone surrogate (MQTT 5, 1.5.4)."""
-    response_topic = props.get("response_topic")
-    if response_topic and not valid_topic_name(response_topic):
-        raise BusPublishError(
-            f"response topic {response_topic[:200]!r} is not a valid topic name "
-            f"({topic_name_problem(response_topic)})"
-        )
-    texts = [props.get("content_type") or ""]
-    for key, value in (props.get("user_properties") or {}).items():
-        texts += [key, value]
-    for text in texts:
-        problem = text_problem(text)
-        if problem is not None:
-            raise BusPublishError(f"property {text[:200]!r} {problem}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +121,7 @@ class _WillOptions:
         return f"at QoS {self.qos}{', retained' if self.retain else ', not retained'}"
 
 
-class Bus:
+class Bus(Routing, Publishing):
     """One MQTT 5 connection with reconnect, resubscribe, hooks and flow control."""
 
     def __init__(
@@ -211,6 +138,7 @@ class Bus:
         subscriptions and queues QoS 1/2 messages for us that long while we are
         away); 0: a clean session on every connect.  ``duplicate_hint``: what to
         ask when another process keeps taking our client id over."""
+        super().__init__()
         self.config = config
         self.client_id = client_id
         self._password = password
@@ -223,37 +151,19 @@ class Bus:
         self._session = Session(
             max_messages=config.outbox_size or SESSION_MESSAGES, max_bytes=config.outbox_bytes
         )
-        self._conn: Connection | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: int | None = None
+        self._conn = None
+        self._loop = None
+        self._thread = None
         self._connected = asyncio.Event()
-        self._subs: dict[str, Subscription] = {}
-        self._by_id: dict[int, Subscription] = {}
-        self._ids = itertools.count(1)
-        self._overlapping = False  # two registered filters can match one topic
-        self._copies = False  # the broker sends a copy per matching subscription
-        self._filled: deque[tuple[str, int, frozenset[int]]] = deque(maxlen=64)
-        self._use_ids = True  # the broker has Subscription Identifiers
         self._hooks: list[Hook] = []
-        self._ready: asyncio.Queue[tuple[Connection, asyncio.Event]] = asyncio.Queue()
-        self._dropped = 0
         self._takeovers = 0  # connections the broker ended soon after CONNACK, in a row
         self.connects = 0
-        self.refused = 0
-        self.handler_errors = 0
 
     # ------------------------------------------------------------------ state
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
-
-    @property
-    def dropped(self) -> int:
-        """Publishes given up: QoS 0 while offline or to a broker that stopped reading,
-        a full outbox, expired unsent, or closed on by the broker MAX_STRIKES times."""
-        s = self._session
-        return self._dropped + s.dropped + s.expired + s.given_up
 
     def stats(self) -> dict[str, int]:
         """Counters for health reports."""
@@ -292,253 +202,6 @@ class Bus:
     def on_connect(self, hook: Hook) -> None:
         """Run ``hook`` after every (re)connect, once subscriptions are in place."""
         self._hooks.append(hook)
-
-    # -------------------------------------------------------------- subscribe
-
-    async def subscribe(
-        self, topic_filter: str, handler: Handler, qos: int = 1, *, no_local: bool = False
-    ) -> None:
-        """Call ``handler`` for every message matching ``topic_filter``.
-
-        Registered filters survive reconnects.  When connected, this returns
-        once the broker has acknowledged the subscription, and raises
-        :class:`BusSubscribeError` if it refused it (or would: a wildcard or
-        shared subscription the broker says it lacks) — the filter is then
-        forgotten, never resent.
-        """
-        validate_filter(topic_filter)
-        sub = self._subs.get(topic_filter)
-        if sub is not None:
-            sub.handlers.append(handler)
-            conn = self._conn
-            if conn is not None and self.connected:
-                # Subscribe again so the broker sends the retained messages once more,
-                # for the new handler only: without a new SUBSCRIBE it would never get
-                # the state the others got (retained copies come only with SUBSCRIBE).
-                sub.retained_to = [*(sub.retained_to or []), handler]
-                with contextlib.suppress(MqttError):
-                    await self._subscribe(conn, sub)
-            return
-        sub = Subscription(topic_filter, qos, next(self._ids), no_local, [handler])
-        self._subs[topic_filter] = sub
-        self._by_id[sub.sub_id] = sub
-        self._overlapping = self._overlapping or any(
-            filters_overlap(topic_filter, f) for f in self._subs if f != topic_filter
-        )
-        conn = self._conn
-        if conn is not None and self.connected:
-            with contextlib.suppress(MqttError):  # resubscribed on reconnect
-                await self._subscribe(conn, sub)
-        # Not connected, or (re)subscribing: the connect loop sends it (see _resubscribe).
-
-    async def unsubscribe(self, topic_filter: str) -> None:
-        sub = self._subs.pop(topic_filter, None)
-        if sub is None:
-            return
-        self._by_id.pop(sub.sub_id, None)
-        conn = self._conn
-        if conn is not None and self.connected:
-            with contextlib.suppress(MqttError):
-                await conn.unsubscribe(topic_filter)
-
-    async def _subscribe(self, conn: Connection, sub: Subscription) -> None:
-        sub.conn = conn
-        options = subscribe_options(sub.qos, no_local=sub.no_local)
-        try:
-            granted = await conn.subscribe(sub.topic_filter, options, sub.sub_id)
-        except SubscribeRefused as exc:
-            refused = exc
-        except MqttError:
-            # Closed with this SUBSCRIBE unanswered: by a reason that refuses it, or
-            # MAX_STRIKES times in a row — it is the broker's answer to it.
-            reason = conn.broker_reason
-            sub.strikes += 1
-            if reason not in SUBSCRIBE_REFUSALS and sub.strikes < MAX_STRIKES:
-                raise
-            self._forget(sub, SubscribeRefused(sub.topic_filter, reason or 0x80))
-            raise
-        else:
-            code = next((c for c in granted if c >= 0x80), None)
-            if code is None:
-                sub.strikes = 0
-                return
-            refused = SubscribeRefused(sub.topic_filter, code)
-        self._forget(sub, refused)
-        raise BusSubscribeError(str(refused)) from refused
-
-    def _forget(self, sub: Subscription, refused: SubscribeRefused) -> None:
-        if self._subs.get(sub.topic_filter) is sub:
-            del self._subs[sub.topic_filter]
-            self._by_id.pop(sub.sub_id, None)
-        log.error("%s: not subscribed, not retried (check the ACL)", refused)
-
-    async def _resubscribe(self, conn: Connection) -> None:
-        """Every registered filter on ``conn``, including those registered meanwhile."""
-        while pending := [s for s in self._subs.values() if s.conn is not conn]:
-            for sub in pending:
-                sub.retained_to = None  # a new connection's retained copies: for all
-                if self._subs.get(sub.topic_filter) is sub:
-                    with contextlib.suppress(BusSubscribeError):  # logged, forgotten
-                        await self._subscribe(conn, sub)
-
-    # ---------------------------------------------------------------- publish
-
-    def _outgoing(
-        self,
-        topic: str,
-        payload: Payload,
-        qos: int,
-        retain: bool,
-        **props: Any,
-    ) -> Outgoing:
-        """What to send; :class:`BusPublishError` when it could not be sent as asked."""
-        if qos not in (0, 1, 2):
-            raise ValueError(f"QoS must be 0, 1 or 2, not {qos!r}")
-        if not valid_topic_name(topic):
-            raise BusPublishError(
-                f"not a valid MQTT topic name ({topic_name_problem(topic)}): {topic[:200]!r}"
-            )
-        if props.get("response_topic") or props.get("content_type") or props.get("user_properties"):
-            _check_properties(props)
-        try:
-            data = to_bytes(payload)
-        except (MessageError, UnicodeEncodeError) as exc:
-            raise BusPublishError(f"cannot publish to {topic[:200]!r}: {exc}") from exc
-        expiry = props.get("expiry")
-        return Outgoing(topic, data, qos, retain, publish_properties(**props), expiry)
-
-    async def publish(
-        self,
-        topic: str,
-        payload: Payload,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        content_type: str | None = None,
-        response_topic: str | None = None,
-        correlation_data: bytes | None = None,
-        expiry: float | None = None,
-        user_properties: dict[str, str] | None = None,
-        wait: bool = True,
-    ) -> None:
-        """Publish a message (a :class:`Message` is encoded as JSON).
-
-        Waits while the outbox is full (``broker.outbox_size`` /
-        ``outbox_bytes``: back-pressure).  With ``wait=True`` (QoS 1/2) it then
-        waits for the broker's acknowledgement — across reconnects: a message
-        published while disconnected is sent on reconnect, and this returns
-        once the broker has it.  With ``wait=False`` it returns as soon as the
-        message is in the outbox.  QoS 0 is at most once: while disconnected
-        it is dropped (and counted in :attr:`dropped`).
-
-        :class:`BusPublishError` when the topic is not a valid topic name, the
-        payload cannot be encoded, or the broker would refuse it (at once), or,
-        with ``wait=True``, when the broker refused it (a reason code >= 0x80,
-        or closing the connection on it) or it expired unsent.
-        """
-        out = self._outgoing(
-            topic,
-            payload,
-            qos,
-            retain,
-            content_type=content_type,
-            response_topic=response_topic,
-            correlation_data=correlation_data,
-            expiry=expiry,
-            user_properties=user_properties,
-        )
-        await self._session.wait_room(out.size)
-        acked = self._offer(out, ack=wait, raise_refusal=True)
-        if acked is None:
-            return
-        try:
-            reason = await acked
-        except PublishRejected as exc:
-            raise BusPublishError(str(exc)) from exc
-        if reason >= 0x80:
-            raise BusPublishError(
-                f"the broker refused the publish to {out.topic[:200]!r} ({reason_text(reason)})"
-            )
-
-    def post(
-        self,
-        topic: str,
-        payload: Payload,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        expiry: float | None = None,
-        content_type: str | None = None,
-        response_topic: str | None = None,
-    ) -> None:
-        """Publish from synchronous code (timers, hot paths, other threads) without
-        waiting: straight into the outbox, sent in order through the in-flight
-        window (``max_inflight``) — no task per message, which is what the
-        orchestrator's throughput depends on.  What cannot be sent (not a valid
-        topic name, a payload that cannot be encoded, a full outbox) is dropped
-        with a log line and counted."""
-        try:
-            out = self._outgoing(
-                topic,
-                payload,
-                qos,
-                retain,
-                correlation_data=correlation_data,
-                expiry=expiry,
-                content_type=content_type,
-                response_topic=response_topic,
-            )
-        except BusPublishError as exc:
-            self._refused(exc)
-            return
-        if self._thread is not None and threading.get_ident() != self._thread:
-            # A worker thread (inference, a sensor driver): hand it to the loop's thread.
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._offer, out)
-            return
-        self._offer(out)
-
-    def _offer(
-        self, out: Outgoing, *, ack: bool = False, raise_refusal: bool = False
-    ) -> asyncio.Future[int] | None:
-        """Hand ``out`` to the session (the live connection, or the outbox)."""
-        if out.qos and not self.connected and self.config.outbox_size == 0:
-            self._drop(f"publish to {out.topic[:200]!r} dropped: not connected, outbox_size 0")
-            return None
-        try:
-            return self._session.publish(
-                out.topic,
-                out.payload,
-                out.qos,
-                out.retain,
-                out.props,
-                ack=ack and out.qos > 0,
-                expiry=out.expiry,
-            )
-        except PublishRejected as exc:  # the connection logged it
-            if raise_refusal:
-                raise BusPublishError(str(exc)) from exc
-        except SessionFull as exc:
-            self._drop(f"outbox full: {exc}")
-        return None
-
-    def _drop(self, why: str) -> None:
-        self._dropped += 1
-        if self._dropped in (1, 10, 100) or self._dropped % 1000 == 0:
-            log.warning("%s (%d dropped so far)", why, self._dropped)
-
-    def _refused(self, exc: BusPublishError) -> None:
-        self.refused += 1
-        if self.refused <= LOGGED_REFUSALS or self.refused % 1000 == 0:
-            log.warning("publish dropped: %s (%d refused so far)", exc, self.refused)
-
-    async def flush(self) -> None:
-        """While connected: wait until every publish made so far has been
-        acknowledged by the broker (or the connection drops)."""
-        conn = self._conn
-        if conn is not None:
-            await conn.wait_acknowledged()
 
     # -------------------------------------------------------------- lifecycle
 
@@ -727,20 +390,6 @@ class Bus:
         finally:
             ready.set()
 
-    async def _dispatcher(self) -> None:
-        """Dispatch every connection's messages, in order, connection after connection:
-        a handler may wait (for an acknowledgement, across a reconnect) without holding
-        up the reconnect; a connection's inbox is dispatched once its hooks have run."""
-        while True:
-            conn, ready = await self._ready.get()
-            await ready.wait()
-            inbox = conn.inbox
-            with contextlib.suppress(MqttError):
-                while True:
-                    if not inbox:
-                        await conn.wait_message()  # MqttError once it is gone and empty
-                    await self._dispatch(conn.take())
-
     def _lost(self, exc: Exception, attempt: int) -> None:
         if isinstance(exc, ConnectRefused) and exc.legacy:
             if attempt in (0, 3) or attempt % 20 == 0:
@@ -749,80 +398,6 @@ class Bus:
             log.warning("lost the broker at %s: %s; reconnecting", self.config.url, exc)
         elif attempt in (0, 3) or attempt % 20 == 0:
             log.warning("cannot reach the broker at %s: %s (retrying)", self.config.url, exc)
-
-    async def _dispatch(self, message: Publish) -> None:
-        props = message.properties
-        ids = None
-        if props:
-            inbound = Inbound(
-                message.topic,
-                message.payload,
-                message.qos,
-                message.retain,
-                props.get(RESPONSE_TOPIC),
-                props.get(CORRELATION_DATA),
-                props.get(CONTENT_TYPE),
-                tuple(props.get(USER_PROPERTY, ())),
-            )
-            ids = props.get(SUBSCRIPTION_ID)
-        else:
-            inbound = Inbound(message.topic, message.payload, message.qos, message.retain)
-        for sub in self._route(inbound.topic, ids, inbound.payload):
-            to = sub.retained_to if inbound.retain and sub.retained_to is not None else sub.handlers
-            for handler in list(to):
-                try:
-                    await handler(inbound)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    self.handler_errors += 1
-                    log.exception(
-                        "handler %s failed on %s (payload %s)",
-                        getattr(handler, "__qualname__", handler),
-                        inbound.topic,
-                        inbound.preview(),
-                    )
-
-    def _route(self, topic: str, ids: list[int] | None, payload: bytes) -> list[Subscription]:
-        """The subscriptions a message is for, each once.
-
-        By its Subscription Identifiers, each checked against its filter.  Where
-        two filters overlap, a broker may send one copy carrying every matching id
-        (Mosquitto), one copy per subscription (allowed, 3.3.4), or one copy with
-        only the first id (aedes 2 beta): a matching subscription the copy does not
-        name is served from it, and remembered; should the broker's own copy for it
-        follow, it is skipped, and from then on the broker is trusted to send
-        copies."""
-        if not ids or not self._use_ids:
-            return [s for s in self._subs.values() if matches(s.topic_filter, topic)]
-        by_id = self._by_id
-        subs = [
-            s for i in ids if (s := by_id.get(i)) is not None and matches(s.topic_filter, topic)
-        ]
-        if not subs:  # stale or wrong ids: the filters decide
-            return [s for s in self._subs.values() if matches(s.topic_filter, topic)]
-        if not self._overlapping:
-            return subs
-        named = frozenset(s.sub_id for s in subs)
-        key = hash(payload)
-        for entry in self._filled:
-            if entry[0] == topic and entry[1] == key and named <= entry[2]:
-                self._filled.remove(entry)
-                if not self._copies:
-                    self._copies = True
-                    log.info("the broker sends one copy per matching subscription")
-                return []  # the broker's own copy of one we already served
-        if self._copies:
-            return subs
-        missing = [
-            s
-            for s in self._subs.values()
-            if s.sub_id not in named and matches(s.topic_filter, topic)
-        ]
-        if missing:
-            self._filled.append((topic, key, frozenset(s.sub_id for s in missing)))
-            subs += missing
-        return subs
 
     async def drain(self, timeout: float = 2.0) -> None:
         """Wait (bounded) for unacknowledged publishes before the run task is cancelled.
