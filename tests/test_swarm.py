@@ -31,7 +31,6 @@ from daemon.protocol.swarm import (
     MissionProgress,
     Point,
     RobotProfile,
-    RobotState,
 )
 from daemon.swarm.agent import RobotAgent
 from daemon.swarm.auction import Timing
@@ -128,6 +127,10 @@ def test_robot_processes_auction_among_themselves_and_reauction_after_kill9(
     assert out["sectors"][0]["winner"] == "r2" and out["rounds"] == 1
     assert out["sectors"][0]["awarded_s"] < 2.0
 
+    # the same with the CLI as the auctioneer (still no orchestrator)
+    rc, out = mission_cli(broker, realm, "--at", "0,10", "--id", "central", "--auctioneer", "self")
+    assert rc == 0 and out["status"] == "done" and out["sectors"][0]["winner"] == "r1", out
+
     # a long mission for r3; it is killed on the way: r2 takes over in a later round
     cli = subprocess.Popen(
         [sys.executable, "-m", "daemon.cli.main", "mission", "announce", "--broker", broker.url,
@@ -170,3 +173,169 @@ async def _wait_for_holder(config: Config, mission: str, node: str) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+# ------------------------------------------------------------------ robots in one process
+
+
+@contextlib.asynccontextmanager
+async def fleet(
+    config: Config, spots: dict[str, tuple[float, float]], **sim: Any
+) -> AsyncIterator[dict[str, RobotAgent]]:
+    """Simulated robots with a bus (and will) each, plus their tasks; yields once all
+    of them are subscribed and have published their state."""
+    realm = config.realm
+    agents: dict[str, RobotAgent] = {}
+    tasks: list[asyncio.Task[None]] = []
+    for node_id, (x, y) in spots.items():
+        will_topic = topics.NODE_STATE.build(realm=realm, node_id=node_id)
+        will = NodeState(state="offline", boot_id="b1")
+        bus = Bus(config.broker, f"{node_id}-{time.monotonic_ns()}", will=(will_topic, will))
+        profile = RobotProfile(max_speed_mps=50, range_m=10_000, sensors=["camera"])
+        vehicle = SimVehicle(SimDriverConfig(start=(x, y), speed_mps=50, **sim), profile)
+        agents[node_id] = RobotAgent(bus, realm, node_id, vehicle, heartbeat_s=0.3, timing=FAST)
+        tasks.append(asyncio.create_task(bus.run()))
+    for agent in agents.values():
+        await agent.bus.wait_connected(5)
+        tasks.append(asyncio.create_task(agent.run()))
+    try:
+        await wait_robots(config, set(spots))
+        yield agents
+    finally:
+        for t in reversed(tasks):
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+@contextlib.asynccontextmanager
+async def watching(config: Config) -> AsyncIterator[tuple[Bus, Watcher, Collector]]:
+    bus = Bus(config.broker, f"watch-{time.monotonic_ns()}")
+    task = asyncio.create_task(bus.run())
+    wire = Collector()
+    try:
+        await bus.wait_connected(5)
+        watcher = Watcher(bus, config.realm, timing=FAST)
+        await watcher.start()
+        await bus.subscribe(topics.SWARM_ANY.filter(realm=config.realm), wire)
+        yield bus, watcher, wire
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def kinds(wire: Collector, kind: str, mission: str) -> list[tuple[str, Any]]:
+    """(sender, message) of one kind for one mission, from the wire."""
+    cls = {"ack": MissionAck, "award": Award}[kind]
+    out = []
+    for m in wire.messages:
+        f = topics.SWARM_ANY.parse(m.topic)
+        if f and f["kind"] == kind:
+            msg = decode(m.payload, cls)
+            if msg.mission == mission:
+                out.append((f["sender"], msg))
+    return out
+
+
+async def test_equal_costs_one_award_one_ack_lowest_id_wins(config: Config) -> None:
+    spots = {"rc": (10.0, 10.0), "ra": (10.0, 10.0), "rb": (10.0, 10.0)}
+    async with fleet(config, spots) as _agents, watching(config) as (bus, watcher, wire):
+        await announce(
+            bus, config.realm, "alice", MissionAnnounce(mission="tie", location=Point(x=0, y=0))
+        )
+        async with asyncio.timeout(10):
+            await watcher.get("alice", "tie").finished.wait()
+        await asyncio.sleep(0.3)  # anything late would show now
+        assert [s for s, _ in kinds(wire, "award", "tie")] == ["ra"]
+        assert [s for s, _ in kinds(wire, "ack", "tie")] == ["ra"]
+
+
+async def test_coverage_sectors_one_per_robot_and_failure_is_reauctioned(config: Config) -> None:
+    spots = {"w": (0.0, 0.0), "m": (60.0, 0.0), "e": (120.0, 0.0)}
+    async with fleet(config, spots) as agents, watching(config) as (bus, watcher, _wire):
+        area = MissionAnnounce(
+            mission="cover", area=Area(x0=0, y0=0, x1=120, y1=20), sectors=3, bid_window_s=0.3
+        )
+        await announce(bus, config.realm, "alice", area)
+        async with asyncio.timeout(15):
+            await watcher.get("alice", "cover").finished.wait()
+        auction = watcher.auction("alice", "cover")
+        assert auction is not None and auction.finished == "done"
+        assert [s.winners for s in auction.sectors] == [["w"], ["m"], ["e"]]
+
+        # m fails its next mission on the way: it is re-auctioned without m
+        agents["m"].vehicle.fail("stalled motor")  # type: ignore[attr-defined]
+        point = MissionAnnounce(mission="p", location=Point(x=60, y=30), bid_window_s=0.3)
+        await announce(bus, config.realm, "alice", point)
+        async with asyncio.timeout(15):
+            await watcher.get("alice", "p").finished.wait()
+        auction = watcher.auction("alice", "p")
+        assert auction is not None and auction.finished == "done"
+        assert auction.sectors[0].winners[0] == "m" and auction.sectors[0].winners[-1] != "m"
+        assert auction.round == 2 and "m" in auction.excluded
+
+
+async def test_auctioneer_runs_the_auction_and_reawards_a_failure(config: Config) -> None:
+    from daemon.swarm.auctioneer import Auctioneer, MissionRecord
+
+    records: list[MissionRecord] = []
+
+    async def record(r: MissionRecord) -> None:
+        records.append(r)
+
+    spots = {"a": (0.0, 0.0), "b": (100.0, 0.0)}
+    async with fleet(config, spots) as agents, watching(config) as (bus, watcher, wire):
+        auctioneer = Auctioneer(bus, config.realm, "orchestrator", timing=FAST, on_finished=record)
+        await auctioneer.start()
+        agents["a"].vehicle.fail()  # type: ignore[attr-defined]
+        m = MissionAnnounce(mission="o1", location=Point(x=10, y=0), auctioneer="orchestrator")
+        await announce(bus, config.realm, "alice", m)
+        async with asyncio.timeout(15):
+            await watcher.get("alice", "o1").finished.wait()
+        assert [(s, a.winner) for s, a in kinds(wire, "award", "o1")] == [
+            ("orchestrator", "a"),
+            ("orchestrator", "b"),
+        ]
+        assert records and records[0].status == "done" and records[0].winners == [["a", "b"]]
+        auctioneer.close()
+
+
+async def test_hostile_messages_never_crash_and_forgeries_change_nothing(
+    config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    spots = {"r1": (0.0, 0.0), "r2": (50.0, 0.0)}
+    async with fleet(config, spots) as agents, watching(config) as (bus, watcher, wire):
+        realm = config.realm
+        garbage = [
+            (topics.SWARM_BID.build(realm=realm, sender="evil"), b"\xff\xfe not json"),
+            (topics.SWARM_BID.build(realm=realm, sender="evil"), b"[" * 5000),
+            (topics.SWARM_MISSION.build(realm=realm, sender="evil"), b'{"mission": "x"}'),
+            (topics.SWARM_ROBOT.build(realm=realm, sender="evil"), b'{"status": "flying"}'),
+            (f"mtor/{realm}/swarm/nonsense/evil", b"{}"),
+            (topics.SWARM_AWARD.build(realm=realm, sender="evil"), b'{"costs": 1e999}'),
+        ]
+        for topic, payload in garbage:
+            await bus.publish(topic, payload)
+        m = MissionAnnounce(mission="h", location=Point(x=45, y=0), bid_window_s=0.5)
+        await announce(bus, realm, "alice", m)
+        # During the bid window: a forged claim for r1 from 'evil', a forged cheap bid
+        # with the wrong number of costs, a 'done' from a robot that holds nothing.
+        forged = Award(issuer="alice", mission="h", round=1, winner="r1", cost=0.0)
+        await bus.publish(topics.SWARM_AWARD.build(realm=realm, sender="evil"), forged)
+        bad_bid = {"type": "swarm.bid", "issuer": "alice", "mission": "h", "costs": [0, 0]}
+        await bus.publish(
+            topics.SWARM_BID.build(realm=realm, sender="evil"), json.dumps(bad_bid).encode()
+        )
+        done = MissionProgress(issuer="alice", mission="h", round=1, status="done")
+        await bus.publish(topics.SWARM_PROGRESS.build(realm=realm, sender="r1"), done)
+        async with asyncio.timeout(10):
+            await watcher.get("alice", "h").finished.wait()
+        auction = watcher.auction("alice", "h")
+        assert auction is not None and auction.sectors[0].winners == ["r2"]
+        assert all(a.rejected >= 3 for a in agents.values()), {
+            n: a.rejected for n, a in agents.items()
+        }
+        assert all(t.done() is False for t in asyncio.all_tasks() if "swarm" in t.get_name())
+        assert [s for s, _ in kinds(wire, "ack", "h")] == ["r2"]
