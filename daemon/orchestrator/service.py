@@ -463,36 +463,12 @@ class Orchestrator:
 
     def snapshot(self, *, periodic: bool = False) -> OrchestratorStats:
         queues = {cap: len(q) for cap, q in self.core.queues.items()}
-        peers = {}
-        online = 0
-        for p in self.registry.peers.values():
-            online += p.available
-            peers[p.node_id] = {
-                "online": p.online and not p.stale,
-                "drained": p.drained,
-                "blacklisted": p.blacklisted,
-                "slots": {
-                    name: {
-                        "in_use": s.in_use,
-                        "capacity": s.capacity,
-                        "latency_ms": round(s.latency_ms, 3) if s.latency_ms else None,
-                        "success": round(s.success, 3),
-                        "breaker": s.breaker.state,
-                    }
-                    for name, s in p.slots.items()
-                },
-            }
-        self.stats.gauges(queues, online)
-        return OrchestratorStats(
-            uptime_s=round(time.monotonic() - self.started, 1),
-            peers_online=online,
-            queues=queues,
-            running=dict(self.core.running()),
-            completed=dict(self.stats.completed),
-            failed=dict(self.stats.failed),
-            throughput_per_s=self.stats.throughput(reset=periodic),
-            latency_ms=self.stats.latency(),
-            peers=peers,
+        return self.stats.snapshot(
+            self.registry.peers.values(),
+            queues,
+            self.core.running(),
+            uptime_s=time.monotonic() - self.started,
+            periodic=periodic,
         )
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, deque
-from typing import Any, Final
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from daemon.protocol.admin import OrchestratorStats
+
+if TYPE_CHECKING:
+    from daemon.orchestrator.registry import Peer
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +93,46 @@ class Stats:
         for cap, depth in queues.items():
             self._prom["queue"].labels(cap).set(depth)
         self._prom["peers"].set(peers_online)
+
+    def snapshot(
+        self,
+        peers: Iterable[Peer],
+        queues: dict[str, int],
+        running: Mapping[str, int],
+        *,
+        uptime_s: float,
+        periodic: bool = False,
+    ) -> OrchestratorStats:
+        """The realm as ``orchestrator/stats`` and ``mtor admin stats`` show it;
+        ``periodic``: the published one (throughput since the last)."""
+        views = {}
+        online = 0
+        for p in peers:
+            online += p.available
+            views[p.node_id] = {
+                "online": p.online and not p.stale,
+                "drained": p.drained,
+                "blacklisted": p.blacklisted,
+                "slots": {
+                    name: {
+                        "in_use": s.in_use,
+                        "capacity": s.capacity,
+                        "latency_ms": round(s.latency_ms, 3) if s.latency_ms else None,
+                        "success": round(s.success, 3),
+                        "breaker": s.breaker.state,
+                    }
+                    for name, s in p.slots.items()
+                },
+            }
+        self.gauges(queues, online)
+        return OrchestratorStats(
+            uptime_s=round(uptime_s, 1),
+            peers_online=online,
+            queues=queues,
+            running=dict(running),
+            completed=dict(self.completed),
+            failed=dict(self.failed),
+            throughput_per_s=self.throughput(reset=periodic),
+            latency_ms=self.latency(),
+            peers=views,
+        )
