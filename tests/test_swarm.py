@@ -243,7 +243,7 @@ async def test_equal_costs_one_award_one_ack_lowest_id_wins(config: Config) -> N
     spots = {"rc": (10.0, 10.0), "ra": (10.0, 10.0), "rb": (10.0, 10.0)}
     async with fleet(config, spots) as _agents, watching(config) as (bus, watcher, wire):
         await announce(
-            bus, config.realm, "alice", MissionAnnounce(mission="tie", location=Point(x=0, y=0))
+            bus, config.realm, "alice", MissionAnnounce(mission="tie", target=Point(x=0, y=0))
         )
         async with asyncio.timeout(10):
             await watcher.get("alice", "tie").finished.wait()
@@ -256,7 +256,7 @@ async def test_coverage_sectors_one_per_robot_and_failure_is_reauctioned(config:
     spots = {"w": (0.0, 0.0), "m": (60.0, 0.0), "e": (120.0, 0.0)}
     async with fleet(config, spots) as agents, watching(config) as (bus, watcher, _wire):
         area = MissionAnnounce(
-            mission="cover", area=Area(x0=0, y0=0, x1=120, y1=20), sectors=3, bid_window_s=0.3
+            mission="cover", target=Area(x0=0, y0=0, x1=120, y1=20), sectors=3, bid_window_s=0.3
         )
         await announce(bus, config.realm, "alice", area)
         async with asyncio.timeout(15):
@@ -267,7 +267,7 @@ async def test_coverage_sectors_one_per_robot_and_failure_is_reauctioned(config:
 
         # m fails its next mission on the way: it is re-auctioned without m
         agents["m"].vehicle.fail("stalled motor")  # type: ignore[attr-defined]
-        point = MissionAnnounce(mission="p", location=Point(x=60, y=30), bid_window_s=0.3)
+        point = MissionAnnounce(mission="p", target=Point(x=60, y=30), bid_window_s=0.3)
         await announce(bus, config.realm, "alice", point)
         async with asyncio.timeout(15):
             await watcher.get("alice", "p").finished.wait()
@@ -290,7 +290,7 @@ async def test_auctioneer_runs_the_auction_and_reawards_a_failure(config: Config
         auctioneer = Auctioneer(bus, config.realm, "orchestrator", timing=FAST, on_finished=record)
         await auctioneer.start()
         agents["a"].vehicle.fail()  # type: ignore[attr-defined]
-        m = MissionAnnounce(mission="o1", location=Point(x=10, y=0), auctioneer="orchestrator")
+        m = MissionAnnounce(mission="o1", target=Point(x=10, y=0), auctioneer="orchestrator")
         await announce(bus, config.realm, "alice", m)
         async with asyncio.timeout(15):
             await watcher.get("alice", "o1").finished.wait()
@@ -318,7 +318,7 @@ async def test_hostile_messages_never_crash_and_forgeries_change_nothing(
         ]
         for topic, payload in garbage:
             await bus.publish(topic, payload)
-        m = MissionAnnounce(mission="h", location=Point(x=45, y=0), bid_window_s=0.5)
+        m = MissionAnnounce(mission="h", target=Point(x=45, y=0), bid_window_s=0.5)
         await announce(bus, realm, "alice", m)
         # During the bid window: a forged claim for r1 from 'evil', a forged cheap bid
         # with the wrong number of costs, a 'done' from a robot that holds nothing.

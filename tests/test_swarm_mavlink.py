@@ -193,7 +193,7 @@ async def test_a_mavlink_robot_wins_and_flies_a_peer_run_mission(broker: Private
             work = asyncio.create_task(agent.run())
             await watcher.start()
             await asyncio.sleep(0.3)  # the agent subscribed
-            mission = MissionAnnounce(mission="survey", location=Point(x=20, y=20, z=15))
+            mission = MissionAnnounce(mission="survey", target=Point(x=20, y=20, z=15))
             await announce(buses[1], realm, "alice", mission)
             w = watcher.get("alice", "survey")
             async with asyncio.timeout(15):

@@ -21,8 +21,8 @@ from daemon.protocol.swarm import (
 from daemon.swarm.auction import (
     Action,
     Auction,
-    Fleet,
     Finished,
+    Fleet,
     Reject,
     SendAck,
     SendAward,
@@ -40,7 +40,7 @@ T = Timing(settle_s=0.1, award_timeout_s=1.0, misses=3)
 
 
 def point_mission(x: float = 10, y: float = 0, **kw: object) -> MissionAnnounce:
-    return MissionAnnounce(mission="m1", location=Point(x=x, y=y), bid_window_s=0.5, **kw)  # type: ignore[arg-type]
+    return MissionAnnounce(mission="m1", target=Point(x=x, y=y), bid_window_s=0.5, **kw)  # type: ignore[arg-type]
 
 
 def of(actions: list[Action], kind: type) -> list:  # type: ignore[type-arg]
@@ -51,18 +51,18 @@ def of(actions: list[Action], kind: type) -> list:  # type: ignore[type-arg]
 
 
 def test_messages_round_trip_and_refuse_bad_input() -> None:
-    a = MissionAnnounce(mission="m1", area=Area(x0=0, y0=0, x1=100, y1=50), sectors=4)
+    a = MissionAnnounce(mission="m1", target=Area(x0=0, y0=0, x1=100, y1=50), sectors=4)
     assert decode(encode(a), MissionAnnounce) == a
     b = Bid(issuer="alice", mission="m1", round=2, costs=[1.5, None])
     assert decode(encode(b), Bid) == b
     for bad in (
-        b'{"type":"swarm.mission","mission":"m"}',  # neither location nor area
-        b'{"type":"swarm.mission","mission":"m","location":{"x":1,"y":2},"sectors":3}',
+        b'{"type":"swarm.mission","mission":"m"}',  # no target
+        b'{"type":"swarm.mission","mission":"m","target":{"x":1,"y":2},"sectors":3}',
         b'{"type":"swarm.bid","issuer":"a","mission":"m","costs":[NaN]}',
         b'{"type":"swarm.bid","issuer":"a","mission":"m","costs":[-1]}',
-        b'{"type":"swarm.bid","issuer":"a","mission":"m","costs":[]}',
         b'{"type":"swarm.bid","issuer":"a/b","mission":"m","costs":[1]}',
-        b'{"type":"swarm.mission","mission":"m","area":{"x0":5,"y0":0,"x1":1,"y1":1}}',
+        b'{"type":"swarm.mission","mission":"m","target":{"x0":5,"y0":0,"x1":1,"y1":1}}',
+        b'{"type":"swarm.mission","mission":"m","target":{"x":1,"y":2,"x1":3}}',
     ):
         with pytest.raises(MessageError):
             decode(bad, MissionAnnounce if b'mission",' in bad[:30] else Bid)
@@ -72,7 +72,7 @@ def test_messages_round_trip_and_refuse_bad_input() -> None:
 
 
 def test_area_is_cut_into_strips_swept_by_lanes() -> None:
-    a = MissionAnnounce(mission="m", area=Area(x0=0, y0=0, x1=40, y1=30), sectors=2)
+    a = MissionAnnounce(mission="m", target=Area(x0=0, y0=0, x1=40, y1=30), sectors=2)
     first, second = waypoints(a, 0), waypoints(a, 1)
     assert all(0 <= p.x <= 20 for p in first) and all(20 <= p.x <= 40 for p in second)
     assert first[0] == Point(x=5, y=0) and first[1] == Point(x=5, y=30)
@@ -271,7 +271,7 @@ def test_auctioneer_awards_calls_rounds_and_finishes() -> None:
 
 
 def test_coverage_sectors_go_one_per_robot() -> None:
-    m = MissionAnnounce(mission="m1", area=Area(x0=0, y0=0, x1=90, y1=30), sectors=3)
+    m = MissionAnnounce(mission="m1", target=Area(x0=0, y0=0, x1=90, y1=30), sectors=3)
     sits = {
         n: Situation(PROFILE, Point(x=x, y=0), 100.0) for n, x in (("a", 0), ("b", 45), ("c", 90))
     }

@@ -107,10 +107,10 @@ def _announce_of(args: argparse.Namespace) -> Any:
         fields["deadline"] = time.time() + args.deadline
     if args.at:
         xyz = _floats(args.at, (2, 3), "--at")
-        fields["location"] = Point(x=xyz[0], y=xyz[1], z=xyz[2] if len(xyz) == 3 else 0.0)
+        fields["target"] = Point(x=xyz[0], y=xyz[1], z=xyz[2] if len(xyz) == 3 else 0.0)
     else:
         x0, y0, x1, y1 = _floats(args.area, (4,), "--area")
-        fields["area"] = Area(x0=x0, y0=y0, x1=x1, y1=y1)
+        fields["target"] = Area(x0=x0, y0=y0, x1=x1, y1=y1)
         fields["sectors"] = args.sectors
     try:
         return MissionAnnounce(**fields)

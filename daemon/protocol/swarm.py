@@ -112,15 +112,14 @@ class Requirements(Part):
 
 
 class MissionAnnounce(Message):
-    """``swarm/mission/<issuer>``, QoS 1: a mission to allocate.  A point mission
-    (``location``) has one sector; an area (coverage) mission ``sectors`` strips."""
+    """``swarm/mission/<issuer>``, QoS 1: a mission to allocate.  ``target`` is a
+    point (one sector) or an area to cover, cut into ``sectors`` strips."""
 
     TYPE = "swarm.mission"
 
     mission: Name
+    target: Point | Area
     task: Name = "inspect"
-    location: Point | None = None
-    area: Area | None = None
     sectors: int = Field(default=1, ge=1, le=MAX_SECTORS)
     work_s: float = Field(default=0.0, ge=0, le=86400, description="Time spent on site.")
     requirements: Requirements = Field(default_factory=Requirements)
@@ -131,10 +130,8 @@ class MissionAnnounce(Message):
     ts: float = Field(default_factory=now)
 
     @model_validator(mode="after")
-    def _target(self) -> MissionAnnounce:
-        if (self.location is None) == (self.area is None):
-            raise ValueError("a mission has exactly one of 'location' and 'area'")
-        if self.location is not None and self.sectors != 1:
+    def _sectors(self) -> MissionAnnounce:
+        if isinstance(self.target, Point) and self.sectors != 1:
             raise ValueError("a point mission has one sector")
         return self
 
@@ -148,7 +145,7 @@ class Bid(Message):
     issuer: Name
     mission: Name
     round: Round = 1
-    costs: list[Cost | None] = Field(min_length=1, max_length=MAX_SECTORS)
+    costs: list[Cost | None] = Field(max_length=MAX_SECTORS)
     ts: float = Field(default_factory=now)
 
 

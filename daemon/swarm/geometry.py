@@ -32,10 +32,9 @@ def path_length(start: Point, waypoints: Sequence[Point]) -> float:
 
 def waypoints(announce: MissionAnnounce, sector: int) -> list[Point]:
     """The points a robot visits for ``sector`` of the mission, in order."""
-    if announce.location is not None:
-        return [announce.location]
-    area = announce.area
-    assert area is not None  # the model validates exactly one of them
+    area = announce.target
+    if isinstance(area, Point):
+        return [area]
     width = (area.x1 - area.x0) / announce.sectors
     x0 = area.x0 + sector * width
     lanes = max(1, min(MAX_LANES, math.ceil(width / SWATH_M)))
