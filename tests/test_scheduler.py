@@ -16,6 +16,7 @@ import pytest
 
 from daemon.config import build_config
 from daemon.messages import Message
+from daemon.orchestrator import recovery
 from daemon.orchestrator.core import Scheduler
 from daemon.orchestrator.identity import Identity, Refused
 from daemon.orchestrator.registry import Registry
@@ -359,7 +360,7 @@ def test_take_over_keeps_assigned_tasks_with_their_worker() -> None:
     r = Realm()
     r.peer("a")
     r.peer("b")
-    doc = {"id": "m1", "submit": {"capability": "echo", "input": 1}, "user": "ann"}
+    doc: dict[str, Any] = {"id": "m1", "submit": {"capability": "echo", "input": 1}, "user": "ann"}
     doc |= {"role": "user", "deadline": r.clock.time() + 60, "reply_topic": REPLY}
     done = WorkerReport(task_id="m2", attempt=1, status="done", output="kept")
     mirror = {
@@ -368,7 +369,7 @@ def test_take_over_keeps_assigned_tasks_with_their_worker() -> None:
         "m3": Mirrored({**doc, "id": "m3"}),
         "bad": Mirrored({"id": "bad"}),
     }
-    r.core.adopt(mirror)
+    recovery.adopt(r.core, mirror)
     m1 = r.core.tasks["m1"]
     assert (m1.node, m1.attempt, m1.state) == ("a", 3, "assigned")
     assert not r.sink.assigns("a") or r.sink.assigns("a")[0].task_id != "m1"  # not resent
@@ -381,9 +382,9 @@ def test_take_over_keeps_assigned_tasks_with_their_worker() -> None:
 
 def test_recovered_journal_tasks_are_queued_again() -> None:
     r = Realm()
-    doc = {"id": "j1", "submit": {"capability": "echo", "input": 1}, "user": "ann"}
+    doc: dict[str, Any] = {"id": "j1", "submit": {"capability": "echo", "input": 1}, "user": "ann"}
     doc |= {"role": "user", "deadline": r.clock.time() + 60, "reply_topic": REPLY}
-    assert r.core.recover([doc, {"nonsense": True}]) == 1
+    assert recovery.recover(r.core, [doc, {"nonsense": True}]) == 1
     r.peer("a")
     assert r.sink.assigns("a")[0].task_id == "j1"
 

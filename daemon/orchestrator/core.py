@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Final
 
 from daemon import topics
@@ -31,7 +31,7 @@ from daemon.orchestrator.placement import Placement, direct_reply
 from daemon.orchestrator.ports import Clock, Leader, Sink, SystemClock, Timers
 from daemon.orchestrator.queues import FairQueue
 from daemon.orchestrator.registry import Peer, Registry
-from daemon.orchestrator.tasks import Mirrored, Task, task_from
+from daemon.orchestrator.tasks import Task
 from daemon.protocol.task import (
     PEER_FAULT_CODES,
     ErrorInfo,
@@ -134,7 +134,7 @@ class Scheduler:
             self.finals.key(user, submit.idempotency_key, task_id)
         self.tasks[task_id] = task
         self.sink.accepted(task)
-        self._arm_deadline(task)
+        self.arm_deadline(task)
         q = self.queue(cap)
         # Nothing queued and a peer free: assign at once, as a push and dispatch's
         # pop would, without the round trip through the queue.
@@ -158,7 +158,7 @@ class Scheduler:
             q = self.queues[task_cap] = FairQueue(self.cfg.queue_size)
         return q
 
-    def _arm_deadline(self, task: Task) -> None:
+    def arm_deadline(self, task: Task) -> None:
         task.deadline_key = self.deadlines.add_in(task, task.deadline - self.clock.time())
 
     def node_topic(self, node_id: str) -> str:
@@ -347,7 +347,7 @@ class Scheduler:
             if task.submit.stream:
                 self.finals.reply(task, "partial", output=report.output)
         elif status in ("done", "failed"):
-            self._finish_reported(task, report)
+            self.finish_reported(task, report)
         elif status == "rejected":
             error = report.error or ErrorInfo(code="rejected", message="worker rejected")
             if error.code not in NEUTRAL_REJECTIONS:
@@ -379,48 +379,9 @@ class Scheduler:
         self._finish(task, "cancelled", error=ErrorInfo(code="cancelled", message=why))
         return True
 
-    # ============================================================ recovery
-
-    def recover(self, docs: Iterable[dict[str, Any]]) -> int:
-        """Queue again what a previous run of this state_dir left active."""
-        n = 0
-        for doc in docs:
-            task = task_from(doc)
-            if task is not None:
-                self.tasks[task.id] = task
-                self.queue(task.capability).push(task)
-                self._arm_deadline(task)
-                n += 1
-        return n
-
-    def adopt(self, mirror: dict[str, Mirrored]) -> None:
-        """Take over the previous active's tasks, as a standby mirrored them: finals
-        it had not made final are made; assigned tasks stay with their worker (which
-        re-announces them to the new epoch, or is presumed gone after ack_timeout)."""
-        for task_id, m in mirror.items():
-            if task_id in self.tasks:
-                continue
-            task = task_from(m.doc)
-            if task is None:
-                continue
-            self.tasks[task.id] = task
-            self.sink.accepted(task)
-            self._arm_deadline(task)
-            peer = self.registry.peers.get(m.node) if m.node else None
-            if m.final is not None and m.node is not None:
-                task.attempt, task.node = m.attempt, m.node
-                self._finish_reported(task, m.final)
-            elif peer is not None and task.capability in peer.slots:
-                self.hold(task, peer, attempt=m.attempt)
-                task.ack_key = self.ack_timeouts.add_in(task, self.cfg.ack_timeout)
-            else:
-                self.queue(task.capability).push(task)
-        if mirror:
-            log.info("took over %d task(s) from the previous active", len(mirror))
-
     # ============================================================== finals
 
-    def _finish_reported(self, task: Task, report: WorkerReport) -> None:
+    def finish_reported(self, task: Task, report: WorkerReport) -> None:
         """A worker's final for ``task`` (now, or kept by a standby for the next active)."""
         if report.status == "done":
             run_ms = None
@@ -464,22 +425,10 @@ class Scheduler:
             task, status, output=output, error=error, run_ms=run_ms, node=task.node, send=not sent
         )
         output_bytes = self.finals.remember(task.id, task.user, update, output)
-        row = {
-            "task_id": task.id,
-            "user": task.user,
-            "capability": task.capability,
-            "node": task.node,
-            "priority": task.submit.priority,
-            "submitted": task.submitted,
-            "queue_ms": task.queue_ms,
-            "run_ms": run_ms,
-            "total_ms": total_ms,
-            "outcome": status,
-            "error_code": error.code if error else None,
-            "attempts": task.attempt,
-            "input_bytes": task.input_bytes,
-            "output_bytes": output_bytes,
-        }
+        code = error.code if error else None
+        row = task.history_row(
+            status, code, run_ms=run_ms, total_ms=total_ms, output_bytes=output_bytes
+        )
         self.sink.finished(task, row)
         self.dispatch(task.capability)
 

@@ -36,6 +36,7 @@ from daemon.bus import Bus, Inbound
 from daemon.config import Config
 from daemon.errors import BusError, MessageError
 from daemon.messages import M, Message, decode
+from daemon.orchestrator import recovery
 from daemon.orchestrator.admin import Admin
 from daemon.orchestrator.admission import Admission
 from daemon.orchestrator.core import Scheduler
@@ -242,7 +243,7 @@ class Orchestrator:
             self._served = True
             docs = await self.store.load_active()
             if not took_over:  # this state_dir's own journal: no one else ran
-                if n := self.core.recover(docs):
+                if n := recovery.recover(self.core, docs):
                     log.info("recovered %d task(s) from the journal", n)
             else:
                 for doc in docs:
@@ -259,7 +260,7 @@ class Orchestrator:
             bridge = await attach_homeassistant(self.bus, self.config)  # the realm device
             if self.bus.connected:
                 await bridge.refresh()  # its discovery, now: later on every connect
-        self.core.adopt(mirror)
+        recovery.adopt(self.core, mirror)
         await self._announce()
 
     async def _announce(self) -> None:

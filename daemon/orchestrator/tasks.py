@@ -59,6 +59,33 @@ class Task:
     def rank(self) -> int:
         return PRIORITY_RANK[self.submit.priority]
 
+    def history_row(
+        self,
+        outcome: str,
+        error_code: str | None,
+        *,
+        run_ms: float | None,
+        total_ms: float,
+        output_bytes: int,
+    ) -> dict[str, Any]:
+        """The task's row in the history (the store's columns)."""
+        return {
+            "task_id": self.id,
+            "user": self.user,
+            "capability": self.capability,
+            "node": self.node,
+            "priority": self.submit.priority,
+            "submitted": self.submitted,
+            "queue_ms": self.queue_ms,
+            "run_ms": run_ms,
+            "total_ms": total_ms,
+            "outcome": outcome,
+            "error_code": error_code,
+            "attempts": self.attempt,
+            "input_bytes": self.input_bytes,
+            "output_bytes": output_bytes,
+        }
+
     def journal_doc(self) -> dict[str, Any]:
         return {
             "id": self.id,
