@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -33,9 +33,6 @@ from daemon.protocol.task import (
     WorkerReport,
 )
 from daemon.timers import TimerWheel
-
-if TYPE_CHECKING:
-    from daemon.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +102,13 @@ DONE_REMEMBERED: Final = 4096
 ACK_ROUND: Final = 0.005
 
 
+class Executor(Protocol):
+    """The worker's port into a node: all it needs is to run a task
+    (:meth:`daemon.node.Node.execute` is one)."""
+
+    async def execute(self, task: TaskRun) -> Any: ...
+
+
 class Worker:
     """Executes assignments from the orchestrator on this node's nodes.
 
@@ -119,7 +123,7 @@ class Worker:
         self.realm = realm
         self.node_id = node_id
         self.report_topic = topics.TASK_WORKER.build(realm=realm, node_id=node_id)
-        self.routes: dict[str, tuple[Node, int]] = {}
+        self.routes: dict[str, tuple[Executor, int]] = {}
         self.running: dict[str, tuple[asyncio.Task[None], TaskRun]] = {}
         self.load: dict[str, int] = {}
         self.accepting = True
@@ -140,7 +144,7 @@ class Worker:
         # from a lower one come from an orchestrator that no longer rules.
         self.epoch = 0
 
-    def set_routes(self, routes: dict[str, tuple[Node, int]]) -> None:
+    def set_routes(self, routes: dict[str, tuple[Executor, int]]) -> None:
         """capability -> (node, max concurrency); called whenever adverts change."""
         self.routes = routes
 
@@ -250,7 +254,7 @@ class Worker:
         task = asyncio.create_task(self._execute(route[0], run), name=f"task:{key}")
         self.running[key] = (task, run)
 
-    async def _execute(self, node: Node, run: TaskRun) -> None:
+    async def _execute(self, node: Executor, run: TaskRun) -> None:
         started = time.perf_counter()
         self._arm_ack(run)  # the result acks fast tasks itself
         report: WorkerReport

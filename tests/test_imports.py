@@ -35,18 +35,7 @@ Kind = Literal["top", "deferred", "typing"]
 # the strongly connected component (all edge kinds together); a component found
 # matches an entry when it shares two of them (the same circle, grown or shrunk
 # while its owners work on it).
-KNOWN_DAEMON_CYCLES: Final[dict[tuple[str, ...], str]] = {
-    ("daemon.node", "daemon.worker"): (
-        "daemon/worker.py names daemon.node.Node / NodeContext for typing and "
-        "daemon/node.py names daemon.worker.Worker for typing: the worker's port into "
-        "a node wants a Protocol of its own (owners: daemon/node.py, daemon/worker.py)"
-    ),
-    ("daemon.homeassistant.node", "daemon.runtime", "daemon.workflows.local"): (
-        "daemon/homeassistant/node.py and daemon/workflows/local.py take the NodeDaemon "
-        "(typing import of daemon.runtime) while daemon/runtime.py builds them: hand "
-        "them a narrow port instead of the daemon (owner: daemon/runtime.py and those two)"
-    ),
-}
+KNOWN_DAEMON_CYCLES: Final[dict[tuple[str, ...], str]] = {}
 
 # daemon/ modules that still import nodes/, each with the reason (the rest of the
 # core must not): the CLI is the application shell, the others are to be changed.

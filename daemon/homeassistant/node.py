@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from daemon import hostinfo, topics
 from daemon.entities import EntitySpec
@@ -24,12 +25,41 @@ from daemon.messages import encode
 from daemon.protocol.node import NodeCommand
 
 if TYPE_CHECKING:
-    from daemon.runtime import NodeDaemon
+    from daemon.bus import Bus
+    from daemon.config import Config
+    from daemon.hosted import HostedNode
+    from daemon.protocol.node import Hardware
 
 log = logging.getLogger(__name__)
 
 
-def daemon_entities(daemon: NodeDaemon) -> list[EntitySpec]:
+class NodeDaemonPort(Protocol):
+    """What the daemon's device uses of its node daemon
+    (:class:`daemon.runtime.NodeDaemon` is one)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def bus(self) -> Bus: ...
+
+    @property
+    def hardware(self) -> Hardware: ...
+
+    @property
+    def state_topic(self) -> str: ...
+
+    @property
+    def health_topic(self) -> str: ...
+
+    @property
+    def hosted(self) -> Mapping[str, HostedNode]: ...
+
+
+def daemon_entities(daemon: NodeDaemonPort) -> list[EntitySpec]:
     """The daemon's own entities (online state, restart, health)."""
     realm, nid = daemon.config.realm, daemon.node_id
     out = [
@@ -85,7 +115,7 @@ def daemon_entities(daemon: NodeDaemon) -> list[EntitySpec]:
 class NodeEntities:
     """What the bridge announces for one daemon, and whether that set is final yet."""
 
-    def __init__(self, daemon: NodeDaemon) -> None:
+    def __init__(self, daemon: NodeDaemonPort) -> None:
         self.daemon = daemon
         self._own = daemon_entities(daemon)
 
@@ -118,7 +148,7 @@ class NodeEntities:
         )
 
 
-def node_bridge(daemon: NodeDaemon) -> Bridge:
+def node_bridge(daemon: NodeDaemonPort) -> Bridge:
     """The bridge of a node daemon (started by :class:`~daemon.runtime.NodeDaemon`)."""
     cfg = daemon.config
     ha = cfg.homeassistant

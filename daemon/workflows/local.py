@@ -15,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from daemon import topics
 from daemon.accounts import ORCHESTRATOR_ACCOUNT
@@ -30,13 +30,33 @@ from daemon.workflows.loader import load_workflows
 from daemon.workflows.runner import StepFailed
 
 if TYPE_CHECKING:
-    from daemon.runtime import NodeDaemon
+    from daemon.bus import Bus
+    from daemon.config import Config
+    from daemon.worker import Worker
 
 log = logging.getLogger(__name__)
 
 
+class LocalHost(Protocol):
+    """What local workflows use of the node daemon that runs them
+    (:class:`daemon.runtime.NodeDaemon` is one): its identity, its bus, and its
+    worker's routes to the nodes that run a capability."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def bus(self) -> Bus: ...
+
+    @property
+    def worker(self) -> Worker: ...
+
+
 class LocalPorts:
-    def __init__(self, daemon: NodeDaemon, view: StateView) -> None:
+    def __init__(self, daemon: LocalHost, view: StateView) -> None:
         self.daemon = daemon
         self.view = view
         self.realm = daemon.config.realm
@@ -72,7 +92,7 @@ class LocalPorts:
 
 
 class LocalWorkflows:
-    def __init__(self, daemon: NodeDaemon) -> None:
+    def __init__(self, daemon: LocalHost) -> None:
         self.daemon = daemon
         flows = {n: w for n, w in load_workflows(daemon.config).items() if w.local}
         self.view = StateView(daemon.bus, daemon.config.realm)
@@ -114,7 +134,7 @@ class LocalWorkflows:
             log.warning("workflow %s not started: %s", req.name, exc)
 
 
-async def start_local_workflows(daemon: NodeDaemon) -> LocalWorkflows | None:
+async def start_local_workflows(daemon: LocalHost) -> LocalWorkflows | None:
     """Start the daemon's local workflows (None when its config has none)."""
     if not any(w.local for w in load_workflows(daemon.config).values()):
         return None
