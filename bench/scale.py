@@ -63,11 +63,14 @@ from daemon.broker import PrivateBroker
 from daemon.bus import Bus, Inbound
 from daemon.client import RealmClient, TaskFailed
 from daemon.config import build_config
-from daemon.errors import MtorError
+from daemon.errors import MessageError, MtorError
+from daemon.messages import decode
+from daemon.protocol.node import NodeState
 
 TARGET_REGISTER_S: Final = 10.0  # issue 15: 1,000 simulated nodes registered
 TARGET_RSS_MB: Final = 150.0  # issue 15: orchestrator with 1,000 peers
 TARGET_AT: Final = 1000  # the targets are stated for this many nodes
+TARGET_REANNOUNCE_S: Final = 5.0  # issue 15: every node re-announced after a broker restart
 # Connections unlimited; $SYS counters every second (Mosquitto's default is 10 s).
 BROKER_CONFIG: Final = "max_connections -1\nsys_interval 1\n"
 # Not publish/messages/received: Mosquitto (2.0.11) counts a PUBLISH there only when
@@ -137,6 +140,8 @@ class Step:
     sys: SysCounters = field(default_factory=SysCounters)
     stats_bytes: int = 0
     orch_name: str = "orchestrator"
+    births: set[str] = field(default_factory=set)  # simulated nodes heard online since reset
+    all_born: asyncio.Event = field(default_factory=asyncio.Event)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -226,6 +231,7 @@ class Step:
             await self.bus.subscribe(
                 topics.ORCH_STATS.build(realm=self.realm), self._on_stats, qos=0
             )
+            await self.bus.subscribe(topics.NODE_STATE.filter(realm=self.realm), self._on_birth)
             await self.client.start()
             yield self
         finally:
@@ -241,6 +247,25 @@ class Step:
         self.stats_bytes = len(msg.payload)
         self.sys.delivered += 1  # our subscription, not the realm's traffic
         self.sys.delivered_bytes += len(msg.topic) + len(msg.payload)
+
+    async def _on_birth(self, msg: Inbound) -> None:
+        fields = topics.NODE_STATE.parse(msg.topic)
+        if fields is not None and msg.payload:
+            with contextlib.suppress(MessageError):
+                node_id = fields["node_id"]
+                if node_id.startswith(PREFIX) and decode(msg.payload, NodeState).state == "online":
+                    self.births.add(node_id)
+                    if len(self.births) >= self.nodes:
+                        self.all_born.set()
+
+    async def wait_births(self, t0: float, timeout: float) -> float | None:
+        """Until every simulated node has published its birth again (s since ``t0``)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.all_born.wait()
+        except TimeoutError:
+            return None
+        return round(time.monotonic() - t0, 2)
 
     # ------------------------------------------------------------- readings
 
@@ -453,6 +478,22 @@ async def measure_step(nodes: int, args: argparse.Namespace) -> dict[str, Any]:
 
             out["latency"] = await latency(step, args.tasks)
 
+            note(f"[{nodes}] broker restart")
+            step.births.clear()
+            step.all_born.clear()
+            t0 = time.monotonic()
+            broker.restart()  # no persistence: every retained birth and advert is gone
+            back = await step.wait_births(t0, args.register_timeout)
+            reg3 = await step.wait_registered(t0, args.register_timeout)
+            out["broker_restart"] = {
+                "reannounced_s": back,
+                "registered_s": reg3["s"],
+                "pass": None,
+            }
+            if nodes >= TARGET_AT:
+                out["broker_restart"]["pass"] = back is not None and back <= TARGET_REANNOUNCE_S
+            await asyncio.sleep(SETTLE)
+
             note(f"[{nodes}] orchestrator restart")
             step.stop_orchestrator()
             t0 = time.monotonic()
@@ -490,10 +531,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "targets": {
             "register_s": TARGET_REGISTER_S,
             "orchestrator_rss_mb": TARGET_RSS_MB,
+            "reannounce_s": TARGET_REANNOUNCE_S,
             "at_nodes": TARGET_AT,
         },
         "steps": steps,
-        "pass": {"register": final["register"]["pass"], "rss": final["idle"]["pass"]},
+        "pass": {
+            "register": final["register"]["pass"],
+            "rss": final["idle"]["pass"],
+            "reannounce": final["broker_restart"]["pass"],
+        },
     }
 
 
