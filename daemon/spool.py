@@ -42,21 +42,19 @@ counted (``spool.dropped`` in health) and logged once per burst.  At most
 connected, so what waits while the broker is away waits here, not in memory.
 
 The event loop never touches the disk: SQLite runs on one thread of its own,
-in order (a write and a read never race), and the loop only appends to a list.
+in order (a write and a read never race; :mod:`daemon.spoolfile`), and the loop
+only appends to a list.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-import os
 import sqlite3
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -64,6 +62,7 @@ from daemon.errors import BusPublishError
 from daemon.messages import encode
 from daemon.mqtt.connection import SESSION_MESSAGES
 from daemon.protocol.node import Event
+from daemon.spoolfile import Row, SpoolFile
 
 if TYPE_CHECKING:
     from daemon.bus import Bus
@@ -100,45 +99,12 @@ LOGGED_REFUSALS: Final = 10
 # How often close() looks whether everything was acknowledged (only while closing).
 CLOSE_POLL: Final = 0.01
 
-SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    retain INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-"""
-
 
 def spool_path(state_dir: Path, realm: str, node_id: str) -> Path:
     """Where a node's spool lives: one file per (realm, node id), since the
     sequence is per node.  Realm and node id are config names (no ``/``, no
     leading dot: ``daemon.config.NAME_RE``)."""
     return state_dir / "spool" / realm / f"{node_id}.sqlite"
-
-
-@dataclass(slots=True)
-class Row:
-    seq: int
-    topic: str
-    payload: bytes
-    retain: bool
-
-    @property
-    def size(self) -> int:
-        return len(self.topic) + len(self.payload)
-
-
-@dataclass(slots=True)
-class _Written:
-    """What one transaction did (returned from the writer thread)."""
-
-    events: int
-    bytes: int
-    dropped: int
-    dropped_last: int
-    direct: list[Row]  # written and taken for the forwarder at once (no read back)
 
 
 class EventSpool:
@@ -163,7 +129,6 @@ class EventSpool:
         self.max_events = max(1, max_events)
         self.max_bytes = max_bytes
         self.window = max(1, min(window, self.max_events // 2))
-        self.durable = False  # on disk (False: in memory, see _open)
         self.dropped = 0
         self.refused = 0
         self.write_errors = 0
@@ -189,12 +154,7 @@ class EventSpool:
         self._bus: Bus | None = None
         # Writer-thread side: only ever touched by the one thread, in order.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtor-spool")
-        self._db: sqlite3.Connection | None = None
-        self._lock_fd: int | None = None
-        self._t_read = 0
-        self._t_committed = 0
-        self._t_events = 0
-        self._t_bytes = 0
+        self._file = SpoolFile(path, max_events=self.max_events, max_bytes=max_bytes)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -203,7 +163,7 @@ class EventSpool:
 
     async def open(self) -> None:
         """Open (or create) the spool; what it holds will be sent first."""
-        self._next, self._committed, self._events, self._bytes = await self._call(self._open)
+        self._next, self._committed, self._events, self._bytes = await self._call(self._file.open)
         if self._events:
             log.info(
                 "event spool %s holds %d events (%d bytes) from before: sending them first",
@@ -211,45 +171,6 @@ class EventSpool:
                 self._events,
                 self._bytes,
             )
-
-    def _open(self) -> tuple[int, int, int, int]:
-        try:
-            db = self._open_file()
-            self.durable = True
-        except (OSError, sqlite3.Error) as exc:
-            # Another daemon with this node id on this state_dir, a read-only or full
-            # disk: events still go out, in order, but do not outlive this process.
-            log.warning(
-                "event spool %s unusable (%s): events are kept in memory only", self.path, exc
-            )
-            db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
-            db.executescript(SCHEMA)
-        self._db = db
-        row = db.execute("SELECT value FROM meta WHERE key = 'next_seq'").fetchone()
-        top, count, size = db.execute(
-            "SELECT MAX(seq), COUNT(*), SUM(length(topic) + length(payload)) FROM events"
-        ).fetchone()
-        next_seq = max(row[0] if row else 1, (top or 0) + 1)
-        self._t_committed = top or 0
-        self._t_events, self._t_bytes = count, size or 0
-        return next_seq, self._t_committed, count, size or 0
-
-    def _open_file(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            raise OSError(f"another process holds {self.path}.lock ({exc.strerror})") from exc
-        self._lock_fd = fd
-        # What a node saw and heard: the daemon's alone.
-        self.path.touch(mode=0o600, exist_ok=True)
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(SCHEMA)
-        return db
 
     def start(self, bus: Bus) -> None:
         """Start the writer and the forwarder (after :meth:`open`)."""
@@ -297,21 +218,13 @@ class EventSpool:
         if self._flushing is not None:  # a transaction under way finishes first
             with contextlib.suppress(sqlite3.Error, OSError):
                 await self._flushing
-        if self._db is not None:
+        if self._file.is_open:
             with contextlib.suppress(sqlite3.Error, OSError):
                 while self._pending or self._acked:
                     await self._flush()
-            await self._call(self._close_db)
+            await self._call(self._file.close)
         self._end_burst()
         self._thread.shutdown(wait=False)
-
-    def _close_db(self) -> None:
-        db, self._db = self._db, None
-        if db is not None:
-            db.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the lock
-            self._lock_fd = None
 
     # ---------------------------------------------------------------- publish
 
@@ -337,6 +250,11 @@ class EventSpool:
         waiter = self._waiters[seq] = asyncio.get_running_loop().create_future()
         await waiter
         return seq
+
+    @property
+    def durable(self) -> bool:
+        """On disk (False: in memory only, the file could not be used)."""
+        return self._file.durable
 
     def stats(self) -> dict[str, int]:
         """Counters for health reports."""
@@ -390,7 +308,7 @@ class EventSpool:
         if bus is not None and bus.connected and rows:
             direct = self.window - len(self._inflight) - self._unhanded - len(self._ready)
         try:
-            written = await self._call(self._write, rows, acked, direct)
+            written = await self._call(self._file.write, rows, acked, direct)
         except (sqlite3.Error, OSError):
             self._pending[:0] = rows  # written again, in order, next time
             self._acked[:0] = acked
@@ -410,69 +328,6 @@ class EventSpool:
         if self._pending:
             self._wrote.set()
         self._more.set()
-
-    def _write(self, rows: list[Row], acked: list[tuple[int, int]], direct: int) -> _Written:
-        db = self._db
-        assert db is not None
-        caught_up = self._t_read >= self._t_committed  # the forwarder has read all before
-        db.execute("BEGIN")
-        try:
-            if rows:
-                db.executemany(
-                    "INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)",
-                    [(r.seq, r.topic, r.payload, int(r.retain)) for r in rows],
-                )
-            if acked:
-                db.executemany("DELETE FROM events WHERE seq = ?", [(s,) for s, _ in acked])
-            if rows:
-                # The high-water mark of what is *written*: an event made but not yet
-                # written when the process dies never left it, and its seq may be used
-                # again; one that was written (and maybe delivered) never is.
-                db.execute(
-                    "INSERT OR REPLACE INTO meta VALUES ('next_seq', ?)", (rows[-1].seq + 1,)
-                )
-            events = self._t_events + len(rows) - len(acked)
-            size = self._t_bytes + sum(r.size for r in rows) - sum(n for _, n in acked)
-            dropped, last, events, size = self._drop_oldest(db, events, size)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        self._t_events, self._t_bytes = events, size
-        taken: list[Row] = []
-        if rows:
-            self._t_committed = rows[-1].seq
-            kept = [r for r in rows if r.seq > last]
-            if caught_up and kept and len(kept) <= direct:
-                taken = kept
-                self._t_read = kept[-1].seq
-        return _Written(events, size, dropped, last, taken)
-
-    def _drop_oldest(
-        self, db: sqlite3.Connection, events: int, size: int
-    ) -> tuple[int, int, int, int]:
-        """Over a bound: delete the oldest events the forwarder has not taken yet."""
-        dropped = last = 0
-        while events > self.max_events or size > self.max_bytes:
-            over = events - self.max_events
-            candidates = db.execute(
-                "SELECT seq, length(topic) + length(payload) FROM events"
-                " WHERE seq > ? ORDER BY seq LIMIT ?",
-                (self._t_read, max(over, 64)),
-            ).fetchall()
-            if not candidates:
-                break  # only events handed to the bus are left: they leave on their own
-            cut = 0
-            for seq, n in candidates:
-                if events <= self.max_events and size <= self.max_bytes:
-                    break
-                events, size, dropped, last = events - 1, size - n, dropped + 1, seq
-                cut += 1
-            db.execute("DELETE FROM events WHERE seq > ? AND seq <= ?", (self._t_read, last))
-            if cut < len(candidates):
-                break
-        return dropped, last, events, size
 
     def _count_drop(self, n: int, last: int) -> None:
         self.dropped += n
@@ -497,22 +352,6 @@ class EventSpool:
 
     # -------------------------------------------------------------- forwarder
 
-    def _take(self, limit: int) -> tuple[list[Row], int]:
-        """The next events in seq order, after the last taken (writer thread)."""
-        db = self._db
-        assert db is not None
-        rows = [
-            Row(seq, topic, payload, bool(retain))
-            for seq, topic, payload, retain in db.execute(
-                "SELECT seq, topic, payload, retain FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-                (self._t_read, limit),
-            )
-        ]
-        # Everything written up to now has been seen when the page is not full (rows
-        # dropped meanwhile included): without that a dropped tail would be read forever.
-        self._t_read = rows[-1].seq if len(rows) == limit else max(self._t_read, self._t_committed)
-        return rows, self._t_read
-
     async def _forwarder(self, bus: Bus) -> None:
         while True:
             await bus.wait_connected()
@@ -525,7 +364,7 @@ class EventSpool:
                 rows = [self._ready.popleft() for _ in range(min(room, len(self._ready)))]
             else:
                 try:
-                    rows, read = await self._call(self._take, min(room, BATCH))
+                    rows, read = await self._call(self._file.take, min(room, BATCH))
                 except (sqlite3.Error, OSError) as exc:
                     self.write_errors += 1
                     log.error("event spool %s: read failed (%s); trying again", self.path, exc)  # noqa: TRY400
