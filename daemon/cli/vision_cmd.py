@@ -1,4 +1,5 @@
-"""``mtor snapshot CAMERA`` and ``mtor detect IMAGE``: camera and vision from the shell."""
+"""``mtor snapshot CAMERA``, ``mtor detect IMAGE`` and ``mtor camera events|clip``:
+camera and vision from the shell."""
 
 from __future__ import annotations
 
@@ -39,7 +40,35 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
     det.add_argument("--faces", action="store_true", help="vision.faces instead of detect")
     det.add_argument("--json", action="store_true", help="print the whole result as JSON")
     det.add_argument("--timeout", type=float, default=30.0, help="seconds")
-    return {"snapshot": cmd_snapshot, "detect": cmd_detect}
+    cam = sub.add_parser(
+        "camera",
+        help="a camera node's event history and clips",
+        description="List tracked objects / review items (camera.events) or fetch a clip.",
+        parents=[common],
+    )
+    cam_sub = cam.add_subparsers(dest="camera_command", metavar="ACTION", required=True)
+    ev = cam_sub.add_parser("events", help="objects (or review items) newest first")
+    ev.add_argument("--camera")
+    ev.add_argument("--label", help="COCO name, e.g. person")
+    ev.add_argument("--zone")
+    ev.add_argument("--since", help="only newer: seconds, or 30m, 2h, 7d")
+    ev.add_argument("--reviews", action="store_true", help="review items instead of objects")
+    ev.add_argument("--limit", type=int, default=20)
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--timeout", type=float, default=10.0, help="seconds")
+    clip = cam_sub.add_parser("clip", help="save the MP4 of a review item or alarm")
+    clip.add_argument("id", help="the review item's id (or an alarm's clip_id)")
+    clip.add_argument("-o", "--output", type=Path, help="file to write (default ID.mp4)")
+    clip.add_argument("--timeout", type=float, default=30.0, help="seconds")
+    return {"snapshot": cmd_snapshot, "detect": cmd_detect, "camera": cmd_camera}
+
+
+def parse_since(text: str) -> float:
+    """``90``, ``30m``, ``2h`` or ``7d`` as seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    scale = units.get(text[-1:].lower(), 0.0)
+    number = text[:-1] if scale else text
+    return float(number) * (scale or 1.0)
 
 
 def image_b64(path: Path) -> str:
@@ -155,6 +184,73 @@ def cmd_snapshot(args: argparse.Namespace, config: Config) -> int:
             kind = msg.content_type or "?"
             print(f"{output}: {len(msg.payload)} bytes ({kind}) from {msg.topic}")
             return EXIT_OK
+
+    from daemon.cli.main import run_async
+
+    return run_async(main())
+
+
+def cmd_camera(args: argparse.Namespace, config: Config) -> int:
+    import time
+
+    from daemon import topics
+    from daemon.bus import Inbound
+    from daemon.client import TaskFailed
+
+    async def events(client: Any) -> int:
+        inp: dict[str, Any] = {"kind": "reviews" if args.reviews else "objects"}
+        for key in ("camera", "label", "zone"):
+            if getattr(args, key):
+                inp[key] = getattr(args, key)
+        if args.since:
+            inp["after"] = time.time() - parse_since(args.since)
+        inp["limit"] = max(1, min(1000, args.limit))
+        out = await client.call("camera.events", inp, timeout=args.timeout)
+        if args.json:
+            print(json.dumps(out, indent=2))
+            return EXIT_OK
+        for e in out.get("events", []):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["start_time"]))
+            what = e.get("label") or ",".join(e.get("labels", []))
+            zones = ",".join(e.get("entered_zones") or e.get("zones") or []) or "-"
+            extra = e.get("severity") or f"{e.get('top_score', 0):.2f}"
+            clip = e.get("clip_id") or "-"
+            print(f"{when}  {e['camera']:<10} {what:<12} {extra:<9} {zones:<14} {e['id']} {clip}")
+        return EXIT_OK
+
+    async def fetch(bus: Any, client: Any) -> int:
+        output: Path = args.output or Path(f"{args.id}.mp4")
+        got: asyncio.Queue[Inbound] = asyncio.Queue()
+
+        async def on_media(msg: Inbound) -> None:
+            if msg.payload:
+                await got.put(msg)
+
+        flt = topics.MEDIA.filter(realm=config.realm, stream=f"+/clips/{args.id}")
+        await bus.subscribe(flt, on_media)
+        result = await client.call("camera.clip", {"id": args.id}, timeout=args.timeout)
+        async with asyncio.timeout(args.timeout):
+            msg = await got.get()
+            while msg.topic != result["media_topic"]:
+                msg = await got.get()
+        await asyncio.to_thread(output.write_bytes, msg.payload)
+        print(f"{output}: {len(msg.payload)} bytes ({msg.content_type}) from {msg.topic}")
+        return EXIT_OK
+
+    async def main() -> int:
+        async with client_bus(config, "camera") as bus:
+            client = _client(bus, config)
+            await client.start()
+            try:
+                if args.camera_command == "events":
+                    return await events(client)
+                return await fetch(bus, client)
+            except TaskFailed as exc:
+                print(f"mtor camera: {exc}", file=sys.stderr)
+                return EXIT_FAILURE
+            except TimeoutError:
+                print("mtor camera: no answer", file=sys.stderr)
+                return EXIT_FAILURE
 
     from daemon.cli.main import run_async
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from daemon import topics
 from daemon.errors import MtorError
+from nodes.camera.archive import Archive
 from nodes.camera.backpressure import LatestSlot
 from nodes.camera.capture import CaptureError, FrameSource
 from nodes.camera.config import CameraSpec
@@ -74,6 +75,7 @@ class Camera:
             loitering={n: z.loitering_time for n, z in spec.zones.items()},
         )
         self.review = ReviewTracker(spec.review, name)
+        self.archive = Archive(name, self.ctx.publish_event)  # the node adds clips / history
         self.detector: Detector | None = None  # set by the node when detection is local
         self.slot: LatestSlot[Job] = LatestSlot(spec.detect.max_inflight, self._detect_job)
         self.latest: Image | None = None
@@ -149,12 +151,15 @@ class Camera:
             for task in list(self._background):
                 task.cancel()
             await asyncio.to_thread(self.source.close)
+            await self.archive.close()
 
     def _step(self, due: float | None) -> tuple[Image | None, MotionFrame | None]:
         frame = self.source.read(due)
         if frame is None:
             return None, None
-        return frame, self.motion.process(frame)
+        mf = self.motion.process(frame)
+        self.archive.feed(frame, time.time())
+        return frame, mf
 
     async def _frames(self) -> None:
         interval = 1.0 / self.spec.fps
@@ -184,6 +189,7 @@ class Camera:
             if ended:
                 await self._publish_objects([("end", t) for t in ended], None)
             await self._publish_reviews(self.review.expire(wall))
+            await self.archive.after_frame()
 
     async def _quiet(self) -> None:
         """The source is gone: motion ends, objects end."""
@@ -197,6 +203,7 @@ class Camera:
         if ended:
             await self._publish_objects([("end", t) for t in ended], None)
         await self._publish_reviews(self.review.close(now))
+        await self.archive.close()
 
     # ------------------------------------------------------------- motion
 
@@ -303,6 +310,7 @@ class Camera:
                 "frame_time": job.wall if job is not None else None,
             }
             await self.ctx.publish_event("vision", "object", track.label, attrs=attrs)
+            await self.archive.on_object(attrs, track)
             now = job.wall if job is not None else time.time()
             await self._publish_reviews(self.review.on_object(kind, track, now))
             if kind == "end":
@@ -317,6 +325,7 @@ class Camera:
     async def _publish_reviews(self, events: list[tuple[ReviewKind, ReviewItem]]) -> None:
         for kind, item in events:
             attrs = item.to_attrs(kind)
+            await self.archive.on_review(kind, item, attrs)
             await self.ctx.publish_event("vision", "review", item.severity, attrs=attrs)
 
     async def _snapshot(self, track: Track, frame: Image) -> None:
@@ -408,6 +417,7 @@ class Camera:
             "armed": self.node.armed_value,
             "verified": verified,
             "snapshot_id": track.id if track.snapshot_score else None,
+            "clip_id": self.archive.on_alarm(track),
         }
         self.node.alarms_fired += 1
         await self.ctx.publish_event("vision", "alarm", track.label, attrs=attrs)

@@ -179,6 +179,28 @@ class SnapshotConfig(_Strict):
     )
 
 
+class ClipConfig(_Strict):
+    """MP4 clips of each review item and alarm, with the seconds before it."""
+
+    dir: Path | None = Field(default=None, description="Keep clips here (None: no clips).")
+    pre_capture: float = Field(default=5.0, ge=0, le=60, description="Seconds before the event.")
+    post_capture: float = Field(default=5.0, ge=0, le=300, description="Seconds after it ended.")
+    max_seconds: float = Field(default=300.0, gt=0, description="Longest clip (seconds).")
+    days: float = Field(default=7.0, gt=0, description="Clips older than this are deleted.")
+    max_bytes: int = Field(
+        default=2_000_000_000, ge=1, description="Disk cap; the oldest clips are deleted first."
+    )
+
+
+class HistoryConfig(_Strict):
+    """The event history (SQLite): objects and review items, bounded."""
+
+    db: Path | None = Field(default=None, description="SQLite file (None: no history).")
+    max_per_label: int = Field(default=1000, ge=1, description="Objects kept per camera and label.")
+    max_per_camera: int = Field(default=10000, ge=1, description="Objects kept per camera.")
+    days: float = Field(default=30.0, gt=0, description="Older objects and items are deleted.")
+
+
 class VerifyConfig(_Strict):
     """A second look by a stronger ``vision.detect`` peer before an alarm fires."""
 
@@ -218,6 +240,7 @@ class CameraSpec(_Strict):
     detect: DetectConfig = Field(default_factory=DetectConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    clips: ClipConfig = Field(default_factory=ClipConfig)
     objects: dict[str, ObjectFilter] = Field(
         default_factory=dict, description="Per-label object filters (COCO names)."
     )
@@ -254,6 +277,10 @@ class CameraConfig(NodeConfigBase):
     armed_default: str = Field(
         default="disarmed",
         description="Armed state assumed until the retained state/armed is known.",
+    )
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
+    media_ttl: float = Field(
+        default=3600.0, gt=0, description="Seconds a clip fetched with camera.clip stays retained."
     )
     models_dir: Path | None = Field(
         default=None, description="Models directory (default: $MTOR_MODELS_DIR or models/)."

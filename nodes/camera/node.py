@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from daemon import topics
 from daemon.bus import Inbound
@@ -31,7 +32,9 @@ from daemon.protocol.state import RealmState
 from daemon.protocol.task import Constraints
 from daemon.worker import TaskRun
 from nodes.camera.camera import Camera, slug
+from nodes.camera.clips import ClipStore, Recorder
 from nodes.camera.config import CameraConfig, VerifyConfig
+from nodes.camera.history import EventStore
 from nodes.camera.snapshots import SnapshotStore
 from nodes.camera.tracker import Track
 from nodes.vision.combined import DetectorSet
@@ -39,6 +42,7 @@ from nodes.vision.detect import Detector, DetectorEnv, DetectorUnavailable, load
 from nodes.vision.images import Image, encode_jpeg_b64
 
 ARMED_KEY = "armed"
+MAX_CLIP_BYTES: Final = 32 * 1024 * 1024  # one clip on a media topic at most
 DISARMED_VALUES = frozenset({"disarmed", "off", "false", "0", ""})
 
 
@@ -46,6 +50,28 @@ class SnapshotInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     camera: str
+
+
+class EventsInput(BaseModel):
+    """``camera.events``: the history, newest first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["objects", "reviews"] = "objects"
+    camera: str | None = Field(default=None, max_length=64)
+    label: str | None = Field(default=None, max_length=64)
+    zone: str | None = Field(default=None, max_length=64)
+    after: float | None = None
+    before: float | None = None
+    limit: int = Field(default=50, ge=1, le=1000)
+
+
+class ClipInput(BaseModel):
+    """``camera.clip``: a finished clip by id (a review item's or an alarm's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[0-9]{1,12}\.[0-9]{1,9}-[0-9a-f]{1,32}$")
 
 
 class CameraNode(Node):
@@ -61,6 +87,8 @@ class CameraNode(Node):
         self.alarms_suppressed = 0
         self.remote_failures = 0
         self._stores: dict[str, SnapshotStore] = {}
+        self._clip_stores: dict[str, ClipStore] = {}
+        self.history: EventStore | None = None
         self._subscribed = False
 
     @property
@@ -70,7 +98,25 @@ class CameraNode(Node):
             return False
         return str(value).strip().lower() not in DISARMED_VALUES
 
+    async def _setup_archive(self) -> None:
+        hist = self.config.history
+        if hist.db is not None and self.history is None:
+            try:
+                self.history = await asyncio.to_thread(EventStore, hist)
+            except (OSError, sqlite3.Error) as exc:
+                self.log.warning("event history %s unavailable: %s", hist.db, exc)
+        for cam in self.cameras.values():
+            cam.archive.history = self.history
+            clips = cam.spec.clips
+            if clips.dir is not None and cam.archive.recorder is None:
+                key = str(clips.dir)
+                if key not in self._clip_stores:
+                    self._clip_stores[key] = ClipStore(clips.dir, clips.max_bytes, clips.days)
+                store = self._clip_stores[key]
+                cam.archive.recorder = Recorder(cam.name, clips, store, cam.spec.fps)
+
     async def setup(self) -> None:
+        await self._setup_archive()
         configured = self.config.models_dir or _models_dir(self.ctx)
         env = DetectorEnv(store=ModelStore.default(configured, dict(os.environ)))
         shared: dict[str, Detector | None] = {}
@@ -139,7 +185,19 @@ class CameraNode(Node):
                 tg.create_task(cam.run(), name=f"camera:{cam.name}")
 
     def capabilities(self) -> list[Capability]:
-        return [
+        extra = []
+        if self.history is not None:
+            extra.append(Capability(name="camera.events", node=self.name, max_concurrency=4))
+        if self._clip_stores:
+            extra.append(
+                Capability(
+                    name="camera.clip",
+                    node=self.name,
+                    max_concurrency=2,
+                    attrs={"content_type": "video/mp4"},
+                )
+            )
+        snapshot = [
             Capability(
                 name="camera.snapshot",
                 node=self.name,
@@ -159,6 +217,7 @@ class CameraNode(Node):
                 },
             )
         ]
+        return extra + snapshot
 
     def entities(self) -> list[EntitySpec]:
         out: list[EntitySpec] = []
@@ -217,6 +276,10 @@ class CameraNode(Node):
         return out
 
     async def execute(self, task: TaskRun) -> Any:
+        if task.capability == "camera.events":
+            return await self._events(task)
+        if task.capability == "camera.clip":
+            return await self._clip(task)
         if task.capability != "camera.snapshot":
             raise TaskError("unavailable", f"{self.name} does not do {task.capability!r}")
         try:
@@ -230,6 +293,49 @@ class CameraNode(Node):
             return await cam.snapshot_now()
         except MtorError as exc:
             raise TaskError("unavailable", str(exc)) from exc
+
+    async def _events(self, task: TaskRun) -> Any:
+        if self.history is None:
+            raise TaskError("unavailable", "no event history here (history.db is not set)")
+        try:
+            inp = EventsInput.model_validate(task.input)
+        except ValueError as exc:
+            raise TaskError("bad_input", f"camera.events: {exc}") from exc
+        rows = await asyncio.to_thread(self.history.query, **inp.model_dump())
+        return {"kind": inp.kind, "events": rows}
+
+    async def _clip(self, task: TaskRun) -> Any:
+        try:
+            inp = ClipInput.model_validate(task.input)
+        except ValueError as exc:
+            raise TaskError("bad_input", 'give {"id": CLIP_ID} (a review or alarm id)') from exc
+        path = next(
+            (p for s in self._clip_stores.values() if (p := s.find(inp.id)) is not None), None
+        )
+        if path is None:
+            raise TaskError("not_found", f"no clip {inp.id!r} here (still recording, or pruned)")
+        data = await asyncio.to_thread(path.read_bytes)
+        if len(data) > MAX_CLIP_BYTES:
+            raise TaskError("bad_input", f"clip {inp.id} is {len(data)} bytes, over the media cap")
+        camera = path.parent.name
+        topic = topics.MEDIA.build(
+            realm=self.ctx.realm, node_id=self.ctx.node_id, stream=f"{camera}/clips/{inp.id}"
+        )
+        await self.ctx.bus.publish(
+            topic,
+            data,
+            qos=1,
+            retain=True,
+            content_type="video/mp4",
+            expiry=self.config.media_ttl,
+        )
+        return {
+            "id": inp.id,
+            "camera": camera,
+            "media_topic": topic,
+            "content_type": "video/mp4",
+            "bytes": len(data),
+        }
 
     # ------------------------------------------------------------ helpers
 
