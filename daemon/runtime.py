@@ -22,7 +22,7 @@ from daemon.bus import Bus, Inbound
 from daemon.config import Config
 from daemon.errors import MessageError
 from daemon.heap import collect_garbage, pin_mmap_threshold, trim_heap
-from daemon.hosted import HostedNode
+from daemon.hosting import HostedNode
 from daemon.messages import decode
 from daemon.node import NodeContext
 from daemon.plugins import node_class

@@ -21,30 +21,20 @@ from daemon import hostinfo, topics
 from daemon.entities import EntitySpec
 from daemon.homeassistant.bridge import Bridge, device_id
 from daemon.homeassistant.discovery import Device
+from daemon.hosting import DaemonPort
 from daemon.messages import encode
 from daemon.protocol.node import NodeCommand
 
 if TYPE_CHECKING:
-    from daemon.bus import Bus
-    from daemon.config import Config
-    from daemon.hosted import HostedNode
+    from daemon.hosting import HostedNode
     from daemon.protocol.node import Hardware
 
 log = logging.getLogger(__name__)
 
 
-class NodeDaemonPort(Protocol):
+class NodeDaemonPort(DaemonPort, Protocol):
     """What the daemon's device uses of its node daemon
     (:class:`daemon.runtime.NodeDaemon` is one)."""
-
-    @property
-    def config(self) -> Config: ...
-
-    @property
-    def node_id(self) -> str: ...
-
-    @property
-    def bus(self) -> Bus: ...
 
     @property
     def hardware(self) -> Hardware: ...

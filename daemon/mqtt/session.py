@@ -95,12 +95,12 @@ class Sender(Protocol):
         self,
         topic: str,
         payload: bytes,
-        qos: int = 0,
-        retain: bool = False,
-        props: bytes = b"\x00",
+        qos: int,
+        retain: bool,
+        props: bytes,
         *,
-        ack: bool = False,
-        expiry: float | None = None,
+        ack: bool,
+        expiry: float | None,
     ) -> asyncio.Future[int] | None: ...
 
 

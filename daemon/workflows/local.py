@@ -21,6 +21,7 @@ from daemon import topics
 from daemon.accounts import ORCHESTRATOR_ACCOUNT
 from daemon.bus import Inbound
 from daemon.errors import MessageError, TaskError
+from daemon.hosting import DaemonPort
 from daemon.messages import decode
 from daemon.orchestrator.state import StateView
 from daemon.protocol.workflow import WorkflowRequest
@@ -30,26 +31,15 @@ from daemon.workflows.loader import load_workflows
 from daemon.workflows.runner import StepFailed
 
 if TYPE_CHECKING:
-    from daemon.bus import Bus
-    from daemon.config import Config
     from daemon.worker import Worker
 
 log = logging.getLogger(__name__)
 
 
-class LocalHost(Protocol):
+class LocalHost(DaemonPort, Protocol):
     """What local workflows use of the node daemon that runs them
     (:class:`daemon.runtime.NodeDaemon` is one): its identity, its bus, and its
     worker's routes to the nodes that run a capability."""
-
-    @property
-    def config(self) -> Config: ...
-
-    @property
-    def node_id(self) -> str: ...
-
-    @property
-    def bus(self) -> Bus: ...
 
     @property
     def worker(self) -> Worker: ...
