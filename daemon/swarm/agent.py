@@ -201,7 +201,9 @@ class RobotAgent(AuctionHost):
 
         async def drive() -> None:
             await self.vehicle.go(job.waypoints, moved)
+            await self._flush()  # the moves' reports go before "working"
             self.status = "working"
+            await self._progress(job, "working", 1.0)
             await self.publish_state()
             if job.auction.announce.work_s:
                 await asyncio.sleep(job.auction.announce.work_s)
@@ -216,6 +218,7 @@ class RobotAgent(AuctionHost):
                 "%s failed sector %d of %s: %s", self.me, job.sector, job.auction.mission, exc
             )
             self.status = "fault" if self.vehicle.state().fault else "idle"
+            await self._flush()
             await self._progress(job, "failed", 0.0, str(exc))
             return
         except asyncio.CancelledError:
@@ -227,6 +230,7 @@ class RobotAgent(AuctionHost):
         finally:
             self._going = None
         self.status = "idle"
+        await self._flush()
         await self._progress(job, "done", 1.0)
 
     async def _progress(
@@ -239,7 +243,7 @@ class RobotAgent(AuctionHost):
             sector=job.sector,
             status=status,
             fraction=round(fraction, 4),
-            pose=self.vehicle.state().pose,
+            pose=_mm(self.vehicle.state().pose),
             detail=detail,
         )
         await self._send(topics.SWARM_PROGRESS, msg)
@@ -253,11 +257,11 @@ class RobotAgent(AuctionHost):
         cur = self.current or (self.jobs[0] if self.jobs else None)
         return RobotState(
             status=self.status,
-            pose=vs.pose,
+            pose=_mm(vs.pose),
             geo=vs.geo,
-            heading_deg=vs.heading_deg % 360,
-            speed_mps=vs.speed_mps,
-            battery_percent=max(0.0, min(100.0, vs.battery_percent)),
+            heading_deg=round(vs.heading_deg % 360, 1) % 360,
+            speed_mps=round(vs.speed_mps, 3),
+            battery_percent=round(max(0.0, min(100.0, vs.battery_percent)), 2),
             mission=cur.ref if cur is not None else None,
             queued=len(self.jobs),
             profile=self.vehicle.profile,
@@ -285,6 +289,11 @@ class RobotAgent(AuctionHost):
             if self.busy:
                 await self.publish_state(force=True)
 
+    async def _flush(self) -> None:
+        """Let the progress reports already spawned go out first (they keep order)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -301,3 +310,8 @@ class RobotAgent(AuctionHost):
             if cur is not None:
                 with contextlib.suppress(Exception):
                     await self._progress(cur, "failed", 0.0, "recalled")
+
+
+def _mm(p: Point) -> Point:
+    """A pose to the millimetre: the wire need not carry float noise."""
+    return Point(x=round(p.x, 3), y=round(p.y, 3), z=round(p.z, 3))

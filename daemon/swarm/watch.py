@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from daemon import topics
 from daemon.bus import Bus
-from daemon.protocol.swarm import MissionAnnounce
+from daemon.protocol.swarm import MissionAnnounce, RobotState
 from daemon.swarm.auction import Auction, Note, Role, Timing
 from daemon.swarm.service import AuctionHost, Key
 
@@ -35,6 +35,7 @@ class Watcher(AuctionHost):
     ) -> None:
         super().__init__(bus, realm, me, timing)
         self.watched: dict[Key, Watched] = {}
+        self.robot_seen = asyncio.Event()  # set on every robot state (cleared by waiters)
 
     def get(self, issuer: str, mission: str) -> Watched:
         return self.watched.setdefault((issuer, mission), Watched())
@@ -58,6 +59,9 @@ class Watcher(AuctionHost):
         w.timeline.append((self.now(), f"mission {auction.finished}"))
         w.finished.set()
         w.changed.set()
+
+    async def on_robot(self, sender: str, state: RobotState) -> None:
+        self.robot_seen.set()
 
     def auction(self, issuer: str, mission: str) -> Auction | None:
         return self.auctions.get((issuer, mission))
