@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -247,3 +248,32 @@ async def test_unknown_model_is_not_advertised() -> None:
     with pytest.raises(MtorError, match="unknown model 'no-such-model'"):
         await n.setup()
     assert n.capabilities() == []
+
+
+async def test_loading_a_model_leaves_the_process_output_alone(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the daemon writes while a model loads (another thread) reaches stderr:
+    llama-cpp-python's verbose=False used to point fds 1 and 2 at /dev/null then."""
+    n = make_node({"type": "llama_cpp", "n_threads": 2, "n_ctx": 384, "load": "first_use"})
+    await n.setup()
+    try:
+        shared = cast(LlamaCppBackend, n.backends[0])._shared
+        assert shared is not None
+        capfd.readouterr()
+        async with shared.queue:
+            load = asyncio.create_task(shared.ensure_loaded())
+            written = 0
+            while not load.done():
+                os.write(2, f"marker{written}\n".encode())
+                written += 1
+                await asyncio.sleep(0.005)
+            assert await load
+        err = capfd.readouterr().err
+        assert written >= 3  # the load took a while: markers were written during it
+        assert [f"marker{i}" for i in range(written)] == [
+            line for line in err.splitlines() if line.startswith("marker")
+        ]
+        assert "llama_model_load" not in err and "print_info" not in err  # still quiet
+    finally:
+        await n.close()

@@ -8,12 +8,21 @@ checks the task's ``cancel_flag`` and deadline between tokens.  The model's
 own chat template formats the conversation; a task's ``json_schema`` becomes
 a grammar that constrains the output.  A model may load at start or on first
 use, and unload after an idle period to free RAM on a small board.
+
+Quiet without touching the process: llama-cpp-python's ``verbose=False``
+points file descriptors 1 and 2 at /dev/null while a model loads (in a worker
+thread), so every log line of the daemon in that window was lost.  Here
+llama.cpp's own log goes through a callback into this module's logger
+(warnings and errors kept, the rest at debug), the Python-side chatter of the
+load goes to a buffer, and the descriptors are never touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import io
 import logging
 import os
 import threading
@@ -98,17 +107,25 @@ class SharedModel:
     def _load(self) -> Llama:
         from llama_cpp import Llama
 
+        NativeLog.install()
         k = self.key
         start = time.monotonic()
-        llm = Llama(
-            model_path=k.path,
-            n_ctx=k.n_ctx,
-            n_threads=k.n_threads,
-            n_batch=min(k.n_batch, k.n_ctx),
-            chat_format=k.chat_format,
-            seed=k.seed if k.seed is not None else 0xFFFFFFFF,
-            verbose=False,
-        )
+        chatter = io.StringIO()
+        # verbose=True: llama-cpp-python leaves fds 1 and 2 alone (verbose=False
+        # would point them at /dev/null for the whole load); what it prints in
+        # Python goes to the buffer (logging handlers keep their own streams).
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            llm = Llama(
+                model_path=k.path,
+                n_ctx=k.n_ctx,
+                n_threads=k.n_threads,
+                n_batch=min(k.n_batch, k.n_ctx),
+                chat_format=k.chat_format,
+                seed=k.seed if k.seed is not None else 0xFFFFFFFF,
+                verbose=True,
+            )
+        llm.verbose = False  # no timing prints per request from here on
+        log.debug("llama.cpp load output: %s", chatter.getvalue()[-2000:])
         loaded = time.monotonic()
         self.stats = {"load_s": round(loaded - start, 2), "context_length": llm.n_ctx()}
         trained = _trained_context(llm)
@@ -146,6 +163,50 @@ class SharedModel:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+
+
+# ggml_log_level: NONE 0, INFO 1, WARN 2, ERROR 3, DEBUG 4, CONT 5 (the previous one's)
+_GGML_LEVELS: Final = {2: logging.WARNING, 3: logging.ERROR}
+
+
+class NativeLog:
+    """llama.cpp's log lines into ``<this module>.native``: warnings and errors
+    as such, the rest at debug.  One per process (``llama_log_set`` is global)."""
+
+    installed: ClassVar[NativeLog | None] = None
+
+    def __init__(self) -> None:
+        self.log = logging.getLogger(__name__ + ".native")
+        self.pending: list[str] = []  # a line llama.cpp sends in pieces
+        self.level = logging.DEBUG
+        self.callback: Any = None  # kept referenced: llama.cpp holds only the C pointer
+
+    @classmethod
+    def install(cls) -> None:
+        if cls.installed is not None:
+            return
+        import llama_cpp
+
+        me = cls()
+
+        @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            me.on_text(level, text)
+
+        me.callback = callback
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        cls.installed = me
+
+    def on_text(self, level: int, text: bytes) -> None:
+        if level != 5:
+            self.level = _GGML_LEVELS.get(level, logging.DEBUG)
+        self.pending.append(text.decode("utf-8", "replace"))
+        if not self.pending[-1].endswith("\n"):
+            return
+        line = "".join(self.pending).strip()
+        self.pending.clear()
+        if line:
+            self.log.log(self.level, "%s", line[:500])
 
 
 def _close(llm: Llama, lock: threading.Lock) -> None:
