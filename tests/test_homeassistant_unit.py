@@ -142,7 +142,7 @@ def test_armed_panel_payload_and_command_template() -> None:
     spec = armed_panel(config)
     _, cfg = entity_config(spec, DEVICE, realm="home", node_id="realm")
     assert schema.problems("alarm_control_panel", cfg) == []
-    assert cfg["state_topic"] == "mtor/home/state/armed"
+    assert cfg["state_topic"] == "mtor/home/event/realm/alarm/panel"  # armed, or triggered
     assert cfg["command_topic"] == "mtor/home/state/armed/set/homeassistant"
     assert set(cfg["supported_features"]) == {"arm_home", "arm_away", "arm_night"}
     # What Home Assistant publishes when someone presses "arm away":

@@ -6,7 +6,9 @@ state store validates ``state/armed/set`` and publishes the retained
 ``alarm_control_panel`` of a "realm" device, available while the
 orchestrator is online.  Home Assistant's arm/disarm actions publish a
 :class:`~daemon.protocol.state.StateSet` through the panel's
-``command_template``; the new retained state is the report back.
+``command_template``; the new retained state is the report back, shown
+through :mod:`daemon.homeassistant.panel` (the armed value, or ``triggered``
+while a camera's alarm goes off).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from daemon.config import Config
 from daemon.entities import EntitySpec
 from daemon.homeassistant.bridge import Bridge, device_id
 from daemon.homeassistant.discovery import Device
+from daemon.homeassistant.panel import AlarmPanel, panel_topic
 
 ARMED_KEY: Final = "armed"
 # Home Assistant alarm actions -> the realm's armed values (the panel's payloads).
@@ -60,7 +63,8 @@ def armed_panel(config: Config) -> EntitySpec:
         component="alarm_control_panel",
         object_id=ARMED_KEY,
         name="Armed",
-        state_topic=topics.STATE.build(realm=realm, key=ARMED_KEY),
+        # The armed value, or `triggered` after a camera's alarm (daemon.homeassistant.panel).
+        state_topic=panel_topic(realm),
         # Under Home Assistant's own account: only it may write there (the broker ACL).
         command_topic=topics.STATE_SET.build(
             realm=realm, key=ARMED_KEY, user=config.homeassistant.account
@@ -97,6 +101,9 @@ def realm_bridge(bus: Bus, config: Config) -> Bridge:
 async def attach(bus: Bus, config: Config) -> Bridge:
     """Start the realm bridge on ``bus``: subscriptions now, discovery on every connect."""
     bridge = realm_bridge(bus, config)
+    if config.homeassistant.enabled:
+        # Lives as long as its subscriptions: the panel state follows armed and alarms.
+        await AlarmPanel(bus, config.realm).start()
     await bridge.start()
     bus.on_connect(bridge.refresh)
     return bridge

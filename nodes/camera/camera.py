@@ -41,6 +41,8 @@ RECONNECT_MAX: Final = 30.0
 # Per-event media (thumbnails) stay retained this long (MQTT 5 message expiry).
 EVENT_MEDIA_TTL: Final = 24 * 3600.0
 ALARMED_MEMORY: Final = 1024  # object ids remembered as already alarmed
+SWITCHES: Final = ("detect", "motion", "snapshots", "recordings")
+STILL: Final = MotionFrame()
 
 
 def slug(label: str) -> str:
@@ -76,6 +78,9 @@ class Camera:
         )
         self.review = ReviewTracker(spec.review, name)
         self.archive = Archive(name, self.ctx.publish_event)  # the node adds clips / history
+        # Runtime switches (Home Assistant's, as Frigate's <camera>/detect/set): all on at start.
+        self.switches = dict.fromkeys(SWITCHES, True)
+        self._present: dict[str, bool] = {}
         self.detector: Detector | None = None  # set by the node when detection is local
         self.slot: LatestSlot[Job] = LatestSlot(spec.detect.max_inflight, self._detect_job)
         self.latest: Image | None = None
@@ -126,6 +131,8 @@ class Camera:
                 await self._publish_state(f"motion_{z}", False)
             for label in self.labels():
                 await self._publish_count(label, 0)
+            for switch in SWITCHES:
+                await self._publish_state(f"{switch}_enabled", self.switches[switch])
             while True:
                 try:
                     await asyncio.to_thread(self.source.open)
@@ -175,8 +182,10 @@ class Camera:
             due = max(due + interval, mono) if not live else mono + interval
             self.latest = frame
             self.size = (frame.shape[1], frame.shape[0])
+            if not self.switches["motion"]:
+                mf = STILL  # the model still learns the background; nothing moves
             await self._on_motion(mf, wall, mono)
-            if self.detecting:
+            if self.detecting and self.switches["detect"]:
                 # Where it moves, and where a known object should be looked at again
                 # (one that stopped moving makes no motion, yet it is still there).
                 boxes = list(mf.boxes) if mf.moving else []
@@ -234,6 +243,26 @@ class Camera:
     async def _publish_count(self, label: str, n: int) -> None:
         self._counts[label] = n
         await self.ctx.publish_event(self.name, slug(label), n, retain=True)
+        if self._present.get(label) is not (n > 0):
+            self._present[label] = n > 0
+            await self.ctx.publish_event(
+                self.name, f"{slug(label)}_present", n > 0, device_class="occupancy", retain=True
+            )
+
+    async def set_switch(self, switch: str, on: bool) -> None:
+        """Turn detection, motion, snapshots or recordings on or off (a Home Assistant switch)."""
+        self.switches[switch] = on
+        if switch == "recordings" and self.archive.recorder is not None:
+            self.archive.recorder.enabled = on
+        if switch == "motion" and not on:
+            now = time.time()
+            if self.debounce.force_off() is not None:
+                await self._motion_event(False, None, now)
+            for zone, deb in self.zone_debounce.items():
+                if deb.force_off() is not None:
+                    await self._motion_event(False, zone, now)
+        self.log.info("camera %s: %s %s", self.name, switch, "on" if on else "off")
+        await self._publish_state(f"{switch}_enabled", on)
 
     async def _set_connected(self, on: bool) -> None:
         if self.connected is not on:
@@ -329,6 +358,8 @@ class Camera:
             await self.ctx.publish_event("vision", "review", item.severity, attrs=attrs)
 
     async def _snapshot(self, track: Track, frame: Image) -> None:
+        if not self.switches["snapshots"]:
+            return
         cfg = self.spec.snapshots
         snap, thumb = await asyncio.to_thread(render, frame, track.box, track.label, cfg)
         track.snapshot_score = track.score

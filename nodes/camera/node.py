@@ -42,6 +42,12 @@ from nodes.vision.detect import Detector, DetectorEnv, DetectorUnavailable, load
 from nodes.vision.images import Image, encode_jpeg_b64
 
 ARMED_KEY = "armed"
+SWITCH_ICONS: Final = {
+    "detect": "mdi:motion-sensor",
+    "motion": "mdi:run-fast",
+    "snapshots": "mdi:image-multiple",
+    "recordings": "mdi:filmstrip-box-multiple",
+}
 MAX_CLIP_BYTES: Final = 32 * 1024 * 1024  # one clip on a media topic at most
 DISARMED_VALUES = frozenset({"disarmed", "off", "false", "0", ""})
 
@@ -253,6 +259,16 @@ class CameraNode(Node):
                         icon="mdi:counter",
                     )
                 )
+                out.append(
+                    EntitySpec(
+                        "binary_sensor",
+                        f"{n}_{slug(label)}_present",
+                        f"{n} {label}",
+                        state_topic=cam.state_topic(f"{slug(label)}_present"),
+                        device_class="occupancy",
+                    )
+                )
+            out.extend(self._switches(cam))
             out.append(
                 EntitySpec(
                     "camera",
@@ -271,6 +287,41 @@ class CameraNode(Node):
                     state_topic=cam.state_topic("connected"),
                     device_class="connectivity",
                     diagnostic=True,
+                )
+            )
+        return out
+
+    def _switches(self, cam: Camera) -> list[EntitySpec]:
+        """Detection, motion, snapshots (and recordings, with clips) on/off, as Frigate's."""
+        names = ["detect", "motion", "snapshots"]
+        out = []
+        if cam.archive.recorder is not None:
+            names.append("recordings")
+            out.append(
+                EntitySpec(
+                    "sensor",
+                    f"{cam.name}_clips_bytes",
+                    f"{cam.name} clips disk use",
+                    state_topic=cam.state_topic("clips_bytes"),
+                    device_class="data_size",
+                    unit="B",
+                    state_class="measurement",
+                    diagnostic=True,
+                )
+            )
+        for switch in names:
+
+            async def command(value: Any, cam: Camera = cam, switch: str = switch) -> None:
+                await cam.set_switch(switch, bool(value))
+
+            out.append(
+                EntitySpec(
+                    "switch",
+                    f"{cam.name}_{switch}_enabled",  # {cam}_motion is the motion sensor
+                    f"{cam.name} {switch}",
+                    state_topic=cam.state_topic(f"{switch}_enabled"),
+                    icon=SWITCH_ICONS[switch],
+                    on_command=command,
                 )
             )
         return out
