@@ -97,6 +97,31 @@ def test_filters_and_the_median_score_before_an_object_counts() -> None:
     assert kind == "new"
 
 
+def test_object_masks_drop_detections_standing_in_them(tmp_path: Path) -> None:
+    from typing import Any, cast
+
+    from daemon.config import build_config
+    from daemon.node import NodeContext
+    from nodes.camera.config import CameraConfig
+    from nodes.camera.node import CameraNode
+
+    async def announce() -> None:
+        return None
+
+    statue = {"points": [[0, 0.5], [0.4, 0.5], [0.4, 1], [0, 1]]}
+    cfg = CameraConfig.model_validate(
+        {"cameras": {"door": {"source": "0", "objects": {"person": {"masks": [statue]}}}}}
+    )
+    ctx = NodeContext("cam1", build_config({"nodes": {}}), cast(Any, None), tmp_path, announce)
+    cam = CameraNode("c", cfg, ctx).cameras["door"]
+    tr = cam.tracker
+    tr.config = TrackingConfig(min_hits=1)
+    assert tr.update([("person", 0.9, LEFT)], 0.0) == []  # stands in the statue's mask
+    assert tr.filtered == 1
+    assert [k for k, _ in tr.update([("cat", 0.9, LEFT)], 0.1)] == ["new"]  # persons only
+    assert [k for k, _ in tr.update([("person", 0.9, CAR)], 0.2)] == ["new"]  # elsewhere
+
+
 def test_loitering_time_delays_a_zone() -> None:
     cfg = TrackingConfig(min_hits=1, max_disappeared=5.0, update_interval=0.0)
     tr = IoUTracker(cfg, lambda b: {"porch"}, loitering={"porch": 2.0})

@@ -75,6 +75,7 @@ class Camera:
             self._zones_of,
             filters=spec.objects,
             loitering={n: z.loitering_time for n, z in spec.zones.items()},
+            masked=self._masked,
         )
         self.review = ReviewTracker(spec.review, name)
         self.archive = Archive(name, self.ctx.publish_event)  # the node adds clips / history
@@ -95,6 +96,11 @@ class Camera:
         self._alarmed: dict[str, None] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._zone_polys = {n: np.array(z.points, np.float32) for n, z in spec.zones.items()}
+        self._masks = {
+            label: [np.array(m.points, np.float32) for m in f.masks]
+            for label, f in spec.objects.items()
+            if f.masks
+        }
 
     # ------------------------------------------------------------- topics
 
@@ -283,6 +289,11 @@ class Camera:
             for name, poly in self._zone_polys.items()
             if cv2.pointPolygonTest(poly, point, False) >= 0
         }
+
+    def _masked(self, label: str, box: NBox) -> bool:
+        """Whether the object stands (bottom centre) in one of its label's masks."""
+        point = ((box[0] + box[2]) / 2, box[3])
+        return any(cv2.pointPolygonTest(m, point, False) >= 0 for m in self._masks.get(label, ()))
 
     async def _detect_job(self, job: Job) -> None:
         x1, y1, x2, y2 = job.region

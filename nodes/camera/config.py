@@ -104,6 +104,11 @@ class ObjectFilter(_Strict):
         "before it is announced.",
     )
     median_frames: int = Field(default=3, ge=1, le=30, description="Scores the median is over.")
+    masks: list[ZoneConfig] = Field(
+        default_factory=list,
+        description="Object masks: a detection standing (bottom centre) in one is dropped "
+        "(a statue, a poster, a parked car's place).",
+    )
 
 
 class SeverityConfig(_Strict):

@@ -1,6 +1,6 @@
 """An IoU tracker: detections of one camera become objects with a life.
 
-Each detection (after its label's filters: area, aspect ratio, score) is
+Each detection (after its label's filters: area, aspect ratio, score, masks) is
 matched greedily, same label, highest overlap first, to a live object; an
 unmatched detection starts a new one.  An object is announced (``new``) after
 ``min_hits`` detections once the median of its first scores reaches its
@@ -120,9 +120,11 @@ class IoUTracker:
         *,
         filters: Mapping[str, ObjectFilter] | None = None,
         loitering: Mapping[str, float] | None = None,
+        masked: Callable[[str, NBox], bool] | None = None,
     ) -> None:
         self.config = config
         self.zones_of = zones_of
+        self.masked = masked or (lambda _label, _box: False)
         self.filters = dict(filters or {})
         self.loitering = dict(loitering or {})
         self.tracks: list[Track] = []
@@ -136,7 +138,11 @@ class IoUTracker:
     ) -> list[tuple[EventKind, Track]]:
         """Match one frame's detections, found by looking at ``region`` (None: the whole
         frame); the events it causes."""
-        kept = [d for d in detections if passes(self._filter(d[0]), d[1], d[2])]
+        kept = [
+            d
+            for d in detections
+            if passes(self._filter(d[0]), d[1], d[2]) and not self.masked(d[0], d[2])
+        ]
         self.filtered += len(detections) - len(kept)
         detections = kept
         events: list[tuple[EventKind, Track]] = []
