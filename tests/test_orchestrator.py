@@ -374,3 +374,18 @@ async def test_node_tasks_carry_the_daemon_token(
         assert history[0]["user"] == "w1"
     finally:
         await env.close()
+
+
+async def test_a_task_sent_while_the_realm_starts_waits_for_its_peer(realm_env: Realm) -> None:
+    await realm_env.start_orchestrator()  # no node daemon yet: the realm is starting
+    async with client(realm_env, user="early") as c:
+        handle = await c.submit("echo", {"early": True}, progress=True, timeout=30)
+        updates = aiter(handle)
+        first = await asyncio.wait_for(anext(updates), 5)
+        assert (first.status, first.waiting) == ("queued", "the realm is starting")
+        await realm_env.start_worker("w1")
+        assert await asyncio.wait_for(handle.result(), 10) == {"early": True}
+        # once a peer is online with every node running, what nobody offers fails at once
+        with pytest.raises(TaskFailed) as failed:
+            await asyncio.wait_for(c.call("no.such", None), 5)
+        assert failed.value.code == "unavailable"

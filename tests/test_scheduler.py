@@ -21,8 +21,9 @@ from daemon.orchestrator.core import Scheduler
 from daemon.orchestrator.identity import Identity, Refused
 from daemon.orchestrator.registry import Registry
 from daemon.orchestrator.tasks import Mirrored, Task
-from daemon.protocol.node import Capability, Hardware, NodeInfo, NodeState
+from daemon.protocol.node import Capability, Hardware, NodeInfo, NodeState, NodeSummary
 from daemon.protocol.task import (
+    Constraints,
     ErrorInfo,
     TaskAbort,
     TaskAssign,
@@ -165,15 +166,20 @@ class Realm:
             rng=random.Random(1),
         )
 
-    def peer(self, node_id: str, cap: str = "echo", capacity: int = 1) -> None:
+    def peer(
+        self, node_id: str, cap: str | None = "echo", capacity: int = 1, starting: bool = False
+    ) -> None:
         boot = f"boot-{node_id}"
+        status: Any = "starting" if starting else "running"
+        caps = [Capability(name=cap, node="ref", max_concurrency=capacity)] if cap else []
         info = NodeInfo(
             node_id=node_id,
             boot_id=boot,
             version="test",
             hostname=node_id,
             hardware=Hardware(arch="x86_64", cpu_count=4, ram_mb=4096),
-            capabilities=[Capability(name=cap, node="ref", max_concurrency=capacity)],
+            nodes=[NodeSummary(name="n", type="chat", status=status)],
+            capabilities=caps,
         )
         now = self.clock.monotonic()
         self.registry.on_state(node_id, NodeState(state="online", boot_id=boot), now)
@@ -387,6 +393,58 @@ def test_recovered_journal_tasks_are_queued_again() -> None:
     assert recovery.recover(r.core, [doc, {"nonsense": True}]) == 1
     r.peer("a")
     assert r.sink.assigns("a")[0].task_id == "j1"
+
+
+def test_a_task_waits_while_the_realm_starts_then_runs() -> None:
+    r = Realm(capability_wait=60.0)
+    r.clock.advance(5.0)  # no peer online yet: the realm is starting
+    task = r.submit(progress=True)
+    (queued,) = r.sink.updates()
+    assert queued.status == "queued" and queued.waiting == "the realm is starting"
+    r.clock.advance(20.0)
+    r.peer("a")  # its advert arrives: the task goes to it
+    assert task.state == "assigned" and r.sink.assigns("a")[0].task_id == "t1"
+    r.report("a", "t1", 1, "started")
+    r.clock.advance(60.0)  # the wait's timer finds it running: nothing happens
+    assert task.state == "running" and not r.sink.finals()
+
+
+def test_a_task_waits_for_a_starting_node_up_to_the_bound() -> None:
+    r = Realm(capability_wait=30.0)
+    r.peer("kitchen", cap=None, starting=True)  # its chat node still loads the model
+    task = r.submit(cap="chat")
+    assert task.state == "queued"
+    r.clock.advance(29.0)
+    assert not r.sink.finals()
+    r.clock.advance(1.1)
+    (final,) = r.sink.finals()
+    assert final.error is not None and final.error.code == "unavailable"
+    assert final.error.message == "no peer offering 'chat' within 30 s"
+    assert not r.core.tasks and not len(r.core.queues["chat"])
+
+
+def test_what_cannot_come_fails_at_once() -> None:
+    r = Realm(capability_wait=60.0)
+    r.peer("a")  # online, every node running: the realm has started
+    r.peer("b")
+    r.registry.set_flags("b", blacklisted=True)
+    r.peer("c")
+    r.registry.set_flags("c", drained=True)
+    cases = {
+        "no peer offers 'no.such'": {"cap": "no.such"},
+        "no peer 'ghost' in the realm": {"constraints": Constraints(node="ghost")},
+        "peer 'a' does not offer 'chat'": {"cap": "chat", "constraints": Constraints(node="a")},
+        "peer 'b' is blacklisted by a sysop": {"constraints": Constraints(node="b")},
+        "peer 'c' is drained by a sysop": {"constraints": Constraints(node="c")},
+    }
+    for i, (message, fields) in enumerate(cases.items()):
+        with pytest.raises(Refused) as refused:
+            r.submit(f"t{i}", **fields)
+        assert (refused.value.code, str(refused.value)) == ("unavailable", message)
+    assert not r.core.tasks
+    off = Realm(capability_wait=0.0)  # waiting off: the realm starting fails at once too
+    with pytest.raises(Refused):
+        off.submit()
 
 
 def test_the_core_never_imports_the_bus() -> None:

@@ -168,6 +168,9 @@ def cmd_ask(args: argparse.Namespace, config: Config) -> int:
                         else:
                             print(json.dumps(update.output), flush=True)
                         sys.stdout.flush()
+                    elif update.waiting and not args.quiet:
+                        cap = args.capability
+                        print(f"[waiting for {cap}: {update.waiting}]", file=sys.stderr)
                     elif update.status in ("queued", "assigned", "started") and not args.quiet:
                         where = f" on {update.node}" if update.node else ""
                         pos = f" (position {update.position})" if update.position else ""

@@ -70,6 +70,15 @@ class OrchestratorConfig(_Strict):
     ack_timeout: float = Field(
         default=3.0, gt=0, description="A worker must acknowledge an assignment within this (s)."
     )
+    capability_wait: float = Field(
+        default=60.0,
+        ge=0,
+        description=(
+            "A task for a capability no peer offers yet waits this long while the realm is "
+            "starting or a node is still starting (loading its model), instead of failing at "
+            "once (s; 0: fail at once)."
+        ),
+    )
     stale_after: float = Field(
         default=95.0, gt=0, description="A peer silent this long is treated as gone (s)."
     )

@@ -69,7 +69,9 @@ class Scheduler:
         self.sink = sink
         self.leader = leader
         self.clock = clock or SystemClock()
-        self.placement = Placement(registry, rng or random.Random(), self.clock)
+        self.placement = Placement(
+            registry, rng or random.Random(), self.clock, cfg.capability_wait
+        )
         self.pick = self.placement.pick
         self.queues: dict[str, FairQueue[Task]] = {}
         self.tasks: dict[str, Task] = {}
@@ -80,11 +82,14 @@ class Scheduler:
         # One loop timer per tick in use rather than two per task (see timers.py).
         self.deadlines = timers(self._on_deadline)
         self.ack_timeouts = timers(self._on_ack_timeout)
+        self.waits = timers(self._on_wait)
+        self.active_since = self.clock.monotonic()  # the shell sets it on taking the lease
         self._node_topics: dict[str, str] = {}  # node id -> its task topic
 
     def close(self) -> None:
         self.deadlines.close()
         self.ack_timeouts.close()
+        self.waits.close()
 
     # ============================================================ submission
 
@@ -105,10 +110,10 @@ class Scheduler:
         input_bytes: int = 0,
     ) -> Task:
         """An admitted submission becomes a task: queued, or assigned at once.
-        :class:`Refused` when no peer offers the capability or its queue is full."""
+        :class:`Refused` when no peer offers the capability (and none may soon: see
+        :meth:`Placement.waits_for`) or its queue is full."""
         cap = submit.capability
-        if not self.registry.offered(cap):
-            raise Refused("unavailable", f"no peer offers {cap!r}")
+        waiting = self.placement.waits_for(submit, self.active_since)
         q = self.queues.get(cap)
         if q is not None and q.full:
             raise Refused("queue_full", f"the {cap} queue is full ({q.maxsize})")
@@ -136,6 +141,13 @@ class Scheduler:
         self.sink.accepted(task)
         self.arm_deadline(task)
         q = self.queue(cap)
+        if waiting is not None:
+            position = q.push(task)
+            task.wait_key = self.waits.add_in(task, self.cfg.capability_wait)
+            log.info("%s task %s waits: %s", cap, task_id, waiting)
+            if submit.progress:
+                self.finals.reply(task, "queued", position=position, waiting=waiting)
+            return task
         # Nothing queued and a peer free: assign at once, as a push and dispatch's
         # pop would, without the round trip through the queue.
         free = self.registry.free.get(cap)
@@ -151,6 +163,17 @@ class Scheduler:
                 self.finals.reply(task, "queued", position=0)
             self._assign(task, peer)
         return task
+
+    def _on_wait(self, task: Task) -> None:
+        task.wait_key = None
+        if task.id not in self.tasks or task.state != "queued":
+            return
+        if self.placement.offered(task.submit):
+            return  # offered now: it waits in the queue like any other
+        cap, pin = task.capability, task.submit.constraints.node
+        wanted = f"peer {pin!r} offering {cap!r}" if pin else f"peer offering {cap!r}"
+        why = f"no {wanted} within {self.cfg.capability_wait:g} s"
+        self._finish(task, "failed", error=ErrorInfo(code="unavailable", message=why))
 
     def queue(self, task_cap: str) -> FairQueue[Task]:
         q = self.queues.get(task_cap)
@@ -418,8 +441,9 @@ class Scheduler:
         self.queue(task.capability).discard(task)
         task.state = "final"
         self.deadlines.discard(task, task.deadline_key)
+        self.waits.discard(task, task.wait_key)
         self._cancel_ack(task)
-        task.deadline_key = None
+        task.deadline_key = task.wait_key = None
         total_ms = round((self.clock.monotonic() - task.submitted_mono) * 1000, 3)
         update = self.finals.reply(
             task, status, output=output, error=error, run_ms=run_ms, node=task.node, send=not sent

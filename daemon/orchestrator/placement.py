@@ -1,4 +1,5 @@
-"""Placement: which free peer gets a task, and where its worker may answer.
+"""Placement: which free peer gets a task, whether one may come, and where its
+worker may answer.
 
 :meth:`Placement.pick` samples the capability's free set (``policy.SAMPLE_SIZE``
 peers: an assignment never scans the realm), keeps those that fit the task's
@@ -12,17 +13,63 @@ import random
 
 from daemon import topics
 from daemon.orchestrator import policy
+from daemon.orchestrator.identity import Refused
 from daemon.orchestrator.ports import Clock
 from daemon.orchestrator.registry import Peer, Registry
 from daemon.orchestrator.tasks import Task
-from daemon.protocol.task import Constraints, DirectReply
+from daemon.protocol.task import Constraints, DirectReply, TaskSubmit
 
 
 class Placement:
-    def __init__(self, registry: Registry, rng: random.Random, clock: Clock) -> None:
+    def __init__(
+        self, registry: Registry, rng: random.Random, clock: Clock, wait: float = 0.0
+    ) -> None:
         self.registry = registry
         self.rng = rng
         self.clock = clock
+        self.wait = wait  # orchestrator.capability_wait
+
+    def offered(self, submit: TaskSubmit) -> bool:
+        """Does a peer offer what ``submit`` asks for (the node it names, if any)?"""
+        pin = submit.constraints.node
+        peer = self.registry.peers.get(pin) if pin else None
+        if pin and peer is None:
+            return False
+        return bool(
+            (peer.slots if peer is not None else self.registry.index).get(submit.capability)
+        )
+
+    def waits_for(self, submit: TaskSubmit, active_since: float) -> str | None:
+        """None when a peer offers what ``submit`` asks for; else why one may come
+        soon — the realm is starting (no peer online yet, within ``wait`` of taking
+        the lease) or a node is still starting (loading a model) — and the task
+        waits ``wait`` for it; else :class:`Refused` at once."""
+        cap, pin = submit.capability, submit.constraints.node
+        peer = self.registry.peers.get(pin) if pin else None
+        if peer is not None and (peer.blacklisted or peer.drained):
+            flag = "blacklisted" if peer.blacklisted else "drained"
+            raise Refused("unavailable", f"peer {pin!r} is {flag} by a sysop")
+        if self.offered(submit):
+            return None
+        why = self._starting(active_since) if self.wait else None
+        if why is not None:
+            return why
+        if pin and peer is None:
+            raise Refused("unavailable", f"no peer {pin!r} in the realm")
+        if pin:
+            raise Refused("unavailable", f"peer {pin!r} does not offer {cap!r}")
+        raise Refused("unavailable", f"no peer offers {cap!r}")
+
+    def _starting(self, active_since: float) -> str | None:
+        online = [p for p in self.registry.peers.values() if p.online and not p.stale]
+        if not online and self.clock.monotonic() - active_since < self.wait:
+            return "the realm is starting"
+        for p in online:
+            if p.info is not None and any(
+                n.status in ("starting", "restarting") for n in p.info.nodes
+            ):
+                return f"{p.node_id} is still starting"
+        return None
 
     def pick(self, task: Task) -> Peer | None:
         """The best free peer for ``task``, or None."""

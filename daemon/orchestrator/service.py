@@ -260,6 +260,7 @@ class Orchestrator:
             bridge = await attach_homeassistant(self.bus, self.config)  # the realm device
             if self.bus.connected:
                 await bridge.refresh()  # its discovery, now: later on every connect
+        self.core.active_since = time.monotonic()
         recovery.adopt(self.core, mirror)
         await self._announce()
 

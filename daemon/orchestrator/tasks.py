@@ -50,6 +50,7 @@ class Task:
     # Keys of this task's entries in the orchestrator's TimerWheels (None: not armed).
     deadline_key: int | None = None
     ack_key: int | None = None
+    wait_key: int | None = None  # waiting for a capability no peer offers yet
 
     @property
     def capability(self) -> str:

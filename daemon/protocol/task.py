@@ -95,6 +95,11 @@ class TaskUpdate(Message):
     status: UpdateStatus
     seq: int = 0
     position: int | None = None
+    waiting: str | None = Field(
+        default=None,
+        max_length=200,
+        description="Why a queued task waits with no peer to take it (the realm is starting).",
+    )
     node: Name | None = None
     attempt: int | None = None
     output: Any = None
