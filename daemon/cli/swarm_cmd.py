@@ -218,8 +218,16 @@ async def _robots(args: argparse.Namespace, config: Config) -> int:
         await asyncio.sleep(args.wait)  # retained states arrive right after SUBSCRIBE
         watcher.close()
         robots = dict(sorted(watcher.robots.items()))
+        offline = set(watcher.fleet.offline)
     if args.json:
-        print(json.dumps({k: v.model_dump(exclude_none=True) for k, v in robots.items()}))
+        print(
+            json.dumps(
+                {
+                    k: {**v.model_dump(exclude_none=True), "online": k not in offline}
+                    for k, v in robots.items()
+                }
+            )
+        )
         return EXIT_OK
     if not robots:
         print("no robots")
@@ -228,7 +236,7 @@ async def _robots(args: argparse.Namespace, config: Config) -> int:
     for node, s in robots.items():
         mission = f"{s.mission.issuer}/{s.mission.mission}#{s.mission.sector}" if s.mission else "-"
         print(
-            f"{node:16} {s.status:9} {s.battery_percent:6.1f}% "
+            f"{node:16} {'offline' if node in offline else s.status:9} {s.battery_percent:6.1f}% "
             f"{s.pose.x:9.1f} {s.pose.y:9.1f}  {mission}"
         )
     return EXIT_OK

@@ -169,6 +169,7 @@ class RobotAgent(AuctionHost):
         if not self._subscribed:  # once: the bus keeps subscriptions across restarts
             self._subscribed = True
             await self.start()
+            self.bus.on_connect(self._republish)
         await self.publish_state(force=True)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -278,6 +279,10 @@ class RobotAgent(AuctionHost):
         await self.bus.publish(topic, state, qos=1, retain=True, wait=False)
         if self.on_state is not None:
             await self.on_state(state)
+
+    async def _republish(self) -> None:
+        """After a reconnect: peers may have seen our will; say where we are."""
+        await self.publish_state(force=True)
 
     @property
     def busy(self) -> bool:

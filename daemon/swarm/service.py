@@ -126,7 +126,9 @@ class AuctionHost:
             log.debug("bad node state on %s: %s", msg.topic, exc)
             return
         node = fields["node_id"]
-        if state.state == "offline":
+        if state.state == "online":
+            self.fleet.offline.discard(node)  # back (its heartbeats count again)
+        elif state.state == "offline":
             async with self._lock:
                 now = self.now()
                 for auction in list(self.auctions.values()):
