@@ -41,7 +41,9 @@ from tests.conftest import ROOT, Collector, MtorProcess, make_config, mtor_env, 
 
 pytestmark = pytest.mark.slow
 
-FAST = Timing(settle_s=0.1, award_timeout_s=0.8, misses=3)
+# A generous award timeout: on a loaded machine a late claim must not look like a
+# silent winner (it only slows down the paths where a winner really is silent).
+FAST = Timing(settle_s=0.1, award_timeout_s=2.0, misses=3)
 
 
 def robot_config(broker: PrivateBroker, realm: str, node_id: str, x: float, **sim: Any) -> dict:  # type: ignore[type-arg]
@@ -57,7 +59,7 @@ def robot_config(broker: PrivateBroker, realm: str, node_id: str, x: float, **si
                 "sensors": ["camera"],
                 "heartbeat_s": 0.3,
                 "settle_s": 0.1,
-                "award_timeout_s": 0.8,
+                "award_timeout_s": 2.0,
                 "driver": {"type": "sim", "start": [x, 0.0], "speed_mps": 40.0, **sim},
             }
         },

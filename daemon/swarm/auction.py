@@ -515,8 +515,11 @@ class Auction:
                 and sec.deadline is not None
                 and (now >= sec.deadline or sec.expected in self.fleet.offline)
             ):
-                reasons.append(f"sector {i}: {sec.expected} never claimed it")
-                self.excluded.add(sec.expected)
+                if self.peer_run:
+                    reasons.append(f"sector {i}: {sec.expected} never claimed it")
+                    self.excluded.add(sec.expected)
+                else:  # the auctioneer is late or not running: not the robot's fault
+                    reasons.append(f"sector {i}: no award from {self.announce.auctioneer}")
                 self._reopen(sec)
         return reasons
 
