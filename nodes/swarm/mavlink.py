@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 
 EARTH_M_PER_DEG: Final = 111_319.49  # metres per degree of latitude (WGS-84 mean)
 LINK_LOST_S: Final = 3.0  # no heartbeat for this long: the link (or vehicle) is gone
-RECV_TIMEOUT_S: Final = 0.2
-SYS_STATUS_WAIT_S: Final = 1.0  # ArduPilot and PX4 send it at 1 Hz or more  # the reader thread wakes this often to notice close()
+RECV_TIMEOUT_S: Final = 0.2  # the reader thread wakes this often to notice close()
+SYS_STATUS_WAIT_S: Final = 1.0  # ArduPilot and PX4 send it at 1 Hz or more
 MAV: Final = mavutil.mavlink
 
 
