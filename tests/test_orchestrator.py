@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,14 @@ from daemon.messages import decode
 from daemon.orchestrator.service import Orchestrator
 from daemon.protocol.task import Constraints, TaskUpdate
 from daemon.runtime import NodeDaemon
-from tests.conftest import Collector, InProcess, make_config, running_bus
+from tests.conftest import (
+    Collector,
+    InProcess,
+    make_config,
+    mtor_env,
+    running_bus,
+    write_config,
+)
 
 
 class Realm(InProcess):
@@ -389,3 +397,62 @@ async def test_a_task_sent_while_the_realm_starts_waits_for_its_peer(realm_env: 
         with pytest.raises(TaskFailed) as failed:
             await asyncio.wait_for(c.call("no.such", None), 5)
         assert failed.value.code == "unavailable"
+
+
+async def test_cli_views_print_tables_and_json(realm_env: Realm, tmp_path: Path) -> None:
+    await realm_env.start_orchestrator()
+    await realm_env.start_worker("w1")
+    await realm_env.wait_peers("echo", 1)
+    async with client(realm_env, user="cli") as c:
+        for i in range(3):
+            await c.call("echo", i)
+    path = write_config(
+        tmp_path,
+        {"realm": realm_env.realm, "broker": {"url": realm_env.broker.url},
+         "orchestrator": {"state_dir": str(tmp_path / "orch")}},
+    )  # fmt: skip
+
+    async def mtor(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "daemon.cli.main", *args, "--config", str(path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=mtor_env(),
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, out.decode()
+        return out.decode()
+
+    history = (await mtor("history", "--limit", "5")).splitlines()
+    assert history[0].split() == [
+        "WHEN", "TASK", "CAPABILITY", "USER", "NODE", "OUTCOME", "QUEUE", "RUN", "TOTAL"
+    ]  # fmt: skip
+    assert len(history) == 4 and all(" echo " in r and " done " in r for r in history[1:])
+    assert json.loads(await mtor("history", "--json"))[0]["capability"] == "echo"
+    stats = await mtor("stats")
+    assert "1 peer(s) online, 3 done" in stats
+    assert any(r.split()[:5] == ["echo", "0", "0", "3", "0"] for r in stats.splitlines())
+    assert any(r.startswith("w1 ") and " online " in r for r in stats.splitlines())
+    assert json.loads(await mtor("stats", "--json"))["completed"] == {"echo": 3}
+    assert (await mtor("tasks")).strip() == "no active tasks"
+    status = (await mtor("status")).splitlines()
+    assert status[0].split()[:8] == [
+        "NODE",
+        "STATE",
+        "LOAD",
+        "CPU%",
+        "MEM%",
+        "TEMP",
+        "TASKS",
+        "RESTARTS",
+    ]
+    assert status[1].split()[:2] == ["w1", "online"]
+    token = (tmp_path / "orch" / "sysop.token").read_text().strip()
+    async with client(realm_env, token=token) as sysop:
+        await sysop.admin("drain", node="w1")
+    (row,) = json.loads(await mtor("status", "--json"))
+    assert (row["node_id"], row["drained"], row["blacklisted"], row["restarts"]) == (
+        "w1",
+        True,
+        False,
+        0,
+    )
+    assert (await mtor("status")).splitlines()[1].split()[:2] == ["w1", "online,drained"]

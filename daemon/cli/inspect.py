@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from daemon import topics
 from daemon.accounts import ANONYMOUS, account_name
 from daemon.bus import Inbound
+from daemon.cli import tables
 from daemon.cli.common import client_bus, environ
 from daemon.config import Config
 from daemon.errors import MessageError
 from daemon.messages import decode
+from daemon.protocol.admin import OrchestratorState
 from daemon.protocol.node import Event, NodeHealth, NodeInfo, NodeState
 
 # Retained messages arrive right after the SUBACK; a sentinel message published
 # after subscribing comes back behind them, so its arrival means "all seen".
 SENTINEL_TIMEOUT = 3.0
+# How long `mtor status` waits for the orchestrator's view of the peers (s).
+PEERS_TIMEOUT = 2.0
 
 
 async def collect_nodes(config: Config) -> dict[str, dict[str, Any]]:
@@ -45,16 +52,50 @@ async def collect_nodes(config: Config) -> dict[str, dict[str, Any]]:
     async def on_sentinel(_msg: Inbound) -> None:
         done.set()
 
+    orchestrator: list[str] = []
+
+    async def on_orchestrator(msg: Inbound) -> None:
+        with contextlib.suppress(MessageError):
+            orchestrator.append(decode(msg.payload, OrchestratorState).state)
+
     async with client_bus(config) as bus:
         # The account client_bus logged in as (mtor up's private broker: admin).
         me = account_name(bus.config.username, environ().get("MTOR_USER") or ANONYMOUS)
         sentinel = topics.CLI_SENTINEL.build(realm=config.realm, user=me, token=uuid.uuid4().hex)
         await bus.subscribe(topics.NODE_ANY.filter(realm=config.realm), on_node)
+        await bus.subscribe(topics.ORCH_STATE.build(realm=config.realm), on_orchestrator)
         await bus.subscribe(sentinel, on_sentinel)
         await bus.publish(sentinel, b"", qos=1)
         async with asyncio.timeout(SENTINEL_TIMEOUT):
             await done.wait()
+        if orchestrator[-1:] == ["online"]:  # its view: drained, blacklisted
+            for node_id, peer in (await _peer_flags(config, bus)).items():
+                if node_id in nodes:
+                    nodes[node_id]["peer"] = peer
     return nodes
+
+
+async def _peer_flags(config: Config, bus: Any) -> dict[str, dict[str, Any]]:
+    """The orchestrator's view of each peer (drained, blacklisted), when it answers
+    in time: {} without an orchestrator, or when it refuses this identity."""
+    from daemon.client import RealmClient
+    from daemon.errors import MtorError
+
+    token = environ().get("MTOR_TOKEN") or _sysop_token(config)
+    client = RealmClient(bus, config.realm, user=environ().get("MTOR_USER"), token=token)
+    try:
+        await client.start()
+        peers = await client.admin("peers", timeout=PEERS_TIMEOUT)
+    except (MtorError, TimeoutError):
+        return {}
+    return peers if isinstance(peers, dict) else {}
+
+
+def _sysop_token(config: Config) -> str | None:
+    path = Path(config.orchestrator.state_dir) / "sysop.token"
+    if os.access(path, os.R_OK):
+        return path.read_text().strip() or None
+    return None
 
 
 def status_rows(nodes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -65,6 +106,7 @@ def status_rows(nodes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         info: NodeInfo | None = entry.get("info")
         health: NodeHealth | None = entry.get("health")
         stale_info = info is not None and state is not None and info.boot_id != state.boot_id
+        peer = entry.get("peer") or {}
         rows.append(
             {
                 "node_id": node_id,
@@ -75,6 +117,9 @@ def status_rows(nodes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 if info and not stale_info
                 else [],
                 "nodes": [f"{n.name}:{n.status}" for n in info.nodes] if info else [],
+                "restarts": sum(n.restarts for n in info.nodes) if info else None,
+                "drained": peer.get("drained"),
+                "blacklisted": peer.get("blacklisted"),
                 "cpu_percent": health.cpu_percent if health else None,
                 "load1": health.load[0] if health and health.load else None,
                 "mem_percent": health.mem_percent if health else None,
@@ -94,24 +139,24 @@ def print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
     if not rows:
         print("no nodes in this realm yet")
         return
-    header = ("NODE", "STATE", "LOAD", "CPU%", "MEM%", "TEMP", "TASKS", "CAPABILITIES")
-    table = [header]
-    for r in rows:
-        table.append(
-            (
-                r["node_id"],
-                r["state"],
-                _num(r["load1"]),
-                _num(r["cpu_percent"]),
-                _num(r["mem_percent"]),
-                _num(r["temperature_c"]),
-                _num(r["active_tasks"]),
-                ",".join(r["capabilities"]) or "-",
-            )
+    header = (
+        "NODE", "STATE", "LOAD", "CPU%", "MEM%", "TEMP", "TASKS", "RESTARTS", "CAPABILITIES"
+    )  # fmt: skip
+    table = [
+        (
+            r["node_id"],
+            ",".join([r["state"], *(f for f in ("drained", "blacklisted") if r[f])]),
+            _num(r["load1"]),
+            _num(r["cpu_percent"]),
+            _num(r["mem_percent"]),
+            _num(r["temperature_c"]),
+            _num(r["active_tasks"]),
+            _num(r["restarts"]),
+            ",".join(r["capabilities"]) or "-",
         )
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
-    for row in table:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        for r in rows
+    ]
+    print(tables.table(header, table))
 
 
 def _num(v: float | int | None) -> str:

@@ -7,9 +7,11 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from daemon.cli import tables
 from daemon.cli.common import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -57,11 +59,13 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
         ("stats", "orchestrator statistics"),
     ):
         p = add(name, help_text)
+        p.add_argument("--json", action="store_true", help="the orchestrator's answer as JSON")
         _identity(p)
     hist = add("history", "finished tasks (newest first)")
-    hist.add_argument("--limit", type=int, default=20)
+    hist.add_argument("--limit", type=int, default=20, help="at most this many rows (default 20)")
     hist.add_argument("--of-user", dest="of_user", help="only this user's tasks")
-    hist.add_argument("--capability")
+    hist.add_argument("--capability", help="only tasks of this capability (e.g. chat)")
+    hist.add_argument("--json", action="store_true", help="the rows as JSON (epoch times, ms)")
     _identity(hist)
     adm = add("admin", "sysop operations")
     adm.add_argument("op", choices=sorted(ADMIN_OPS))
@@ -218,8 +222,82 @@ def cmd_view(args: argparse.Namespace, config: Config) -> int:
     if args.command == "history":
         kw = {"limit": args.limit, "user": args.of_user, "capability": args.capability}
     result = _admin_call(config, args, args.command, **kw)
-    print(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(VIEWS[args.command](result))
     return EXIT_OK
+
+
+def tasks_table(tasks: list[dict[str, Any]]) -> str:
+    if not tasks:
+        return "no active tasks"
+    header = ("TASK", "CAPABILITY", "USER", "PRIORITY", "STATE", "NODE", "ATTEMPT", "AGE")
+    rows = [
+        (t["task_id"], t["capability"], t["user"], t["priority"], t["state"], t["node"],
+         t["attempt"] or None, tables.age(t.get("age_s")))
+        for t in tasks
+    ]  # fmt: skip
+    return tables.table(header, rows)
+
+
+def history_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no finished tasks"
+    header = ("WHEN", "TASK", "CAPABILITY", "USER", "NODE", "OUTCOME", "QUEUE", "RUN", "TOTAL")
+    out = []
+    for r in rows:
+        outcome = r["outcome"] + (f" ({r['error_code']})" if r.get("error_code") else "")
+        out.append(
+            (tables.when(r["submitted"]), r["task_id"], r["capability"], r["user"], r["node"],
+             outcome, tables.ms(r["queue_ms"]), tables.ms(r["run_ms"]), tables.ms(r["total_ms"]))
+        )  # fmt: skip
+    return tables.table(header, out)
+
+
+def stats_table(stats: dict[str, Any]) -> str:
+    caps = sorted(
+        set(stats["queues"]) | set(stats["running"]) | set(stats["completed"])
+        | set(stats["failed"])
+    )  # fmt: skip
+    head = (
+        f"up {tables.age(stats['uptime_s'])}, {stats['peers_online']} peer(s) online, "
+        f"{sum(stats['completed'].values())} done, {sum(stats['failed'].values())} failed"
+    )
+    lat = stats["latency_ms"]
+    per_cap = [
+        (cap, stats["queues"].get(cap, 0), stats["running"].get(cap, 0),
+         stats["completed"].get(cap, 0), stats["failed"].get(cap, 0),
+         stats["throughput_per_s"].get(cap), tables.ms(lat.get(cap, {}).get("p50")),
+         tables.ms(lat.get(cap, {}).get("p99")))
+        for cap in caps
+    ]  # fmt: skip
+    parts = [head]
+    if per_cap:
+        header = ("CAPABILITY", "QUEUED", "RUNNING", "DONE", "FAILED", "PER S", "P50", "P99")
+        parts += ["", tables.table(header, per_cap)]
+    peers = [
+        (node, _peer_state(p), name, f"{s['in_use']}/{s['capacity']}", tables.ms(s["latency_ms"]),
+         f"{s['success'] * 100:.0f} %", s["breaker"])
+        for node, p in sorted(stats["peers"].items())
+        for name, s in sorted(p["slots"].items())
+    ]  # fmt: skip
+    if peers:
+        peer_header = ("PEER", "STATE", "CAPABILITY", "IN USE", "LATENCY", "SUCCESS", "BREAKER")
+        parts += ["", tables.table(peer_header, peers)]
+    return "\n".join(parts)
+
+
+def _peer_state(p: dict[str, Any]) -> str:
+    flags = [f for f in ("drained", "blacklisted") if p.get(f)]
+    return ",".join(flags) if flags else ("online" if p.get("online") else "offline")
+
+
+VIEWS: dict[str, Callable[[Any], str]] = {
+    "tasks": tasks_table,
+    "history": history_table,
+    "stats": stats_table,
+}
 
 
 def cmd_admin(args: argparse.Namespace, config: Config) -> int:
