@@ -400,7 +400,12 @@ class CameraNode(Node):
         return self._stores[key]
 
     async def _call_detect(
-        self, image: str, constraints: Constraints, timeout: float, min_score: float | None
+        self,
+        image: str,
+        constraints: Constraints,
+        timeout: float,
+        min_score: float | None,
+        labels: list[str] | None = None,
     ) -> dict[str, Any]:
         from daemon.client import TaskFailed
 
@@ -408,6 +413,8 @@ class CameraNode(Node):
         inp: dict[str, Any] = {"image": image}
         if min_score is not None:
             inp["min_score"] = min_score
+        if labels is not None:
+            inp["labels"] = labels  # the peer runs only its best detector for these
         handle = await self.client.submit(
             "vision.detect",
             inp,
@@ -436,7 +443,7 @@ class CameraNode(Node):
         b64 = await asyncio.to_thread(encode_jpeg_b64, crop)
         try:
             out = await self._call_detect(
-                b64, Constraints(backend=d.realm_backend), d.timeout, d.min_score
+                b64, Constraints(backend=d.realm_backend), d.timeout, d.min_score, d.labels
             )
         except (TaskFailed, TimeoutError, MtorError) as exc:
             self.remote_failures += 1
@@ -464,7 +471,9 @@ class CameraNode(Node):
         b64 = await asyncio.to_thread(cam.encode_region, frame, track.box)
         constraints = Constraints(backend=cfg.backend, model=cfg.model, node=cfg.node)
         try:
-            out = await self._call_detect(b64, constraints, cfg.timeout, cfg.min_score)
+            out = await self._call_detect(
+                b64, constraints, cfg.timeout, cfg.min_score, [track.label]
+            )
         except (TaskFailed, TimeoutError, MtorError) as exc:
             self.log.warning("camera %s: alarm verification failed: %s", cam.name, exc)
             return None
