@@ -87,13 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     val = cfg_sub.add_parser("validate", help="check a config file and explain every error")
     val.add_argument("file", nargs="?", help="file to check (default: the one in use)")
     show = cfg_sub.add_parser("show", help="print the effective config, secrets masked")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="as JSON (secrets masked)")
     ver = add("version", "print the version")
-    ver.add_argument("--json", action="store_true")
+    ver.add_argument("--json", action="store_true", help="version and Python as JSON")
     for module_name in EXTENSION_MODULES:
         module = importlib.import_module(module_name)
         _COMMANDS.update(module.add_commands(sub, common))
+    _common_options_everywhere(parser)
     return parser
+
+
+def _common_options_everywhere(parser: argparse.ArgumentParser) -> None:
+    """The realm options after a sub-command however deep, as after a first-level one
+    (`mtor workflows list --config FILE`, `mtor config show --realm R`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in {id(c): c for c in action.choices.values()}.values():
+                if not any("--config" in a.option_strings for a in child._actions):
+                    add_common_options(child, sub=True)
+                _common_options_everywhere(child)
 
 
 # Other parts of the CLI live in their own modules.  Each has
@@ -194,7 +206,11 @@ def cmd_events(args: argparse.Namespace, config: Config) -> int:
             tail.cancel()
             return EXIT_OK
         seen = tail.result()
-        return EXIT_OK if args.count is None or seen >= args.count else EXIT_UNAVAILABLE
+        if args.count is None or seen >= args.count:
+            return EXIT_OK
+        # Not 69 (the broker could not be reached): it was, the events did not come.
+        print(f"mtor events: {seen} of {args.count} event(s) in {args.timeout:g}s", file=sys.stderr)
+        return EXIT_FAILURE
 
     return run_async(main())
 

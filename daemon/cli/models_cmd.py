@@ -27,14 +27,14 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
     ls = actions.add_parser("list", help="every model of the manifest and whether it is here")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     pull = actions.add_parser("pull", help="download (resumable) or install, then verify")
-    pull.add_argument("names", nargs="+", metavar="NAME")
+    pull.add_argument("names", nargs="+", metavar="NAME", help="models to fetch (mtor models list)")
     pull.add_argument("--force", action="store_true", help="fetch again even if present")
     ver = actions.add_parser("verify", help="check sha256 (default: every present model)")
-    ver.add_argument("names", nargs="*", metavar="NAME")
+    ver.add_argument("names", nargs="*", metavar="NAME", help="models to check (default: all)")
     path = actions.add_parser("path", help="print the model file's path (exit 1 if absent)")
-    path.add_argument("name", metavar="NAME")
+    path.add_argument("name", metavar="NAME", help="the model")
     rm = actions.add_parser("rm", help="delete a downloaded model and any partial download")
-    rm.add_argument("names", nargs="+", metavar="NAME")
+    rm.add_argument("names", nargs="+", metavar="NAME", help="models to delete")
     return {"models": cmd_models}
 
 

@@ -48,7 +48,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
     ask = add("ask", "submit a task and stream its progress and result")
     ask.add_argument("capability", help="e.g. echo, sleep, chat, stt, tts, vision.detect")
     ask.add_argument("input", nargs="*", help="JSON, or words joined into a string")
-    ask.add_argument("--priority", choices=["alarm", "interactive", "batch"], default="interactive")
+    ask.add_argument(
+        "--priority",
+        choices=["alarm", "interactive", "batch"],
+        default="interactive",
+        help="queue order: alarm first, batch last (default interactive)",
+    )
     ask.add_argument("--timeout", type=float, default=120.0, help="seconds")
     ask.add_argument("--node", help="pin to this node")
     ask.add_argument("--json", action="store_true", help="print every update as JSON")
@@ -68,10 +73,15 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
     hist.add_argument("--json", action="store_true", help="the rows as JSON (epoch times, ms)")
     _identity(hist)
     adm = add("admin", "sysop operations")
-    adm.add_argument("op", choices=sorted(ADMIN_OPS))
+    adm.add_argument("op", choices=sorted(ADMIN_OPS), help="what to do")
     adm.add_argument("target", nargs="?", help="user name, node id or task id")
-    adm.add_argument("--role", default="user", choices=["sysop", "user", "guest", "device"])
-    adm.add_argument("--reason")
+    adm.add_argument(
+        "--role",
+        default="user",
+        choices=["sysop", "user", "guest", "device"],
+        help="user-add: the new user's role (default user)",
+    )
+    adm.add_argument("--reason", help="ban, cancel: why (kept in the log and the record)")
     _identity(adm)
     return {
         "orchestrator": cmd_orchestrator,

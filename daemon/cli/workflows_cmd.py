@@ -34,27 +34,31 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
     wsub = p.add_subparsers(dest="wf_command", metavar="ACTION", required=True)
     ls = wsub.add_parser("list", help="workflows of the config (and live counters with --live)")
     ls.add_argument("--live", action="store_true", help="ask the orchestrator for its counters")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="rows as JSON")
     val = wsub.add_parser("validate", help="check the config's workflows or a workflows file")
-    val.add_argument("file", nargs="?", help="a workflows file (name -> definition)")
+    val.add_argument(
+        "file", nargs="?", help="a workflows file (name -> definition), or a config file"
+    )
     run = wsub.add_parser("run", help="start a workflow by hand")
-    run.add_argument("name")
+    run.add_argument("name", help="the workflow's name")
     run.add_argument("--input", help="JSON input (the run's `input`)")
     run.add_argument("--wait", action="store_true", help="wait for the run to finish")
-    run.add_argument("--timeout", type=float, default=600.0)
+    run.add_argument(
+        "--timeout", type=float, default=600.0, help="with --wait: give up after (s, 600)"
+    )
     hist = wsub.add_parser("history", help="finished runs, newest first (from the orchestrator)")
-    hist.add_argument("name", nargs="?")
-    hist.add_argument("--limit", type=int, default=20)
-    hist.add_argument("--json", action="store_true")
+    hist.add_argument("name", nargs="?", help="only this workflow's runs")
+    hist.add_argument("--limit", type=int, default=20, help="at most this many runs (20)")
+    hist.add_argument("--json", action="store_true", help="rows as JSON")
     return {"workflows": cmd_workflows}
 
 
 def cmd_workflows(args: argparse.Namespace, config: Config) -> int:
-    from daemon.workflows.loader import load_workflows, parse_file
+    from daemon.workflows.loader import load_workflows
 
     if args.wf_command == "validate":
         try:
-            flows = parse_file(Path(args.file)) if args.file else load_workflows(config)
+            flows = _validate(args.file, config)
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return EXIT_CONFIG
@@ -84,6 +88,33 @@ def cmd_workflows(args: argparse.Namespace, config: Config) -> int:
     from daemon.cli.main import run_async
 
     return run_async(_remote(args, config))
+
+
+def _validate(file: str | None, config: Config) -> dict[str, Any]:
+    """The workflows of ``file`` (a workflows file; a realm config file is recognised
+    and its ``workflows:`` section checked), else of the loaded config."""
+    from daemon.config import Config as ConfigModel
+    from daemon.config import read_yaml
+    from daemon.workflows.loader import load_workflows, parse_mapping
+
+    if file is None:
+        return load_workflows(config)
+    data = read_yaml(Path(file))
+    keys = set(ConfigModel.model_fields) - {"workflows"}
+    sections = sorted(  # a workflow may be called "broker": it has steps
+        k for k, v in data.items() if k in keys and not (isinstance(v, dict) and "steps" in v)
+    )
+    if not sections:
+        return parse_mapping(data, file)
+    print(
+        f"{file} is a realm config file ({', '.join(sections)}), not a workflows file: "
+        "checking its workflows section (`mtor config validate FILE` checks the rest)",
+        file=sys.stderr,
+    )
+    section = data.get("workflows") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{file}: workflows: must be a mapping of name -> workflow")
+    return parse_mapping(section, f"{file}: workflows")
 
 
 async def _remote(args: argparse.Namespace, config: Config) -> int:
