@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -341,3 +342,23 @@ async def test_hostile_messages_never_crash_and_forgeries_change_nothing(
         }
         assert all(t.done() is False for t in asyncio.all_tasks() if "swarm" in t.get_name())
         assert [s for s, _ in kinds(wire, "ack", "h")] == ["r2"]
+
+
+def test_mtor_sim_swarm_reports_every_position_and_reauctions_the_killed() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "daemon.cli.main", "sim", "swarm", "--robots", "6",
+         "--missions", "4", "--kill", "2", "--uniform", "--seed", "3", "--json"],
+        env=mtor_env(), cwd=ROOT, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    report = json.loads(out.stdout)
+    assert len(report["robots"]) == 6 and all(len(r["start"]) == 2 for r in report["robots"])
+    assert len(report["killed"]) == 2
+    for m in report["missions"]:
+        assert m["winner"] not in report["killed"], m
+        assert m["reauctioned"] == (m["winners"][0] in report["killed"]), m
+        start = next(r["start"] for r in report["robots"] if r["id"] == m["winner"])
+        if not m["reauctioned"]:  # --uniform: the cost is the travel distance
+            assert m["cost"] == pytest.approx(math.dist(start, m["location"]), abs=1e-3)
+    assert any(m["reauctioned"] for m in report["missions"])
+    assert report["allocation_s"] < 2.0 and report["reallocation_s"] < 2.0

@@ -61,7 +61,97 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
         "watch", help="print every mission's auction as it happens", parents=[common]
     )
     wat.add_argument("--timeout", type=float, help="exit after this many seconds")
-    return {"mission": cmd_mission}
+    sim = sub.add_parser(
+        "sim",
+        help="simulations on a real broker (swarm)",
+        description="Simulated realm members on a real broker.",
+        parents=[common],
+    )
+    sim_sub = sim.add_subparsers(dest="sim_command", metavar="WHAT", required=True)
+    sw = sim_sub.add_parser(
+        "swarm",
+        help="N simulated robots, M missions announced at once, K winners killed",
+        parents=[common],
+    )
+    sw.add_argument("--robots", type=int, default=10)
+    sw.add_argument("--missions", type=int, default=5)
+    sw.add_argument("--seed", type=int, default=1)
+    sw.add_argument(
+        "--uniform", action="store_true", help="identical, fully charged robots: cost = travel"
+    )
+    sw.add_argument("--kill", type=int, default=0, metavar="K", help="kill K winners after")
+    sw.add_argument("--window", type=float, default=0.5, help="bid window, seconds")
+    sw.add_argument("--timeout", type=float, default=60.0, help="seconds per phase")
+    sw.add_argument("--json", action="store_true", help="the whole report as JSON")
+    sw.add_argument("--plot", metavar="FILE", help="draw robots, missions, assignments (PNG)")
+    return {"mission": cmd_mission, "sim": cmd_sim}
+
+
+def cmd_sim(args: argparse.Namespace, config: Config) -> int:
+    """``mtor sim swarm``: on a private broker unless ``--broker`` names one."""
+    from daemon.cli.main import run_async
+
+    if args.robots < 1 or args.missions < 0 or args.kill < 0:
+        print("mtor sim swarm: --robots >= 1, --missions and --kill >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    if args.plot:
+        try:
+            import importlib
+
+            importlib.import_module("matplotlib")
+        except ImportError:
+            print(
+                "mtor sim swarm: --plot needs matplotlib (pip install matplotlib)", file=sys.stderr
+            )
+            return EXIT_USAGE
+    return run_async(_sim(args, config))
+
+
+async def _sim(args: argparse.Namespace, config: Config) -> int:
+    from daemon.broker import PrivateBroker
+    from daemon.swarm.simfleet import plot, simulate
+
+    async def run(broker: Any, password: str | None, realm: str) -> dict[str, Any]:
+        return await simulate(
+            broker,
+            realm,
+            robots=args.robots,
+            missions=args.missions,
+            seed=args.seed,
+            uniform=args.uniform,
+            kill=args.kill,
+            window=args.window,
+            timeout=args.timeout,
+            password=password,
+        )
+
+    try:
+        if getattr(args, "broker", None):
+            realm = f"{config.realm}-sim-{uuid.uuid4().hex[:6]}"
+            report = await run(config.broker, config.broker_password(), realm)
+        else:
+            from daemon.config import build_config
+
+            with PrivateBroker() as broker:
+                cfg = build_config({"broker": {"url": broker.url}, "realm": "sim"})
+                report = await run(cfg.broker, None, "sim")
+    except TimeoutError:
+        print(f"mtor sim swarm: not allocated within {args.timeout:g}s", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.plot:
+        plot(report, args.plot)
+    if args.json:
+        print(json.dumps(report))
+        return EXIT_OK
+    print(
+        f"{args.robots} robots, {args.missions} missions: allocated in {report['allocation_s']} s"
+    )
+    for m in report["missions"]:
+        again = f"  (re-auctioned: {' -> '.join(m['winners'])})" if m["reauctioned"] else ""
+        print(f"  {m['id']} at {m['location']}: {m['winner']} ({m['cost']}){again}")
+    if report["killed"]:
+        print(f"killed {', '.join(report['killed'])}: re-allocated in {report['reallocation_s']} s")
+    return EXIT_OK
 
 
 def _floats(text: str, n: tuple[int, ...], what: str) -> list[float]:

@@ -184,7 +184,7 @@ class RobotAgent(AuctionHost):
                         await self._work(job)
                     finally:
                         self.current = None
-                        await self.publish_state()
+                    await self.publish_state()  # not when stopping: a stopped robot is silent
         finally:
             self.close()
 

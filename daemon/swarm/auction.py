@@ -415,7 +415,10 @@ class Auction:
         open_ = [i for i, s in enumerate(self.sectors) if s.phase == "open"]
         if not open_:
             return []
-        bids = {n: c for n, c in self.bids.items() if n not in self.excluded}
+        # A bidder whose will came during the round is not a candidate (it would
+        # never claim, and the sector would wait out the award timeout).
+        gone = self.excluded | self.fleet.offline
+        bids = {n: c for n, c in self.bids.items() if n not in gone}
         won = allocate(bids, open_)
         out: list[Action] = []
         for i in open_:

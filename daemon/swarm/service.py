@@ -126,6 +126,8 @@ class AuctionHost:
             log.debug("bad node state on %s: %s", msg.topic, exc)
             return
         node = fields["node_id"]
+        if node == self.me:
+            return  # our own will (a stale one of an earlier run): we are here
         if state.state == "online":
             self.fleet.offline.discard(node)  # back (its heartbeats count again)
         elif state.state == "offline":
