@@ -26,6 +26,7 @@ EXTRAS=(
     voice   # wake word, voice activity, vosk / faster-whisper, piper (all wheels)
     vision  # OpenCV 4.x headless, onnxruntime (wheels)
     swarm   # pymavlink: the swarm node's MAVLink driver (wheels)
+    gateway # FastAPI, uvicorn: the HTTP gateway and dashboard (pure-Python wheels)
 )
 # llama-cpp-python has no wheel: build it portably (no -march=native, no tools/server).
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF}"
@@ -146,6 +147,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ $DEV -eq 1 ]] && EXTRAS+=(dev)
+[[ $DEV -eq 1 ]] && APT_PACKAGES+=(chromium)  # the dashboard's browser test (Playwright drives it)
 if [[ ${#SKIP[@]} -gt 0 ]]; then
     kept=()
     for extra in "${EXTRAS[@]}"; do [[ " ${SKIP[*]} " == *" $extra "* ]] || kept+=("$extra"); done

@@ -26,10 +26,21 @@ from typing import Any, Final, Literal, cast
 
 log = logging.getLogger(__name__)
 
-Role = Literal["orchestrator", "sysop", "user", "guest", "node", "homeassistant"]
-ROLES: Final[tuple[Role, ...]] = ("orchestrator", "sysop", "user", "guest", "node", "homeassistant")
+Role = Literal["orchestrator", "sysop", "user", "guest", "node", "homeassistant", "gateway"]
+ROLES: Final[tuple[Role, ...]] = (
+    "orchestrator",
+    "sysop",
+    "user",
+    "guest",
+    "node",
+    "homeassistant",
+    "gateway",
+)
 # The orchestrator's account: nodes take realm state and workflow runs only from it.
 ORCHESTRATOR_ACCOUNT: Final = "orchestrator"
+# The HTTP gateway's account (role ``gateway``): it relays requests of people who
+# proved themselves to it with an API token, which the orchestrator checks again.
+GATEWAY_ACCOUNT: Final = "gateway"
 # What a process calls itself on a broker without usernames (an unconfigured realm).
 ANONYMOUS: Final = "anonymous"
 # An account name is one MQTT topic level a broker ACL can name safely.

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from daemon.errors import ConfigError
+from daemon.gateway.config import GatewayConfig
 from daemon.homeassistant.config import HomeAssistantConfig
 from daemon.orchestrator.config import OrchestratorConfig
 from daemon.plugins import NodeConfigBase, NodeEntry, node_type, node_types
@@ -212,6 +213,7 @@ class Config(_Strict):
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig)
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     nodes: dict[str, NodeEntry] = Field(
         default_factory=_default_nodes,
         description="Nodes hosted by `mtor node`, by name.  Without this key `mtor node` "

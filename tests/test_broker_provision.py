@@ -607,6 +607,7 @@ async def test_mtor_up_is_closed_by_default_and_its_cli_needs_no_flags(
     assert {a.name: a.role for a in d.accounts().all()} == {
         "orchestrator": "orchestrator",
         "admin": "sysop",
+        "gateway": "gateway",
         default_node_id(): "node",
     }
     for f in (d.passwd_file, d.acl_file, d.client_dir("admin") / "password"):

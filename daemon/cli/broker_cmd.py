@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from daemon.accounts import Role
     from daemon.provision.brokerdir import BrokerDir, Issued
 
-USER_ROLES = ("user", "guest", "sysop", "homeassistant")
+USER_ROLES = ("user", "guest", "sysop", "homeassistant", "gateway")
 
 
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command]:

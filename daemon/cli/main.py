@@ -36,7 +36,7 @@ from daemon.logs import setup_logging
 log = logging.getLogger("mtor")
 
 # Long-running commands; the others are one-shot and log only warnings by default.
-DAEMON_COMMANDS = {"node", "up", "orchestrator"}
+DAEMON_COMMANDS = {"node", "up", "orchestrator", "gateway"}
 
 _COMMANDS: dict[str, Command] = {}
 
@@ -120,6 +120,7 @@ EXTENSION_MODULES: list[str] = [
     "daemon.cli.voice_cmd",
     "daemon.cli.broker_cmd",
     "daemon.cli.swarm_cmd",
+    "daemon.cli.gateway_cmd",
 ]
 
 

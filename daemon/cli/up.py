@@ -10,9 +10,10 @@ it lets anonymous clients in); a named local ``mqtt://`` one that does not
 answer is started from the generated directory on its port.
 
 Then it runs the realm's roles as child processes — the same commands
-systemd runs — restarting any that crash.  With the private broker each child
-logs in with its own account (a config file in ``broker/up/``: the user's
-config plus the account).
+systemd runs — restarting any that crash: the orchestrator, a node daemon and
+the HTTP gateway (127.0.0.1; it prints the dashboard's URL with a login
+token).  With the private broker each child logs in with its own account (a
+config file in ``broker/up/``: the user's config plus the account).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
+from daemon.accounts import GATEWAY_ACCOUNT
 from daemon.broker import LOCAL_HOSTS, PrivateBroker, mosquitto_path, port_open
 from daemon.cli.common import EXIT_CONFIG, EXIT_NOPERM, EXIT_USAGE, environ, install_stop_signals
 from daemon.config import BrokerConfig, Config, find_config_file, read_yaml
@@ -47,7 +49,25 @@ ANONYMOUS_PROBE_TIMEOUT: Final = 3.0
 BROKER_ENV: Final = ("MTOR_BROKER", "MTOR_BROKER_USERNAME", "MTOR_BROKER_PASSWORD")
 
 # The roles `mtor up` runs, each as its own process (as systemd runs them).
-ROLES: list[str] = ["orchestrator", "node"]
+ROLES: list[str] = ["orchestrator", "node", "gateway"]
+
+
+def roles() -> list[str]:
+    """The roles to run: the gateway only where its packages are (the gateway extra)."""
+    import importlib.util
+
+    if all(importlib.util.find_spec(m) is not None for m in ("fastapi", "uvicorn")):
+        return ROLES
+    log.warning("no HTTP gateway: fastapi/uvicorn missing (pip install 'mtor[gateway]')")
+    return [r for r in ROLES if r != "gateway"]
+
+
+def gateway_port(config: Config) -> int:
+    """``gateway.port``, or a free one when something else listens there."""
+    from daemon.broker import free_port
+
+    port = config.gateway.port
+    return port if not port_open(config.gateway.host, port) else free_port(config.gateway.host)
 
 
 def broker_reachable(config: Config) -> bool:
@@ -129,6 +149,8 @@ def child_command(role: str, args: argparse.Namespace, config_file: Path | None)
     cmd = [sys.executable, "-m", "daemon.cli.main", role]
     if role == "node":
         cmd.append("--auto-nodes")
+    if role == "gateway":
+        cmd += ["--port", str(args.gateway_port)]
     if config_file is not None:
         cmd += ["--config", str(config_file)]
     for flag in ("realm", "node_id", "log_level"):
@@ -153,9 +175,10 @@ async def run_up(config: Config, args: argparse.Namespace) -> int:
                     url,
                 )
             given = Path(args.config) if args.config else None
-            cmds = {r: [*child_command(r, args, given), "--broker", url] for r in ROLES}
+            args.gateway_port = gateway_port(config)
+            cmds = {r: [*child_command(r, args, given), "--broker", url] for r in roles()}
             print(f"mtor up: realm '{config.realm}' on {url} — Ctrl-C to stop", file=sys.stderr)
-            await _run_children(cmds, None, stop)
+            await _run_children(cmds, None, stop, config, args.gateway_port)
             return 0
         ep = config.broker.endpoint
         if (
@@ -194,10 +217,15 @@ async def _run_private(
     try:
         used = find_config_file(getattr(args, "config", None), env)
         user_config = read_yaml(used) if used else {}
-        accounts = {"orchestrator": ORCHESTRATOR, "node": config.effective_node_id}
+        accounts = {
+            "orchestrator": ORCHESTRATOR,
+            "node": config.effective_node_id,
+            "gateway": GATEWAY_ACCOUNT,
+        }
+        args.gateway_port = gateway_port(config)
         cmds = {
             r: child_command(r, args, child_config(local, accounts[r], user_config, r))
-            for r in ROLES
+            for r in roles()
         }
         child_env = {k: v for k, v in env.items() if k not in BROKER_ENV}
         print(
@@ -205,7 +233,7 @@ async def _run_private(
             f"{local.dir.path}) — Ctrl-C to stop",
             file=sys.stderr,
         )
-        await _run_children(cmds, child_env, stop)
+        await _run_children(cmds, child_env, stop, config, args.gateway_port)
     finally:
         if broker is not None:
             await asyncio.to_thread(broker.cleanup)
@@ -213,8 +241,16 @@ async def _run_private(
 
 
 async def _run_children(
-    cmds: dict[str, list[str]], env: dict[str, str] | None, stop: asyncio.Event
+    cmds: dict[str, list[str]],
+    env: dict[str, str] | None,
+    stop: asyncio.Event,
+    config: Config,
+    gateway_port: int,
 ) -> None:
+    from daemon.gateway.announce import announce_dashboard
+
     async with asyncio.TaskGroup() as tg:
         for role, cmd in cmds.items():
             tg.create_task(run_child(role, cmd, env, stop))
+        if "gateway" in cmds:
+            tg.create_task(announce_dashboard(config, gateway_port, stop))

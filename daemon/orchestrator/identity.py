@@ -10,7 +10,11 @@ the realm did not configure, the level is only a claim: roles then come from
 API tokens (``users.json``), and a claimed name never gets sysop rights.
 
 The orchestrator's own account may act on behalf of a named user (workflow
-runs submit as ``workflows``); no other account can.
+runs submit as ``workflows``); no other account can.  The HTTP gateway's
+account (role ``gateway``) acts only for the person whose API token it relays:
+the token is checked here against ``users.json``, so the gateway can never be
+more than the people who log in through it, and a name it writes counts for
+nothing.
 """
 
 from __future__ import annotations
@@ -76,12 +80,10 @@ class Identities:
             ident = Identity(account, role)
             if role == "orchestrator" and on_behalf and on_behalf != account:
                 ident = Identity(on_behalf, self._named_role(on_behalf))
+            elif role == "gateway":
+                ident = self._by_token(token, "the gateway acts only for a user's API token")
         elif token:
-            user = self.users.by_token(token)
-            if user is None:
-                raise Refused("unauthorized", "invalid API token")
-            role = ROLE_ALIASES.get(user["role"], user["role"])
-            ident = Identity(user["name"], role)
+            ident = self._by_token(token, "")
         elif self.cfg.require_token:
             raise Refused("unauthorized", "this realm requires an API token")
         else:
@@ -89,6 +91,15 @@ class Identities:
             ident = Identity(name, self._named_role(name))
         self._check_ban(ident.name)
         return ident
+
+    def _by_token(self, token: str | None, missing: str) -> Identity:
+        """The user an API token belongs to (``users.json``)."""
+        if not token:
+            raise Refused("unauthorized", missing)
+        user = self.users.by_token(token)
+        if user is None:
+            raise Refused("unauthorized", "invalid API token")
+        return Identity(user["name"], ROLE_ALIASES.get(user["role"], user["role"]))
 
     def _named_role(self, name: str) -> str:
         """The role of a name nobody authenticated: never sysop (that needs proof)."""

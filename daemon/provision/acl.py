@@ -187,6 +187,20 @@ def _node(u: str, root: str, realm: str, ha: str) -> list[Rule]:
     ]
 
 
+def _gateway(u: str, root: str, realm: str, ha: str) -> list[Rule]:
+    # The HTTP gateway (daemon.gateway): what a user sees, its own request topics
+    # (the orchestrator serves them only for a user's API token it relays), and its
+    # own media space for the audio an HTTP client uploads for stt.  No node topics,
+    # no realm state, no commands.
+    return [
+        *_watcher(root),
+        _r(f"{root}/workflow/+/event"),
+        *_requester(u, root),
+        _w(f"{root}/workflows/request/{u}"),
+        _w(f"{root}/media/{u}/#"),
+    ]
+
+
 def _homeassistant(u: str, root: str, realm: str, ha: str) -> list[Rule]:
     # Exactly what Home Assistant's MQTT integration uses: discovery, the states
     # and availability the configs point at, and the entities' command topics.
@@ -215,4 +229,5 @@ _ROLE_RULES: Final[dict[Role, Callable[[str, str, str, str], list[Rule]]]] = {
     "guest": _guest,
     "node": _node,
     "homeassistant": _homeassistant,
+    "gateway": _gateway,
 }

@@ -1,7 +1,7 @@
 """``mtor up``'s private broker: a generated broker directory in the state dir.
 
 ``<daemon.state_dir>/broker/`` is made once (loopback listener only, accounts
-``orchestrator``, ``admin`` and the node daemon's) and reused, so credentials
+``orchestrator``, ``admin``, ``gateway`` and the node daemon's) and reused, so credentials
 stay stable across runs; a directory made by ``mtor broker init`` there
 (``install.sh --secure``) is used as it is.  The children of ``mtor up`` get a
 config file each (``up/<role>.yaml``): the user's own config with the broker
@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import yaml
 
+from daemon.accounts import GATEWAY_ACCOUNT
 from daemon.broker import LOCAL_HOSTS, free_port, port_open
 from daemon.config import BrokerConfig, Config, parse_broker_url
 from daemon.errors import BrokerStartError, ConfigError
@@ -78,6 +79,13 @@ def prepare(config: Config, port: int | None = None) -> LocalBroker:
         d.add(node, "node", local=True)
     elif existing.role != "node":
         raise ConfigError(f"account {node!r} of {d.path} is a {existing.role}, not a node")
+    gateway = accounts.get(GATEWAY_ACCOUNT)  # directories made before the gateway lack it
+    if gateway is None:
+        d.add(GATEWAY_ACCOUNT, "gateway", local=True)
+    elif gateway.role != "gateway":
+        raise ConfigError(
+            f"account {GATEWAY_ACCOUNT!r} of {d.path} is a {gateway.role}, not the gateway"
+        )
     if d.running_pid() is not None:
         return LocalBroker(d, s.port, running=True)
     chosen = port or _free_choice(s.port)

@@ -1,0 +1,108 @@
+"""A realm for the gateway tests: the generated broker (accounts and ACL, as ``mtor up``
+makes it), a real orchestrator, a real node daemon and the gateway, in this process.
+
+Every process logs in with its own account, so the gateway's requests go through
+the broker ACL of the ``gateway`` role and the orchestrator's identity rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.broker import PrivateBroker
+from daemon.config import Config, build_config, read_yaml
+from daemon.gateway.server import listen, run_gateway
+from daemon.orchestrator.service import Orchestrator
+from daemon.provision.local import LocalBroker, child_config, prepare
+from daemon.runtime import NodeDaemon
+from tests.conftest import InProcess
+
+
+@dataclass
+class GatewayRealm:
+    url: str
+    realm: str
+    local: LocalBroker
+    broker: PrivateBroker
+    sysop_token: str
+    configs: dict[str, Config]
+    procs: InProcess
+    orchestrator: Orchestrator
+    base: dict[str, Any]
+    daemons: dict[str, NodeDaemon] = field(default_factory=dict)
+
+    def headers(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.sysop_token}"}
+
+    async def add_node(self, node_id: str, nodes: dict[str, Any], wait: float = 30) -> NodeDaemon:
+        """A node daemon with its own node account (made in the broker directory)."""
+        if self.local.dir.accounts().get(node_id) is None:
+            self.local.dir.add(node_id, "node", local=True)
+        cfg = _load(child_config(self.local, node_id, {**self.base, "nodes": nodes}, node_id))
+        daemon = NodeDaemon(cfg)
+        self.procs._run(daemon.run)
+        await asyncio.wait_for(daemon._online.wait(), wait)
+        self.daemons[node_id] = daemon
+        return daemon
+
+
+def _load(path: Path) -> Config:
+    return build_config(read_yaml(path))
+
+
+@contextlib.asynccontextmanager
+async def gateway_realm(
+    tmp: Path, realm: str, nodes: dict[str, Any] | None = None, **gateway: Any
+) -> AsyncIterator[GatewayRealm]:
+    """The realm with a node ``box`` hosting ``nodes`` (default: the reference node)."""
+    base: dict[str, Any] = {
+        "realm": realm,
+        "daemon": {"state_dir": str(tmp / "state")},
+        "orchestrator": {"state_dir": str(tmp / "orch"), "stats_interval": 1.0},
+        "gateway": {"port": 1, **gateway},
+    }
+    seed = build_config({**base, "node_id": "box", "nodes": {}})
+    local = await asyncio.to_thread(prepare, seed)
+    broker = PrivateBroker.generated(local.dir.conf_file, local.port)
+    await asyncio.to_thread(broker.start)
+    procs = InProcess()
+    try:
+        orch_cfg = _load(child_config(local, "orchestrator", base, "orchestrator"))
+        orch = Orchestrator(orch_cfg)
+        procs._run(orch.run)
+        await asyncio.wait_for(orch._online.wait(), 15)
+        token_file = tmp / "orch" / "sysop.token"
+        async with asyncio.timeout(10):
+            while not token_file.is_file():
+                await asyncio.sleep(0.05)
+        gw_cfg = _load(child_config(local, "gateway", base, "gateway"))
+        sock: socket.socket = listen("127.0.0.1", 0)
+        started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def gateway_runner(stop: asyncio.Event) -> None:
+            await run_gateway(gw_cfg, stop, sock=sock, ready=started.set_result)
+
+        procs._run(gateway_runner)
+        url = await asyncio.wait_for(started, 10)
+        env = GatewayRealm(
+            url=url,
+            realm=realm,
+            local=local,
+            broker=broker,
+            sysop_token=token_file.read_text().strip(),
+            configs={"orchestrator": orch_cfg, "gateway": gw_cfg},
+            procs=procs,
+            orchestrator=orch,
+            base=base,
+        )
+        await env.add_node("box", nodes if nodes is not None else {"ref": {"type": "reference"}})
+        yield env
+    finally:
+        await procs.close()
+        await asyncio.to_thread(broker.cleanup)
