@@ -247,3 +247,23 @@ def ha_discovery_parse(prefix: str, topic: str) -> tuple[str, str, str] | None:
     if len(parts) != 3 or not all(parts):
         return None
     return parts[0], parts[1], parts[2]
+
+
+def ha_discovery_any_filters(prefix: str) -> tuple[str, str]:
+    """Every discovery config under ``prefix``, with and without a node id level:
+    ``<prefix>/+/+/config`` and ``<prefix>/+/+/+/config`` (what bridges publish)."""
+    return f"{prefix}/+/+/config", f"{prefix}/+/+/+/config"
+
+
+def ha_discovery_parse_any(prefix: str, topic: str) -> tuple[str, str, str] | None:
+    """``(component, node_id, object_id)`` of a discovery topic with or without its
+    node id level (node_id ``""`` when it has none); None for any other topic."""
+    head = prefix + "/"
+    if not topic.startswith(head) or not topic.endswith("/config"):
+        return None
+    parts = topic[len(head) : -len("/config")].split("/")
+    if len(parts) == 2 and all(parts):
+        return parts[0], "", parts[1]
+    if len(parts) == 3 and all(parts):
+        return parts[0], parts[1], parts[2]
+    return None

@@ -44,13 +44,26 @@ class SinkConfig(_Strict):
 class WakeConfig(_Strict):
     """Wake word detection."""
 
-    engine: Literal["micro", "open", "phrase", "none"] = Field(
+    engine: Literal["micro", "open", "porcupine", "phrase", "none"] = Field(
         default="micro",
-        description="micro: pymicro-wakeword; open: pyopen-wakeword; phrase: VAD + STT "
+        description="micro: pymicro-wakeword; open: pyopen-wakeword; porcupine: pvporcupine "
+        "1.x (offline, built-in keywords such as computer and jarvis); phrase: VAD + STT "
         "verification of a custom phrase; none: always listening (push-to-talk, tests).",
     )
     model: str = Field(
-        default="okay_nabu", description="Built-in model (okay_nabu, hey_jarvis, alexa, ...)."
+        default="okay_nabu",
+        description="Built-in model (micro/open: okay_nabu, hey_jarvis, alexa, ...; "
+        "porcupine: computer, jarvis, porcupine, ...).",
+    )
+    language: str | None = Field(
+        default=None,
+        description="This wake word's language: the command after it is transcribed "
+        "(whisper) and matched (intents) in it. None: the satellite's.",
+    )
+    pipeline: Literal["auto", "local", "chat"] = Field(
+        default="auto",
+        description="What answers after this wake word: auto (local intents, else the "
+        "realm's chat), local (intents only) or chat (the realm's chat directly).",
     )
     phrase: str | None = Field(
         default=None, description="engine phrase: the phrase to verify (e.g. 'hey hal')."
@@ -143,6 +156,11 @@ class Device(_Strict):
 
     name: str = Field(description="Spoken name, e.g. 'light' or 'ceiling fan'.")
     area: str | None = Field(default=None, description="Spoken area, e.g. 'kitchen'.")
+    component: Literal["light", "switch", "cover", "fan", "climate", "button"] = Field(
+        default="light",
+        description="What it is (which sentences apply: 'open' a cover, 'set' a light's "
+        "brightness or a climate's temperature).",
+    )
     command_topic: str = Field(
         description="Where commands go, e.g. zigbee2mqtt/kitchen_light/set or a Home "
         "Assistant MQTT entity's command topic."
@@ -164,25 +182,60 @@ class Scene(_Strict):
     payload: str = Field(default="ON", description="What is published.")
 
 
-class IntentConfig(_Strict):
-    """Local intents (templates) and the realm fallback."""
+class DiscoveryConfig(_Strict):
+    """Devices learned from Home Assistant MQTT discovery configs on the broker."""
 
+    enabled: bool = Field(default=True, description="Read discovery configs on the broker.")
+    prefix: str = Field(
+        default="homeassistant", min_length=1, description="The discovery prefix bridges use."
+    )
+
+
+class IntentConfig(_Strict):
+    """Local intents (hassil sentences) and the realm fallback."""
+
+    language: str = Field(
+        default="en",
+        description="Language of the sentences (home-assistant-intents: en, de, fr, ...).",
+    )
     devices: list[Device] = Field(default_factory=list, description="Switchable devices.")
     scenes: list[Scene] = Field(default_factory=list, description="Scenes.")
+    discovery: DiscoveryConfig = Field(
+        default_factory=DiscoveryConfig, description="Devices learned from the broker."
+    )
     time: bool = Field(default=True, description="Answer 'what time is it' locally.")
+    timers: bool = Field(default=True, description="Timers by voice ('set a timer for 5 min').")
     chat_fallback: bool = Field(
         default=True, description="Ask the realm's chat capability when no template matches."
     )
     chat_timeout_s: float = Field(default=20.0, gt=0, description="Bound on the chat fallback.")
 
 
+class WyomingConfig(_Strict):
+    """A Wyoming server (Home Assistant's Wyoming integration) on this node's models."""
+
+    host: str = Field(default="127.0.0.1", description="Address to listen on.")
+    port: int = Field(default=10300, ge=0, le=65535, description="TCP port (0: any free one).")
+
+
 class VoiceConfig(NodeConfigBase):
     """A voice satellite and/or an stt/tts server."""
 
     type: Literal["voice"]
+    area: str | None = Field(
+        default=None,
+        description="Where the satellite is: 'turn off the lights' means this area's, "
+        "and voice.announce can address it.",
+    )
     source: SourceConfig = Field(default_factory=SourceConfig, description="Audio input.")
     sink: SinkConfig = Field(default_factory=SinkConfig, description="Audio output.")
     wake: WakeConfig = Field(default_factory=WakeConfig, description="Wake word.")
+    wake_words: list[WakeConfig] = Field(
+        default_factory=list,
+        max_length=8,
+        description="More wake words heard besides 'wake' (micro, open or porcupine), "
+        "each optionally with its own language and pipeline.",
+    )
     vad: VadConfig = Field(default_factory=VadConfig, description="Voice activity.")
     stt: SttConfig = Field(default_factory=SttConfig, description="Speech-to-text.")
     tts: TtsConfig = Field(default_factory=TtsConfig, description="Text-to-speech.")
@@ -203,5 +256,8 @@ class VoiceConfig(NodeConfigBase):
         le=2,
         description="Window in which satellites hearing the same wake word elect one to "
         "answer (0: no arbitration).",
+    )
+    wyoming: WyomingConfig | None = Field(
+        default=None, description="Serve stt/tts/wake to Home Assistant over Wyoming."
     )
     models_dir: Path | None = Field(default=None, description="Models directory override.")

@@ -24,10 +24,13 @@ from daemon.node import Node, NodeContext
 from daemon.protocol.node import Capability, Event
 from daemon.worker import TaskRun
 from nodes.voice import audio
+from nodes.voice.announce import SatelliteExtras, execute_announce, execute_listen
 from nodes.voice.arbitration import Arbiter
 from nodes.voice.config import VoiceConfig
-from nodes.voice.intent import Action, IntentRecognizer
-from nodes.voice.pipeline import Hooks, Pipeline, SttStream
+from nodes.voice.devices import Registry, from_config, from_scene
+from nodes.voice.intent import Action, IntentRecognizer, IntentsUnavailable
+from nodes.voice.learn import BrokerDevices
+from nodes.voice.pipeline import Announcer, Hooks, Pipeline, SttStream
 from nodes.voice.realm import RealmVoice
 from nodes.voice.stt import DEFAULT_MODELS, SttBackend, SttUnavailable, Transcript, make_stt
 from nodes.voice.tasks import MAX_STT_BYTES, MAX_STT_S, MEDIA_WAIT, execute_stt, execute_tts
@@ -87,10 +90,21 @@ class VoiceNode(Node):
         self.problems: dict[str, str] = {}
         self.tts_lock = threading.Lock()
         self.pipeline: Pipeline | None = None
-        self.realm = RealmVoice(ctx, config)
+        self.realm = RealmVoice(ctx, config, lambda: self.recognizer())
         self.arbiter = Arbiter(f"{ctx.node_id}/{name}", config.arbitration_s)
         self.latency: dict[str, float] = {}  # auto routing: seconds per audio second
+        intents = config.intents
+        self.registry = Registry(
+            [from_config(i, d) for i, d in enumerate(intents.devices)]
+            + [from_scene(i, s) for i, s in enumerate(intents.scenes)]
+        )
+        self.recognizers: dict[str, IntentRecognizer] = {}  # by language
+        self.devices = BrokerDevices(ctx.bus, intents.discovery.prefix, self.registry)
+        self.extras = SatelliteExtras(
+            f"{ctx.node_id}/{name}", name, config.area, self._publish_extra
+        )
         self._wake_subscribed = False
+        self._extras_subscribed = False
         self._mic: audio.QueueSource | None = None
         # Extra observers of every voice event (``mtor listen`` prints them).
         self.listeners: list[Callable[[str, Any, dict[str, Any]], None]] = []
@@ -138,8 +152,9 @@ class VoiceNode(Node):
                     self.problems["tts"] += f"; espeak-ng fallback: {again}"
         if cfg.source.type == "none":
             return
+        self._load_intents()
         try:
-            self.wake = make_wake(cfg.wake)
+            self.wake = make_wake(cfg.wake, cfg.wake_words)
         except (WakeUnavailable, OSError, ValueError) as exc:
             self.problems["wake"] = str(exc)
         try:
@@ -147,8 +162,31 @@ class VoiceNode(Node):
         except (VadUnavailable, OSError) as exc:
             self.problems["vad"] = str(exc)
 
+    def _load_intents(self) -> None:
+        cfg = self.config
+        languages = [cfg.intents.language] + [w.language for w in cfg.wake_words if w.language]
+        if cfg.wake.language:
+            languages.append(cfg.wake.language)
+        for language in dict.fromkeys(languages):
+            if language in self.recognizers:
+                continue
+            try:
+                rec = IntentRecognizer(cfg.intents, self.registry, area=cfg.area, language=language)
+                rec.warm_up()  # hassil's first match builds its caches (~0.1 s)
+                self.recognizers[language] = rec
+            except IntentsUnavailable as exc:
+                self.problems[f"intents ({language})"] = str(exc)
+
+    def recognizer(self, language: str | None = None) -> IntentRecognizer | None:
+        return self.recognizers.get(language or self.config.intents.language)
+
     def capabilities(self) -> list[Capability]:
         caps: list[Capability] = []
+        if self.config.source.type != "none":
+            caps += [
+                Capability(name="voice.announce", node=self.name, max_concurrency=4),
+                Capability(name="voice.listen", node=self.name, max_concurrency=4),
+            ]
         if self.stt is not None and self.config.stt.serve:
             caps.append(
                 Capability(
@@ -207,6 +245,14 @@ class VoiceNode(Node):
         await self.realm.start()
         # Subscriptions live as long as the node: a supervised restart of run()
         # must not add a second handler (Bus handlers stack per filter).
+        if self.config.source.type != "none" and not self._extras_subscribed:
+            self._extras_subscribed = True
+            await self.ctx.bus.subscribe(
+                topics.EVENT.filter(realm=self.ctx.realm, domain="voice", name="broadcast"),
+                self.extras.on_broadcast,
+            )
+            if self.config.intents.discovery.enabled:
+                await self.devices.start()
         if self.config.arbitration_s > 0 and not self._wake_subscribed:
             self._wake_subscribed = True
             await self.ctx.bus.subscribe(
@@ -215,6 +261,7 @@ class VoiceNode(Node):
             )
         if self.config.source.type != "none" and (pipeline := self.make_pipeline()):
             self.pipeline = pipeline
+            self.extras.announcer = Announcer(pipeline)
             live = self.config.source.type != "file" or self.config.source.realtime
             source = await self._source()
             try:
@@ -242,6 +289,9 @@ class VoiceNode(Node):
             stt=self._stt_stream,
             ask=self.realm.ask if cfg.intents.chat_fallback else None,
             arbitrate=self.arbiter.decide if cfg.arbitration_s > 0 else None,
+            timer=self.extras.timer if cfg.intents.timers else None,
+            broadcast=self.extras.broadcast,
+            recognizer=self.recognizer,
         )
         return Pipeline(
             cfg,
@@ -251,7 +301,7 @@ class VoiceNode(Node):
             tts=self.tts,
             tts_lock=self.tts_lock,
             sink=sink or self.sink(),
-            recognizer=IntentRecognizer(cfg.intents),
+            recognizer=self.recognizer(),
         )
 
     async def _source(self) -> AsyncIterator[bytes]:
@@ -295,14 +345,25 @@ class VoiceNode(Node):
         return audio.NullSink()
 
     async def close(self) -> None:
-        """Drop the models (a restart loads them again); subscriptions stay with the node."""
+        """Drop the models (a restart loads them again); subscriptions, learned devices
+        and running timers stay with the node."""
         self.stt = self.tts = self.wake = self.vad = None
         self.pipeline = None
+        self.extras.announcer = None
 
     # ------------------------------------------------------------ pipeline hooks
 
     async def _emit(self, name: str, value: Any, attrs: dict[str, Any]) -> None:
         retain = name in ("state", "transcript")  # dashboards show the latest on connect
+        for listener in self.listeners:
+            listener(name, value, attrs)
+        await self.ctx.publish_event(
+            "voice", name, value, attrs={**attrs, "satellite": self.name}, retain=retain
+        )
+
+    async def _publish_extra(
+        self, name: str, value: Any, attrs: dict[str, Any], retain: bool
+    ) -> None:
         for listener in self.listeners:
             listener(name, value, attrs)
         await self.ctx.publish_event(
@@ -378,6 +439,10 @@ class VoiceNode(Node):
             return await execute_stt(self, task)
         if task.capability == "tts":
             return await execute_tts(self, task)
+        if task.capability == "voice.announce":
+            return await execute_announce(self._publish_extra, task)
+        if task.capability == "voice.listen":
+            return await execute_listen({self.name: self.extras}, task)
         raise TaskError("unavailable", f"voice node {self.name} has no {task.capability!r}")
 
 

@@ -32,7 +32,7 @@ from typing import Any, Literal, Protocol
 
 from nodes.voice.audio import FRAME_SAMPLES, RATE, Sink, rms_dbfs
 from nodes.voice.config import VoiceConfig
-from nodes.voice.intent import Action, IntentRecognizer, normalise
+from nodes.voice.intent import Action, IntentRecognizer, TimerRequest, normalise
 from nodes.voice.stt import Transcript
 from nodes.voice.tts import TtsBackend, stream
 from nodes.voice.vad import Endpointer
@@ -43,6 +43,17 @@ log = logging.getLogger(__name__)
 State = Literal["idle", "listening", "processing", "responding"]
 ENERGY_WINDOW_FRAMES = 12  # ~1 s of audio before a detection measures how near the speaker is
 NO_ANSWER = "Sorry, I can't help with that."
+QUESTION_FOLLOW_UP_S = 5.0  # an answer that asks a question listens again this long
+
+
+def chime() -> bytes:
+    """Two short tones (0.3 s) before an announcement."""
+    import numpy as np
+
+    t = np.arange(int(0.15 * RATE)) / RATE
+    fade = np.minimum(1.0, np.minimum(t, t[::-1]) * 40)
+    tones = [np.sin(2 * np.pi * f * t) * fade * 0.3 for f in (880.0, 660.0)]
+    return (np.concatenate(tones) * 32767).astype("<i2").tobytes()
 
 
 def match_phrase(phrase: str, text: str) -> tuple[float, str]:
@@ -92,6 +103,10 @@ class Hooks:
     stt: Callable[[], SttStream]
     ask: Callable[[str], Awaitable[Reply]] | None = None  # the realm's chat
     arbitrate: Callable[[Detection, float], Coroutine[Any, Any, bool]] | None = None
+    timer: Callable[[TimerRequest], Awaitable[str]] | None = None  # start/cancel/status
+    broadcast: Callable[[str], Awaitable[None]] | None = None  # "broadcast dinner is ready"
+    # The recogniser for a wake word's bound language (None: the satellite's own).
+    recognizer: Callable[[str], IntentRecognizer | None] | None = None
 
 
 @dataclass
@@ -116,7 +131,7 @@ class Pipeline:
         tts: TtsBackend | None,
         tts_lock: threading.Lock,
         sink: Sink,
-        recognizer: IntentRecognizer,
+        recognizer: IntentRecognizer | None,
     ) -> None:
         self.cfg = cfg
         self.hooks = hooks
@@ -136,6 +151,9 @@ class Pipeline:
         self._turn: asyncio.Task[None] | None = None
         self._cancel_tts = threading.Event()
         self._phrase = normalise(cfg.wake.phrase or "") if cfg.wake.engine == "phrase" else ""
+        self._bound = Detection("", 0.0)  # the last wake word: its language and pipeline
+        self._speaking = asyncio.Lock()  # one voice at a time: answers, then announcements
+        self._question = False
 
     # ------------------------------------------------------------ states
 
@@ -143,12 +161,12 @@ class Pipeline:
         self.state = state
         await self.hooks.emit("state", state, attrs)
 
-    async def _start_listening(self, *, follow_up: bool = False) -> None:
+    async def _start_listening(self, *, follow_up: bool = False, window: float | None = 0) -> None:
         self.endpointer.reset()
         if follow_up:
-            self.endpointer.cfg = self.cfg.vad.model_copy(
-                update={"no_speech_s": max(self.cfg.follow_up_s, 0.1)}
-            )
+            wait = self.cfg.follow_up_s if window == 0 else max(self.cfg.follow_up_s,
+                                                                 QUESTION_FOLLOW_UP_S)  # fmt: skip
+            self.endpointer.cfg = self.cfg.vad.model_copy(update={"no_speech_s": max(wait, 0.1)})
         else:
             self.endpointer.cfg = self.cfg.vad
         self._stt = self.hooks.stt()
@@ -212,6 +230,7 @@ class Pipeline:
         return self.endpointer.feed(frame)
 
     async def _on_wake(self, detection: Detection) -> None:
+        self._bound = detection
         energy = round(rms_dbfs(b"".join(self._recent)), 2)
         if self.wake is not None:  # its window still holds the wake word: start afresh
             await asyncio.to_thread(self.wake.reset)
@@ -313,14 +332,33 @@ class Pipeline:
             await self.hooks.emit("stop", text, {})
             await self._set_state("idle", reason="stop word")
             return
-        intent = self.recognizer.recognize(text)
+        route = self._bound.pipeline
+        recognizer = self.recognizer
+        if self._bound.language and self.hooks.recognizer is not None:
+            recognizer = self.hooks.recognizer(self._bound.language) or recognizer
+        intent = None
+        if recognizer is not None and route != "chat":
+            # hassil takes a few ms: off the loop (the slot lists are built on it).
+            recognizer.prepare()
+            intent = await asyncio.to_thread(recognizer.recognize, text)
+        times.extra["intent"] = time.perf_counter()
         source = "local"
         actions: list[Action] = []
         speech: str | AsyncIterator[str]
+        if intent is not None and intent.name == "nevermind":
+            await self.hooks.emit("stop", text, {"intent": "nevermind"})
+            await self._set_state("idle", reason="never mind")
+            return
         if intent is not None:
             speech, actions = intent.speech, intent.actions
             await self.hooks.emit("intent", intent.name, {"slots": intent.slots})
-        elif self.hooks.ask is not None and self.cfg.intents.chat_fallback:
+            if intent.timer is not None and self.hooks.timer is not None:
+                speech = await self.hooks.timer(intent.timer)
+            elif intent.timer is not None:
+                speech = "Timers are off here."
+            if intent.broadcast is not None and self.hooks.broadcast is not None:
+                await self.hooks.broadcast(intent.broadcast)
+        elif self.hooks.ask is not None and self.cfg.intents.chat_fallback and route != "local":
             source = "chat"
             reply = await self.hooks.ask(text)
             speech, actions = reply.sentences or reply.text, reply.actions
@@ -329,12 +367,15 @@ class Pipeline:
             speech = NO_ANSWER
         for action in actions:
             await self.hooks.act(action)
-        await self._respond(speech, times, source)
+        async with self._speaking:
+            said = await self._respond(speech, times, source)
+        # Continued conversation: an answer that asks something listens for the reply.
+        self._question = said.rstrip().endswith("?")
         await self._after_turn(spoke=True)
 
     async def _respond(
         self, speech: str | AsyncIterator[str], times: TurnTimes, source: str
-    ) -> None:
+    ) -> str:
         await self._set_state("responding")
         self._cancel_tts = threading.Event()
         spoken = False
@@ -360,10 +401,12 @@ class Pipeline:
             " ".join(said),
             {"source": source, "first_audio_ms": round(latency, 1) if latency else None},
         )
+        return " ".join(said)
 
     async def _after_turn(self, *, spoke: bool) -> None:
-        if self.cfg.follow_up_s > 0 and spoke:
-            await self._start_listening(follow_up=True)
+        question, self._question = self._question, False
+        if spoke and (self.cfg.follow_up_s > 0 or question):
+            await self._start_listening(follow_up=True, window=0 if not question else None)
         elif self.cfg.wake.engine == "none":
             await self._start_listening()
         else:
@@ -372,3 +415,42 @@ class Pipeline:
 
 async def _one(text: str) -> AsyncIterator[str]:
     yield text
+
+
+class Announcer:
+    """Announcements and ``voice.listen`` on a running pipeline (the node's port to it)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    async def announce(self, text: str, *, chime_first: bool = True) -> float | None:
+        """A chime, then the text, after any answer being spoken; ms to first audio."""
+        p = self.pipeline
+        started = time.perf_counter()
+        first: float | None = None
+        async with p._speaking:
+            if p.tts is None:
+                await p.hooks.emit("announce", text, {"spoken": False})
+                return None
+            cancel = threading.Event()
+            await p.sink.start()
+            if chime_first:
+                await p.sink.write(chime())
+                first = time.perf_counter()
+            async for chunk in stream(p.tts, text, p.tts_lock, cancel):
+                first = first or time.perf_counter()
+                await p.sink.write(chunk)
+            await p.sink.finish()
+        ms = round((first - started) * 1000, 1) if first else None
+        await p.hooks.emit("announce", text, {"spoken": True, "first_audio_ms": ms})
+        return ms
+
+    async def listen(self) -> bool:
+        """Start listening as if the wake word was heard (False when busy)."""
+        p = self.pipeline
+        if p.state != "idle":
+            return False
+        p._bound = Detection("listen", 1.0)
+        await p.hooks.emit("wake", "listen", {"score": 1.0, "energy_dbfs": None})
+        await p._start_listening()
+        return True

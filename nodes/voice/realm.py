@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 from daemon import topics
@@ -47,9 +47,15 @@ INTENT_SCHEMA: Final = {
 
 
 class RealmVoice:
-    def __init__(self, ctx: NodeContext, cfg: VoiceConfig) -> None:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        cfg: VoiceConfig,
+        recognizer: Callable[[], IntentRecognizer | None] = lambda: None,
+    ) -> None:
         self.ctx = ctx
         self.cfg = cfg
+        self.recognizer = recognizer  # the satellite's: configured and learned devices
         self.client = ctx.realm_client()
         self.orchestrator_online = False
         self._started = False
@@ -79,7 +85,8 @@ class RealmVoice:
         """What to do and say for a transcript no template matched."""
         timeout = self.cfg.intents.chat_timeout_s
         try:
-            if self.cfg.intents.devices or self.cfg.intents.scenes:
+            rec = self.recognizer()
+            if rec is not None and len(rec.registry):
                 extracted = await self._extract(text, timeout)
                 if extracted is not None:
                     return Reply(text=extracted[0], actions=extracted[1])
@@ -125,10 +132,12 @@ class RealmVoice:
             yield NO_CHAT
 
     async def _extract(self, text: str, timeout: float) -> tuple[str, list[Action]] | None:
-        devices = ", ".join(
-            f"{d.area} {d.name}" if d.area else d.name for d in self.cfg.intents.devices
-        )
-        scenes = ", ".join(s.name for s in self.cfg.intents.scenes)
+        rec = self.recognizer()
+        if rec is None:
+            return None
+        entities = list(rec.registry)
+        devices = ", ".join(e.label for e in entities if e.component != "scene")
+        scenes = ", ".join(e.name for e in entities if e.component == "scene")
         system = (
             "Extract the home automation intent of the user's request. "
             f"Devices: {devices or 'none'}. Scenes: {scenes or 'none'}. "
@@ -154,7 +163,9 @@ class RealmVoice:
             "scene": "activate {device}",
         }.get(str(data["intent"]), "")
         fields = {k: str(data.get(k) or "") for k in ("area", "device", "value")}
-        intent = IntentRecognizer(self.cfg.intents).recognize(sentence.format(**fields))
+        canonical = " ".join(sentence.format(**fields).split())
+        rec.prepare()
+        intent = await asyncio.to_thread(rec.recognize, canonical)
         if intent is None:
             return None
         return intent.speech, intent.actions
