@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -36,6 +37,24 @@ class GatewayRealm:
     orchestrator: Orchestrator
     base: dict[str, Any]
     daemons: dict[str, NodeDaemon] = field(default_factory=dict)
+
+    async def wait_capabilities(self, names: set[str], timeout: float = 90) -> None:
+        """Until online nodes offer every one of ``names`` (watched on the WebSocket: a
+        node's advert grows as its models load)."""
+        import websockets
+
+        ws_url = self.url.replace("http://", "ws://") + "/api/ws"
+        offered: dict[str, set[str]] = {}
+        async with asyncio.timeout(timeout), websockets.connect(ws_url) as ws:
+            await ws.send(json.dumps({"token": self.sysop_token}))
+            while True:
+                msg = json.loads(await ws.recv())
+                nodes = msg["data"]["nodes"] if msg["kind"] == "snapshot" else [msg["data"]]
+                for n in nodes if msg["kind"] in ("snapshot", "node") else []:
+                    caps = {c["name"] for c in n["capabilities"]} if n["online"] else set()
+                    offered[n["node_id"]] = caps
+                if names <= set().union(*offered.values()):
+                    return
 
     def headers(self, token: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {token or self.sysop_token}"}

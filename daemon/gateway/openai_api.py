@@ -30,6 +30,7 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 MAX_TEXT = 100_000
 # Model names that mean "whichever peer the realm picks".
 ANY_MODEL = frozenset({"", "chat", "realm", "default", "auto"})
+TTS_MODELS = frozenset({"", "tts", "tts-1", "tts-1-hd", "gpt-4o-mini-tts", "default", "auto"})
 
 
 class _Open(BaseModel):
@@ -112,16 +113,24 @@ async def list_models(ports: PortsDep, who: User) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-def _chat_constraints(ports: PortsDep, model: str) -> Constraints | None:
-    if model in ANY_MODEL:
+def _constraints_for(
+    ports: PortsDep, capability: str, model: str, generic: frozenset[str]
+) -> Constraints | None:
+    """A model name: any peer (a generic name), one advertising that model or backend,
+    or 404.  Only names taken from adverts go into the constraints."""
+    if model in generic:
         return None
-    offers = ports.hub.capabilities().get("chat", [])
-    if any(o.get("model") == model for o in offers):
-        return Constraints(model=model)
-    if any(o.get("backend") == model for o in offers):
-        return Constraints(backend=model)
+    offers = ports.hub.capabilities().get(capability, [])
+    for o in offers:
+        if o.get("model") == model:
+            return Constraints(model=o["model"])
+        if o.get("backend") == model:
+            return Constraints(backend=o["backend"])
     raise ApiError(
-        404, "model_not_found", f"no online peer offers chat with model {model!r}", param="model"
+        404,
+        "model_not_found",
+        f"no online peer offers {capability} with model {model[:128]!r}",
+        param="model",
     )
 
 
@@ -194,7 +203,7 @@ def _finish(output: Any) -> str:
 async def chat_completions(
     req: ChatRequest, ports: PortsDep, who: User
 ) -> dict[str, Any] | StreamingResponse:
-    constraints = _chat_constraints(ports, req.model)
+    constraints = _constraints_for(ports, "chat", req.model, ANY_MODEL)
     inp = _chat_input(req)
     tracked = await ports.realm.submit(who, "chat", inp, constraints=constraints)
     created = int(time.time())
@@ -339,9 +348,7 @@ async def speech(req: SpeechRequest, ports: PortsDep, who: User) -> Response:
             f"{req.response_format} is not offered: use response_format wav or pcm",
             param="response_format",
         )
-    constraints = None
-    if req.model not in ("tts", "tts-1", "tts-1-hd", "gpt-4o-mini-tts", "default"):
-        constraints = Constraints(model=req.model)
+    constraints = _constraints_for(ports, "tts", req.model, TTS_MODELS)
     pcm = await ports.realm.speak(who, req.input, constraints)
     if req.response_format == "pcm":
         return Response(pcm, media_type=audio.CONTENT_TYPE)
