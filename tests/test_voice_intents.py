@@ -316,3 +316,13 @@ def test_timers_state_machine() -> None:
     assert timers.handle(TimerRequest("cancel"), 101) == "Timer cancelled."
     assert timers.snapshot(101) == []
     assert "24 hours" in timers.handle(TimerRequest("start", 10**6), 0)
+
+
+def test_devices_learned_after_start_are_recognised() -> None:
+    registry = Registry()  # empty (and falsy): the recogniser must keep this one
+    rec = IntentRecognizer(IntentConfig(), registry)
+    rec.warm_up()
+    registry.learn(entity("light/l", "light", Z2M_LAMP))
+    assert published(rec, "turn off the bedroom lamp") == [
+        ("zigbee2mqtt/Bedroom Lamp/set", '{"state":"OFF"}')
+    ]

@@ -102,9 +102,13 @@ class IntentRecognizer:
             raise IntentsUnavailable(f"hassil / home-assistant-intents missing: {exc}") from exc
         self.cfg = cfg
         self.language = language or cfg.language
-        self.registry = registry or Registry(
-            [from_config(i, d) for i, d in enumerate(cfg.devices)]
-            + [from_scene(i, s) for i, s in enumerate(cfg.scenes)]
+        self.registry = (
+            registry
+            if registry is not None
+            else Registry(
+                [from_config(i, d) for i, d in enumerate(cfg.devices)]
+                + [from_scene(i, s) for i, s in enumerate(cfg.scenes)]
+            )
         )
         self.area = area
         self.clock = clock

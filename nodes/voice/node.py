@@ -90,7 +90,7 @@ class VoiceNode(Node):
         self.problems: dict[str, str] = {}
         self.tts_lock = threading.Lock()
         self.pipeline: Pipeline | None = None
-        self.realm = RealmVoice(ctx, config, lambda: self.recognizer())
+        self.realm = RealmVoice(ctx, config, self.recognizer)
         self.arbiter = Arbiter(f"{ctx.node_id}/{name}", config.arbitration_s)
         self.latency: dict[str, float] = {}  # auto routing: seconds per audio second
         intents = config.intents
