@@ -2,7 +2,7 @@
 allocation quality against the optimum, beside a raw MQTT round trip of the same run.
 
     .venv/bin/python -m bench.swarm [--robots 10 50] [--missions 10] [--window 0.2]
-                                    [--kills 3] [--quality 50x40] [--seed 1]
+                                    [--kills 3] [--quality 50x40] [--quality-kill 5] [--seed 1]
 
 On a private Mosquitto, in this process: N robots (each its own MQTT connection,
 a :class:`~daemon.swarm.agent.RobotAgent` with the kinematic simulator, 1 m/s so
@@ -17,12 +17,14 @@ none finishes during the run) and a watcher.  Phases:
 * **re-auction**: a robot as a real ``mtor node`` process placed to win, killed
   with SIGKILL once it reports progress; time from the kill to the new winner's
   ack (its will, a new round's bid window, settle), ``--kills`` times;
-* **quality**: R robots and M missions at uniform random positions announced at
-  once (``--quality RxM``, identical fully charged robots so a cost is the travel
-  distance); the total travel of the awards against the optimum
-  (``scipy.optimize.linear_sum_assignment`` on the same positions) and against a
-  centralised greedy allocator (nearest free pair first); robots that won more
-  than one mission are counted.
+* **quality**: ``mtor sim swarm --uniform`` (daemon/swarm/simfleet.py) with R robots
+  and M missions at random places (``--quality RxM``), three ways: the M missions as
+  one announce allocated by an auctioneer (this process), the same allocated by
+  the robots among themselves, and M separate announces (independent peer-run
+  auctions); then ``--quality-kill`` winners killed.  Total travel (each first
+  winner's start to its mission) against the optimum
+  (``scipy.optimize.linear_sum_assignment`` on the same positions) and a
+  centralised greedy allocator (nearest free pair first).
 
 JSON on stdout.
 """
@@ -306,7 +308,7 @@ def _cfg(broker: PrivateBroker) -> BrokerConfig:
     return build_config({"broker": {"url": broker.url}}).broker
 
 
-def greedy(robots: list[tuple[float, float]], missions: list[tuple[float, float]]) -> float:
+def greedy(robots: list[tuple[float, ...]], missions: list[tuple[float, ...]]) -> float:
     pairs = sorted(
         (math.dist(r, m), i, j) for i, r in enumerate(robots) for j, m in enumerate(missions)
     )
@@ -322,64 +324,55 @@ def greedy(robots: list[tuple[float, float]], missions: list[tuple[float, float]
 
 
 async def quality_phase(
-    broker: BrokerConfig, n: int, missions: int, window: float, rng: random.Random
+    broker: BrokerConfig, n: int, missions: int, seed: int, kill: int
 ) -> dict[str, Any]:
-    realm = "b" + uuid.uuid4().hex[:8]
-    fleet = Fleet(broker, realm)
-    starts = {f"r{i:03d}": (rng.uniform(0, 1000), rng.uniform(0, 1000)) for i in range(n)}
-    spots = [(rng.uniform(0, 1000), rng.uniform(0, 1000)) for _ in range(missions)]
-    try:
-        async with connected(broker, "watch") as bus:
-            watcher = Watcher(bus, realm, timing=TIMING)
-            await watcher.start()
-            for node_id, (x, y) in starts.items():
-                await fleet.add(node_id, x, y)
-            await robots_ready(watcher, set(fleet.agents))
-            t0 = asyncio.get_running_loop().time()
-            for k, (x, y) in enumerate(spots):
-                m = MissionAnnounce(mission=f"q{k}", target=Point(x=x, y=y), bid_window_s=window)
-                await announce(bus, realm, "bench", m)
-            async with asyncio.timeout(WAIT_S * 3):
-                while True:
-                    acked = [watcher.get("bench", f"q{k}").acked_at for k in range(missions)]
-                    if all(0 in a for a in acked):
-                        break
-                    await asyncio.sleep(0.02)
-            all_awarded = max(a[0][0] for a in acked) - t0
-            winners = []
-            for k in range(missions):
-                auction = watcher.auction("bench", f"q{k}")
-                assert auction is not None
-                winners.append(auction.sectors[0].holder or "")
-    finally:
-        await fleet.close()
-    travel = sum(math.dist(starts[w], spots[k]) for k, w in enumerate(winners))
-    # What the robots really drive: each one's missions in announce order, chained.
-    chained, here = 0.0, dict(starts)
-    for k, w in enumerate(winners):
-        chained += math.dist(here[w], spots[k])
-        here[w] = spots[k]
+    """``mtor sim swarm``'s runs (daemon/swarm/simfleet.py), three ways, --uniform."""
+    from daemon.swarm.simfleet import simulate
+
+    out: dict[str, Any] = {"robots": n, "missions": missions, "kill": kill}
+    for name, separate, peers in (
+        ("together_auctioneer", False, False),
+        ("together_peers", False, True),
+        ("separate_peers", True, True),
+    ):
+        realm = "b" + uuid.uuid4().hex[:8]
+        try:
+            report = await simulate(
+                broker, realm, robots=n, missions=missions, seed=seed, uniform=True,
+                kill=kill, separate=separate, peers=peers, timeout=30,
+            )  # fmt: skip
+        except TimeoutError:
+            out[name] = {"error": "not allocated within 30 s"}
+            continue
+        out[name] = score(report)
+    return out
+
+
+def score(report: dict[str, Any]) -> dict[str, Any]:
+    """Travel (each first winner's start -> its mission) against the optimum and greedy."""
+    starts = {r["id"]: tuple(r["start"]) for r in report["robots"]}
+    spots = [tuple(m["location"]) for m in report["missions"]]
+    firsts = [m["winners"][0] if m["winners"] else None for m in report["missions"]]
+    travel = sum(math.dist(starts[w], spots[k]) for k, w in enumerate(firsts) if w)
     out: dict[str, Any] = {
-        "robots": n,
-        "missions": missions,
-        "all_awarded_s": round(all_awarded, 3),
-        "auction_travel_m": round(travel, 1),  # robot start -> mission, summed
-        "auction_chained_travel_m": round(chained, 1),
+        "allocation_s": report["allocation_s"],
+        "reallocation_s": report.get("reallocation_s"),
+        "rounds_max": max((m["rounds"] for m in report["missions"]), default=0),
+        "awarded": sum(1 for w in firsts if w),
+        "robots_with_several": sum(1 for w in set(firsts) if w and firsts.count(w) > 1),
+        "travel_m": round(travel, 1),
         "greedy_travel_m": round(greedy(list(starts.values()), spots), 1),
-        "robots_with_several": sum(1 for w in set(winners) if winners.count(w) > 1),
     }
     try:
         import numpy as np
         from scipy.optimize import linear_sum_assignment
     except ImportError:
-        out["optimum_travel_m"] = None
         return out
     cost = np.array([[math.dist(r, m) for m in spots] for r in starts.values()])
     rows, cols = linear_sum_assignment(cost)
     optimum = float(cost[rows, cols].sum())
     out["optimum_travel_m"] = round(optimum, 1)
-    out["auction_over_optimum"] = round(travel / optimum, 4)
-    out["auction_chained_over_optimum"] = round(chained / optimum, 4)
+    out["travel_over_optimum"] = round(travel / optimum, 4)
     out["greedy_over_optimum"] = round(out["greedy_travel_m"] / optimum, 4)
     return out
 
@@ -409,7 +402,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         lap("reauction")
         if args.quality:
             r, m = (int(v) for v in args.quality.split("x"))
-            out["quality"] = await quality_phase(cfg, r, m, args.window, rng)
+            out["quality"] = await quality_phase(cfg, r, m, args.seed, args.quality_kill)
             lap("quality")
     out["phase_wall_s"] = phases
     return out
@@ -422,6 +415,7 @@ def cli() -> None:
     p.add_argument("--window", type=float, default=0.2, help="bid window (s)")
     p.add_argument("--kills", type=int, default=3, help="re-auctions per robot count")
     p.add_argument("--quality", default="50x40", help="RxM at once; '' to skip")
+    p.add_argument("--quality-kill", type=int, default=5, help="winners killed after")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
     print(json.dumps(asyncio.run(main(args)), indent=2))

@@ -235,7 +235,7 @@ def test_missed_heartbeats_reopen_and_a_silent_winner_is_skipped() -> None:
     w.tick(0.5)
     assert w.sectors[0].expected == "r1"
     acts = w.tick(1.6)  # r1 never claimed within the award timeout
-    assert w.round == 2 and "r1" in w.excluded and not of(acts, SendBid)
+    assert w.round == 2 and "r1" not in w.excluded and not of(acts, SendBid)
     w.on_bid("r2", Bid(issuer="alice", mission="m1", round=2, costs=[2.0]), 1.7)
     w.tick(2.1)
     w.on_award("r2", Award(issuer="alice", mission="m1", round=2, winner="r2", cost=2.0), 2.2)
@@ -292,3 +292,37 @@ def test_coverage_sectors_go_one_per_robot() -> None:
             a.on_bid(n, b, 0.1)
     won = {n: [x.award.sector for x in of(a.tick(0.5), SendAward)] for n, a in peers}
     assert won == {"a": [0], "b": [1], "c": [2]}
+
+
+def test_a_robot_that_acked_too_early_drops_the_sector_for_a_better_late_claim() -> None:
+    from daemon.swarm.auction import Abandon
+
+    m = point_mission()
+    r1 = Peer("r1", 6.0, m)
+    r1.auction.start(0)
+    (claim,) = of(r1.auction.tick(0.5), SendAward)  # r1 saw only its own bid
+    r1.auction.on_award("r1", claim.award, 0.5)
+    assert of(r1.auction.tick(0.7), Start) == [Start(1, 0)]
+    better = Award(issuer="alice", mission="m1", round=1, winner="r0", cost=4.0)
+    acts = r1.auction.on_award("r0", better, 0.9)  # r0's claim came after the settle
+    assert of(acts, Abandon) and r1.auction.sectors[0].holder == "r0"
+    worse = Award(issuer="alice", mission="m1", round=1, winner="r9", cost=9.0)
+    assert not of(r1.auction.on_award("r9", worse, 1.0), Abandon)
+
+
+def test_joint_allocation_is_near_the_optimum() -> None:
+    import math
+    import random
+
+    np = pytest.importorskip("numpy")
+    optimize = pytest.importorskip("scipy.optimize")
+    rng = random.Random(5)
+    robots = {f"r{i:02d}": (rng.uniform(0, 1000), rng.uniform(0, 1000)) for i in range(50)}
+    spots = [(rng.uniform(0, 1000), rng.uniform(0, 1000)) for _ in range(40)]
+    bids = {n: [math.dist(p, s) for s in spots] for n, p in robots.items()}
+    won = allocate(bids, list(range(40)))
+    assert len({n for n, _ in won.values()}) == 40  # one per robot
+    cost = np.array(list(bids.values()))
+    rows, cols = optimize.linear_sum_assignment(cost)
+    assert sum(c for _, c in won.values()) <= 1.10 * cost[rows, cols].sum()
+    assert allocate(dict(reversed(bids.items())), list(range(40))) == won

@@ -3,6 +3,8 @@
     mtor mission announce --at 120,40                 # the nearest capable robot goes
     mtor mission announce --area 0,0,200,100 --sectors 4 --sensor camera
     mtor mission announce --at 5,5 --auctioneer self  # this process runs the auction
+    mtor mission announce --at 0,50 --at 80,20        # two places, one robot each
+    mtor sim swarm --robots 50 --missions 40 --kill 5 --json
     mtor mission robots                               # every robot's retained state
     mtor mission watch                                # every mission's auction, live
 
@@ -39,7 +41,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
         "announce", help="announce a mission and follow its auction", parents=[common]
     )
     where = ann.add_mutually_exclusive_group(required=True)
-    where.add_argument("--at", metavar="X,Y[,Z]", help="a point mission (local metres)")
+    where.add_argument(
+        "--at",
+        metavar="X,Y[,Z]",
+        action="append",
+        help="a point (local metres); repeated: one sector per point, allocated together",
+    )
     where.add_argument("--area", metavar="X0,Y0,X1,Y1", help="an area to cover")
     ann.add_argument("--sectors", type=int, default=1, help="area: strips, one per robot")
     ann.add_argument("--id", dest="mission_id", help="mission id (default: random)")
@@ -80,6 +87,16 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
         "--uniform", action="store_true", help="identical, fully charged robots: cost = travel"
     )
     sw.add_argument("--kill", type=int, default=0, metavar="K", help="kill K winners after")
+    sw.add_argument(
+        "--separate",
+        action="store_true",
+        help="announce each mission on its own (independent auctions); default: together",
+    )
+    sw.add_argument(
+        "--peers",
+        action="store_true",
+        help="the robots run the auction among themselves; default: this process does",
+    )
     sw.add_argument("--window", type=float, default=0.5, help="bid window, seconds")
     sw.add_argument("--timeout", type=float, default=60.0, help="seconds per phase")
     sw.add_argument("--json", action="store_true", help="the whole report as JSON")
@@ -122,6 +139,8 @@ async def _sim(args: argparse.Namespace, config: Config) -> int:
             kill=args.kill,
             window=args.window,
             timeout=args.timeout,
+            separate=args.separate,
+            peers=args.peers,
             password=password,
         )
 
@@ -182,7 +201,7 @@ def cmd_mission(args: argparse.Namespace, config: Config) -> int:
 def _announce_of(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
-    from daemon.protocol.swarm import Area, MissionAnnounce, Point, Requirements
+    from daemon.protocol.swarm import Area, MissionAnnounce, Point, Points, Requirements
 
     fields: dict[str, Any] = {
         "mission": args.mission_id or f"m-{uuid.uuid4().hex[:10]}",
@@ -196,8 +215,11 @@ def _announce_of(args: argparse.Namespace) -> Any:
     if args.deadline is not None:
         fields["deadline"] = time.time() + args.deadline
     if args.at:
-        xyz = _floats(args.at, (2, 3), "--at")
-        fields["target"] = Point(x=xyz[0], y=xyz[1], z=xyz[2] if len(xyz) == 3 else 0.0)
+        points = []
+        for at in args.at:
+            xyz = _floats(at, (2, 3), "--at")
+            points.append(Point(x=xyz[0], y=xyz[1], z=xyz[2] if len(xyz) == 3 else 0.0))
+        fields["target"] = points[0] if len(points) == 1 else Points(points=points)
     else:
         x0, y0, x1, y1 = _floats(args.area, (4,), "--area")
         fields["target"] = Area(x0=x0, y0=y0, x1=x1, y1=y1)

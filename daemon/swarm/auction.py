@@ -141,9 +141,12 @@ def allocate(
 ) -> dict[int, tuple[str, float]]:
     """Winner and cost of each open sector that has a bid.
 
-    Greedy by ascending ``(cost, node, sector)``; a robot gets a second sector only
-    once every bidder has one (more sectors than robots).  Deterministic: the same
-    bids give the same result on every peer.
+    One sector per robot first: greedy by ascending ``(cost, node, sector)``, then
+    improved by local search (:func:`_improve`: a sector moves to an idle bidder,
+    or two robots swap, whenever that lowers the total strictly).  Sectors left
+    over (more sectors than robots) go greedily to robots that have one already.
+    Deterministic: the same bids give the same result on every peer, and a tie
+    keeps the greedy choice, the lowest node id.
     """
     ranked = sorted(
         (cost, node, s)
@@ -152,6 +155,7 @@ def allocate(
         if s < len(costs) and (cost := costs[s]) is not None
     )
     out: dict[int, tuple[str, float]] = {}
+    first = True
     while True:
         used: set[str] = set()
         progressed = False
@@ -161,8 +165,63 @@ def allocate(
             out[s] = (node, cost)
             used.add(node)
             progressed = True
+        if first and len(out) > 1:
+            out = _improve(bids, out)
+        first = False
         if not progressed:
             return out
+
+
+# Local search stops after this many improving moves (each lowers the total, so it
+# ends anyway; the cap bounds the work a hostile set of bids can cause).
+MAX_MOVES: Final = 10_000
+_EPS: Final = 1e-9
+
+
+def _improve(
+    bids: Mapping[str, Sequence[float | None]], assigned: dict[int, tuple[str, float]]
+) -> dict[int, tuple[str, float]]:
+    """Lower the total cost of a one-sector-per-robot assignment by moving a sector
+    to an idle bidder or swapping two robots' sectors, first improvement first, in
+    sorted order (so every peer makes the same moves)."""
+    holder = {s: node for s, (node, _) in assigned.items()}
+    sectors = sorted(holder)
+    nodes = sorted(bids)
+
+    def cost(node: str, s: int) -> float | None:
+        costs = bids[node]
+        return costs[s] if s < len(costs) else None
+
+    moves = 0
+    improved = True
+    while improved and moves < MAX_MOVES:
+        improved = False
+        busy = set(holder.values())
+        for s in sectors:
+            here = cost(holder[s], s)
+            assert here is not None
+            for node in nodes:
+                c = cost(node, s)
+                if node not in busy and c is not None and c < here - _EPS:
+                    busy.discard(holder[s])
+                    holder[s], here = node, c
+                    busy.add(node)
+                    improved, moves = True, moves + 1
+        for i, s1 in enumerate(sectors):
+            for s2 in sectors[i + 1 :]:
+                n1, n2 = holder[s1], holder[s2]
+                a, b = cost(n1, s2), cost(n2, s1)
+                now1, now2 = cost(n1, s1), cost(n2, s2)
+                assert now1 is not None and now2 is not None
+                if a is not None and b is not None and a + b < now1 + now2 - _EPS:
+                    holder[s1], holder[s2] = n2, n1
+                    improved, moves = True, moves + 1
+    out: dict[int, tuple[str, float]] = {}
+    for s, node in holder.items():
+        c = cost(node, s)
+        assert c is not None
+        out[s] = (node, c)
+    return out
 
 
 class Fleet:
@@ -199,6 +258,9 @@ class SectorState:
     since: float = 0.0  # when the holder took it (heartbeats are counted from here)
     deadline: float | None = None  # by when the expected claim / ack must come
     expected: str | None = None  # the computed winner, not yet claimed (peer-run)
+    # The round it is (or was last) allocated in.  Rounds are the mission's, but a
+    # new round for one sector leaves the others' claims of their round valid.
+    open_round: int = 1
     claims: dict[str, float] = field(default_factory=dict)  # peer-run: this round's
     settle_at: float | None = None  # my own claim acknowledges then
     started: bool = False  # this robot started it
@@ -283,7 +345,10 @@ class Auction:
         if award.round > self.round:
             return [Reject(f"award for round {award.round}, we are at {self.round}")]
         sec = self.sectors[award.sector]
-        if sec.phase not in ("open", "claimed") or award.winner in self.excluded:
+        # A claim of the round whose sector someone already acknowledged still
+        # counts: when it is the better one, the other robot started too early.
+        late = self.peer_run and sec.phase == "held" and award.round == sec.round
+        if (sec.phase not in ("open", "claimed") and not late) or award.winner in self.excluded:
             return [Reject(f"award of sector {award.sector} to {award.winner}: it is {sec.phase}")]
         if self.peer_run:
             return self._claim(sec, award, now)
@@ -309,8 +374,20 @@ class Auction:
             # A late ack of a holder whose round we had given up on: it works on it.
             self._hold(sec, sender, sec.cost or 0.0, ack.round, now, phase="held")
             return [Note(f"sector {ack.sector} acknowledged late by {sender}", "acked", ack.sector)]
-        if sec.phase == "claimed" and sec.holder == self.me and sec.started:
-            return [Reject(f"ack of {sender} for sector {ack.sector} that we hold")]
+        if (
+            sec.phase in ("claimed", "held")
+            and ack.round < sec.round
+            and sender not in self.excluded
+        ):
+            # Views parted (a peer gave up on a round whose ack was on its way): the
+            # robot that acknowledged the earlier round keeps the sector everywhere.
+            out: list[Action] = []
+            if sec.holder == self.me and sec.started:
+                sec.started = False
+                out.append(Abandon(ack.sector, f"{sender} acknowledged it in round {ack.round}"))
+            self._hold(sec, sender, sec.cost or 0.0, ack.round, now, phase="held")
+            text = f"sector {ack.sector} acknowledged by {sender} (round {ack.round})"
+            return [*out, Note(text, "acked", ack.sector)]
         return [Reject(f"ack of {sender} for sector {ack.sector}: {sec.phase} by {sec.holder}")]
 
     def on_progress(self, sender: str, p: MissionProgress, now: float) -> list[Action]:
@@ -390,10 +467,8 @@ class Auction:
         self.rounds_opened_at[r] = now
         self.close_at = now + self.announce.bid_window_s
         for sec in self.sectors:
-            sec.claims = {}
-            sec.expected = None
-            if sec.phase == "open":
-                sec.deadline = None
+            if sec.phase == "open" and sec.expected is None:  # up for allocation now
+                sec.open_round, sec.claims, sec.deadline = r, {}, None
         out: list[Action] = [Note(f"round {r}: {reason}", "round")]
         if self.role == "auctioneer" and r > 1:
             out.append(SendCall(r, reason))
@@ -412,7 +487,11 @@ class Auction:
         return [SendBid(self.round, costs)]
 
     def _close(self, now: float) -> list[Action]:
-        open_ = [i for i, s in enumerate(self.sectors) if s.phase == "open"]
+        open_ = [
+            i
+            for i, s in enumerate(self.sectors)
+            if s.phase == "open" and s.open_round == self.round and s.expected is None
+        ]
         if not open_:
             return []
         # A bidder whose will came during the round is not a candidate (it would
@@ -462,20 +541,28 @@ class Auction:
 
     def _claim(self, sec: SectorState, award: Award, now: float) -> list[Action]:
         """A peer-run claim: the best claim of the round by (cost, node) holds."""
-        if award.round != self.round:
-            return [Reject(f"claim of {award.winner} for round {award.round}, not {self.round}")]
+        if award.round != sec.open_round:
+            why = f"claim of {award.winner} for round {award.round}, not {sec.open_round}"
+            return [Reject(why)]
         if sec.claims.get(award.winner) == award.cost:
             return []  # a duplicate (our own claim coming back)
+        diverged = self._diverged(award, now)
         sec.claims[award.winner] = award.cost
         best_cost, best = min((c, n) for n, c in sec.claims.items())
         if sec.holder == best and sec.phase == "claimed":
-            return []
-        out: list[Action] = []
-        previous = sec.holder if sec.phase == "claimed" else None
+            return diverged
+        out: list[Action] = diverged
+        previous = sec.holder if sec.phase in ("claimed", "held") else None
+        if sec.phase == "held" and best == previous:
+            return []  # the holder's claim was and is the best
+        started = sec.started and previous == self.me
         self._hold(sec, best, best_cost, award.round, now, phase="claimed")
         sec.settle_at = now + self.timing.settle_s if best == self.me else None
         if previous == self.me and best != self.me:
             out.append(Note(f"sector {award.sector}: {self.me} yields to {best}"))
+            if started:  # our settle passed before this claim came: drop the work
+                sec.started = False
+                out.append(Abandon(award.sector, f"{best} has the better claim"))
         out.append(
             Note(
                 f"sector {award.sector} claimed by {best} ({best_cost:.1f})",
@@ -484,6 +571,29 @@ class Auction:
             )
         )
         return out
+
+    def _diverged(self, award: Award, now: float) -> list[Action]:
+        """``award.winner`` claims a sector we expected another robot to take: it saw
+        other bids than we did, and will not claim the sectors we expected of it.
+        Reopen those now rather than wait out the award timeout."""
+        mine = self.sectors[award.sector]
+        if mine.expected in (None, award.winner) and mine.phase == "open":
+            return []  # as we computed it
+        if mine.phase != "open":
+            return []
+        reasons = []
+        for i, sec in enumerate(self.sectors):
+            if (
+                i != award.sector
+                and sec.phase == "open"
+                and sec.expected == award.winner
+                and sec.open_round == award.round
+            ):
+                reasons.append(f"sector {i}: {award.winner} took sector {award.sector} instead")
+                self._reopen(sec)
+        if not reasons:
+            return []
+        return [*(Note(r, "reopened") for r in reasons), *self._next_round(now, reasons[0])]
 
     def _hold(
         self, sec: SectorState, node: str, cost: float, r: int, now: float, *, phase: SectorPhase
@@ -497,6 +607,8 @@ class Auction:
     def _reopen(self, sec: SectorState) -> None:
         sec.phase, sec.holder, sec.deadline, sec.settle_at = "open", None, None, None
         sec.expected, sec.fraction, sec.claims = None, 0.0, {}
+        if self.close_at is not None:  # a round is taking bids: it allocates this one too
+            sec.open_round = self.round
 
     def _reopen_lost(self, now: float) -> list[str]:
         """Reopen the sectors whose holder (or expected claimant) is gone; why."""
@@ -508,7 +620,7 @@ class Auction:
                 silent = sec.deadline is not None and now >= sec.deadline
                 if silent or self.fleet.lost(node, now, sec.since, misses):
                     why = "did not acknowledge" if silent else "dropped out"
-                    if silent:
+                    if silent and not self.peer_run:  # the auctioneer's award was plain
                         self.excluded.add(node)
                     reasons.append(f"sector {i}: {node} {why}")
                     self._reopen(sec)
@@ -519,8 +631,9 @@ class Auction:
                 and (now >= sec.deadline or sec.expected in self.fleet.offline)
             ):
                 if self.peer_run:
+                    # Not left out: it may be alive and have seen other bids (then it
+                    # claimed another sector); a dead one sends no bid next round.
                     reasons.append(f"sector {i}: {sec.expected} never claimed it")
-                    self.excluded.add(sec.expected)
                 else:  # the auctioneer is late or not running: not the robot's fault
                     reasons.append(f"sector {i}: no award from {self.announce.auctioneer}")
                 self._reopen(sec)

@@ -1,5 +1,6 @@
-"""Where a mission's sectors are: a point mission is one waypoint; an area (coverage)
-mission is cut into ``sectors`` vertical strips, each swept by a lawnmower path.
+"""Where a mission's sectors are: a point mission is one waypoint, a mission of
+several points one per sector; an area (coverage) mission is cut into ``sectors``
+vertical strips, each swept by a lawnmower path.
 
 Pure functions of the announce, so every peer computes the same waypoints.
 """
@@ -10,7 +11,7 @@ import math
 from collections.abc import Sequence
 from typing import Final
 
-from daemon.protocol.swarm import MissionAnnounce, Point
+from daemon.protocol.swarm import MissionAnnounce, Point, Points
 
 # Distance between the lanes of a coverage sweep (m): a camera's footprint at a
 # drone's usual survey height.  Lanes are capped so a huge area stays bounded.
@@ -35,6 +36,8 @@ def waypoints(announce: MissionAnnounce, sector: int) -> list[Point]:
     area = announce.target
     if isinstance(area, Point):
         return [area]
+    if isinstance(area, Points):
+        return [area.points[sector]]
     width = (area.x1 - area.x0) / announce.sectors
     x0 = area.x0 + sector * width
     lanes = max(1, min(MAX_LANES, math.ceil(width / SWATH_M)))
