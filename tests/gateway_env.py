@@ -56,6 +56,28 @@ class GatewayRealm:
                 if names <= set().union(*offered.values()):
                     return
 
+    async def _until_accepted(self, account: str, timeout: float = 10) -> None:
+        """Until the broker takes the account's new password (a refused login is fatal
+        to a daemon, so it must not try before)."""
+        from daemon.mqtt import ConnectParams, MqttError, connect
+
+        params = ConnectParams(
+            "127.0.0.1",
+            self.local.port,
+            f"probe-{account}",
+            username=account,
+            password=self.local.dir.password(account),
+        )
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    conn = await connect(params)
+                except MqttError:
+                    await asyncio.sleep(0.05)  # the broker handles SIGHUP on its own time
+                    continue
+                await conn.close()
+                return
+
     def headers(self, token: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {token or self.sysop_token}"}
 
@@ -63,6 +85,8 @@ class GatewayRealm:
         """A node daemon with its own node account (made in the broker directory)."""
         if self.local.dir.accounts().get(node_id) is None:
             self.local.dir.add(node_id, "node", local=True)
+            self.local.dir.reload()  # SIGHUP: the broker rereads passwd and acl
+            await self._until_accepted(node_id)
         cfg = _load(child_config(self.local, node_id, {**self.base, "nodes": nodes}, node_id))
         daemon = NodeDaemon(cfg)
         self.procs._run(daemon.run)

@@ -296,7 +296,7 @@ function drawChart(s) {
   const caps = Object.keys(Object.assign({}, s.completed, s.failed, s.queues)).sort().slice(0, 8);
   if (!caps.length) { g.fillStyle = "#8b98a8"; g.font = "14px system-ui"; g.fillText("no tasks yet", 16, 30); return; }
   const max = Math.max(1, ...caps.map((k) => (s.completed[k] || 0) + (s.failed[k] || 0)));
-  const w = (c.width - 20) / caps.length;
+  const w = Math.min(90, (c.width - 20) / caps.length);
   caps.forEach((k, i) => {
     const ok = s.completed[k] || 0, bad = s.failed[k] || 0;
     const h = c.height - 50;
