@@ -326,3 +326,23 @@ def test_joint_allocation_is_near_the_optimum() -> None:
     rows, cols = optimize.linear_sum_assignment(cost)
     assert sum(c for _, c in won.values()) <= 1.10 * cost[rows, cols].sum()
     assert allocate(dict(reversed(bids.items())), list(range(40))) == won
+
+
+def test_a_round_without_bids_waits_one_more_window_then_fails() -> None:
+    m = point_mission()
+    a = Auction("alice", m, role="auctioneer", me="orchestrator", timing=T)
+    a.start(0)
+    assert a.tick(0.5) and a.sectors[0].phase == "open"  # extended once
+    a.on_bid("r1", Bid(issuer="alice", mission="m1", costs=[2.0]), 0.8)
+    assert of(a.tick(1.0), SendAward)[0].award.winner == "r1"
+    b = Auction("alice", m, role="auctioneer", me="orchestrator", timing=T)
+    b.start(0)
+    b.tick(0.5)
+    assert of(b.tick(1.0), Finished) == [Finished("failed")]
+    w = Auction("alice", m, role="watcher", timing=T)  # a watcher waits for a claim
+    w.start(0)
+    w.tick(0.5)
+    w.tick(1.0)
+    claim = Award(issuer="alice", mission="m1", round=1, winner="r1", cost=2.0)
+    w.on_award("r1", claim, 1.2)
+    assert w.sectors[0].holder == "r1"

@@ -297,6 +297,8 @@ class Auction:
         self.sectors = [SectorState() for _ in range(announce.sectors)]
         self.finished: Literal["done", "failed"] | None = None
         self.rounds_opened_at: dict[int, float] = {}
+        self.extended = False  # this round's bid window was extended once (no bids)
+        self._untaken: list[int] = []  # sectors a watcher gave up on (no bid, no claim)
 
     @property
     def mission(self) -> str:
@@ -431,6 +433,10 @@ class Auction:
         if reasons:
             out += [Note(r, "reopened") for r in reasons]
             out += self._next_round(now, reasons[0])
+        if self._untaken:
+            out += [Note(f"sector {i}: no robot took it", "no_bid", i) for i in self._untaken]
+            self._untaken = []
+            out += self._maybe_finished()
         if self.close_at is not None and now >= self.close_at:
             self.close_at = None
             out += self._close(now)
@@ -464,6 +470,7 @@ class Auction:
             return [Note(f"no winner after {MAX_ROUNDS} rounds"), *self._maybe_finished()]
         self.round = r
         self.bids = {}
+        self.extended = False
         self.rounds_opened_at[r] = now
         self.close_at = now + self.announce.bid_window_s
         for sec in self.sectors:
@@ -498,12 +505,19 @@ class Auction:
         # never claim, and the sector would wait out the award timeout).
         gone = self.excluded | self.fleet.offline
         bids = {n: c for n, c in self.bids.items() if n not in gone}
+        if not bids and not self.extended:
+            # Nothing yet: on a busy machine the bids may still be on their way.
+            self.extended = True
+            self.close_at = now + self.announce.bid_window_s
+            return [Note(f"round {self.round}: no bid yet, taking bids a while longer", "info")]
         won = allocate(bids, open_)
         out: list[Action] = []
         for i in open_:
             sec = self.sectors[i]
             if i not in won:
-                if self.role in ("peer", "auctioneer", "watcher"):
+                if self.role == "watcher":  # not ours to decide: a claim may still come
+                    sec.deadline = now + self.timing.award_timeout_s
+                elif self.role in ("peer", "auctioneer"):
                     sec.phase = "failed"
                     out.append(Note(f"sector {i}: no robot bid in round {self.round}", "no_bid", i))
                 continue
@@ -624,6 +638,10 @@ class Auction:
                         self.excluded.add(node)
                     reasons.append(f"sector {i}: {node} {why}")
                     self._reopen(sec)
+            elif sec.phase == "open" and sec.expected is None and sec.deadline is not None:
+                if now >= sec.deadline:  # a watcher saw no bid, and no claim came
+                    sec.phase, sec.deadline = "failed", None
+                    self._untaken.append(i)
             elif (
                 sec.phase == "open"
                 and sec.expected is not None
