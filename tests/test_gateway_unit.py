@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import math
+import socket
 import struct
 import wave
 from pathlib import Path
@@ -17,6 +18,7 @@ from daemon.accounts import ROLES, Account, Accounts
 from daemon.gateway import audio
 from daemon.gateway.auth import Principal, TokenBook, bearer
 from daemon.gateway.hub import SUBSCRIBER_QUEUE, Hub
+from daemon.gateway.server import listen
 from daemon.gateway.ws import origin_allowed
 from daemon.orchestrator.config import OrchestratorConfig
 from daemon.orchestrator.identity import Identities, Refused
@@ -146,6 +148,15 @@ def test_what_is_not_a_wav_is_a_clear_error() -> None:
     for junk in (b"", b"RIFF", b"not audio at all" * 10, _wav(16000, 1, 2)[:30]):
         with pytest.raises(audio.AudioError):
             audio.wav_to_pcm16k(junk)
+
+
+def test_the_listening_socket_says_tcp_so_asyncio_sets_nodelay() -> None:
+    # with proto 0 asyncio leaves Nagle on, and every small answer waited ~40 ms
+    sock = listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
 
 
 def test_websocket_origin_must_be_the_gateways_own() -> None:
