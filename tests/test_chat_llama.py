@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -275,5 +276,22 @@ async def test_loading_a_model_leaves_the_process_output_alone(
             line for line in err.splitlines() if line.startswith("marker")
         ]
         assert "llama_model_load" not in err and "print_info" not in err  # still quiet
+    finally:
+        await n.close()
+
+
+async def test_llama_cpp_log_lines_keep_their_level(caplog: pytest.LogCaptureFixture) -> None:
+    """Loading logs dozens of INFO lines natively: none may become a warning."""
+    n = make_node({"type": "llama_cpp", "n_threads": 2, "n_ctx": 320, "load": "first_use"})
+    await n.setup()
+    try:
+        shared = cast(LlamaCppBackend, n.backends[0])._shared
+        assert shared is not None
+        with caplog.at_level(logging.DEBUG, logger="nodes.chat.backends.llama_cpp.native"):
+            async with shared.queue:
+                assert await shared.ensure_loaded()
+        native = [r for r in caplog.records if r.name.endswith(".native")]
+        assert len(native) > 20  # the load's own lines arrived, through the callback
+        assert not [r.getMessage() for r in native if r.levelno >= logging.WARNING]
     finally:
         await n.close()

@@ -165,8 +165,10 @@ class SharedModel:
             self._idle_handle = None
 
 
-# ggml_log_level: NONE 0, INFO 1, WARN 2, ERROR 3, DEBUG 4, CONT 5 (the previous one's)
-_GGML_LEVELS: Final = {2: logging.WARNING, 3: logging.ERROR}
+# ggml_log_level as the bundled llama.cpp numbers it: NONE 0, DEBUG 1, INFO 2, WARN 3,
+# ERROR 4, CONT 5 (the previous line's level; llama-cpp-python's own _logger.py still
+# names the older numbering, where 2 was WARN: its INFO lines came out as warnings).
+_GGML_LEVELS: Final = {3: logging.WARNING, 4: logging.ERROR}
 
 
 class NativeLog:
