@@ -298,7 +298,7 @@ class Auction:
         self.finished: Literal["done", "failed"] | None = None
         self.rounds_opened_at: dict[int, float] = {}
         self.extended = False  # this round's bid window was extended once (no bids)
-        self._untaken: list[int] = []  # sectors a watcher gave up on (no bid, no claim)
+        self._untaken: list[int] = []  # sectors given up on: no bid, no claim
 
     @property
     def mission(self) -> str:
@@ -515,9 +515,11 @@ class Auction:
         for i in open_:
             sec = self.sectors[i]
             if i not in won:
-                if self.role == "watcher":  # not ours to decide: a claim may still come
+                if self.role in ("watcher", "peer"):
+                    # We saw no bid for it; others may have (a busy machine): a claim
+                    # may still come.  If none does, every peer fails it the same way.
                     sec.deadline = now + self.timing.award_timeout_s
-                elif self.role in ("peer", "auctioneer"):
+                elif self.role == "auctioneer":
                     sec.phase = "failed"
                     out.append(Note(f"sector {i}: no robot bid in round {self.round}", "no_bid", i))
                 continue
@@ -639,7 +641,7 @@ class Auction:
                     reasons.append(f"sector {i}: {node} {why}")
                     self._reopen(sec)
             elif sec.phase == "open" and sec.expected is None and sec.deadline is not None:
-                if now >= sec.deadline:  # a watcher saw no bid, and no claim came
+                if now >= sec.deadline:  # we saw no bid, and no claim came
                     sec.phase, sec.deadline = "failed", None
                     self._untaken.append(i)
             elif (

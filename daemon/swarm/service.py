@@ -75,6 +75,7 @@ class AuctionHost:
         self.robots: dict[str, RobotState] = {}
         self.auctions: OrderedDict[Key, Auction] = OrderedDict()
         self.rejected = 0
+        self._warned: set[tuple[str, str, str]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._lock = asyncio.Lock()
 
@@ -248,7 +249,15 @@ class AuctionHost:
                 await self._send(topics.SWARM_ACK, ack)
             elif isinstance(action, Reject):
                 self.rejected += action.hostile
-                level = logging.WARNING if action.hostile else logging.DEBUG
+                # One warning per mission and kind of refusal: a robot that keeps
+                # reporting on a sector it lost must not fill the journal.
+                seen = (auction.issuer, auction.mission, action.reason.split(",")[0][:60])
+                first = action.hostile and seen not in self._warned
+                if first:
+                    self._warned.add(seen)
+                    if len(self._warned) > MAX_AUCTIONS:
+                        self._warned.clear()
+                level = logging.WARNING if first else logging.DEBUG
                 log.log(level, "mission %s/%s: %s", auction.issuer, auction.mission, action.reason)
             elif isinstance(action, Note):
                 await self.on_note(auction, action)
