@@ -61,6 +61,12 @@ class Area(Part):
         return self
 
 
+class Points(Part):
+    """Several places, one sector each: missions allocated together."""
+
+    points: list[Point] = Field(min_length=1, max_length=MAX_SECTORS)
+
+
 class GeoFix(Part):
     """A GNSS position (MAVLink vehicles), beside the local-frame pose."""
 
@@ -113,12 +119,13 @@ class Requirements(Part):
 
 class MissionAnnounce(Message):
     """``swarm/mission/<issuer>``, QoS 1: a mission to allocate.  ``target`` is a
-    point (one sector) or an area to cover, cut into ``sectors`` strips."""
+    point (one sector), several points (one sector each, allocated together) or
+    an area to cover, cut into ``sectors`` strips."""
 
     TYPE = "swarm.mission"
 
     mission: Name
-    target: Point | Area
+    target: Point | Points | Area
     task: Name = "inspect"
     sectors: int = Field(default=1, ge=1, le=MAX_SECTORS)
     work_s: float = Field(default=0.0, ge=0, le=86400, description="Time spent on site.")
@@ -133,6 +140,11 @@ class MissionAnnounce(Message):
     def _sectors(self) -> MissionAnnounce:
         if isinstance(self.target, Point) and self.sectors != 1:
             raise ValueError("a point mission has one sector")
+        if isinstance(self.target, Points):
+            n = len(self.target.points)
+            if self.sectors not in (1, n):
+                raise ValueError(f"{n} points are {n} sectors, not {self.sectors}")
+            self.sectors = n
         return self
 
 
