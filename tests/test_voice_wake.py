@@ -145,3 +145,34 @@ async def test_a_wake_word_bound_to_the_chat_pipeline(
     assert answers[0][1] == "local" and answers[0][0].startswith("It is ")
     assert answers[1] == ("The realm answers.", "chat")
     assert len(rec.asked) == 1
+
+
+async def test_an_answer_that_asks_listens_again_without_the_wake_word(
+    tmp_path: Path, piper: TtsBackend, whisper: SttBackend
+) -> None:
+    from nodes.voice.node import _LocalStt
+
+    cfg = VoiceConfig(type="voice", wake=WakeConfig(engine="micro", model="okay_nabu"))
+    rec = Recorder()
+    replies = iter(["Which room do you mean?", "Done."])
+
+    async def ask(text: str) -> Reply:
+        rec.asked.append(text)
+        return Reply(text=next(replies))
+
+    hooks = Hooks(emit=rec.emit, act=rec.act, stt=lambda: _LocalStt(whisper), ask=ask)
+    pipeline = Pipeline(
+        cfg,
+        hooks,
+        wake=make_wake(cfg.wake),
+        endpointer=Endpointer(cfg.vad, load_silero()),
+        tts=piper,
+        tts_lock=threading.Lock(),
+        sink=audio.WavSink(tmp_path / "a.wav"),
+        recognizer=IntentRecognizer(cfg.intents),
+    )
+    pcm = say(piper, "Okay nabu.", "Warm it up a little.") + say(piper, "The kitchen.")
+    await pipeline.run(_frames(pcm), live=False)
+    assert rec.values("wake") == ["okay_nabu"]  # the second command needed none
+    assert [a for n, _, a in rec.events if n == "state" and a.get("follow_up")]
+    assert len(rec.asked) == 2 and "kitchen" in rec.asked[1].lower()

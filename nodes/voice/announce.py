@@ -6,9 +6,10 @@
   ``voice/timer_finished`` event and is announced on the satellite that set it.
 * **Announcements**: ``voice.announce`` (a task: ``{"text", "satellite"?,
   "area"?, "chime"?}``) and the "broadcast ..." intent publish a
-  ``voice/broadcast`` event; every satellite listens to everyone's and speaks
-  the ones addressed to it (all, its area, or its name) after a chime, behind
-  any answer being spoken.  Who asked is the event's topic: only a realm node
+  ``voice/broadcast`` event (``attrs.to_satellite`` / ``to_area`` / ``exclude``);
+  every satellite listens to everyone's and speaks the ones addressed to it
+  (all, its area, or its name) after a chime, behind any answer being spoken
+  (``voice/announced`` when said).  Who asked is the event's topic: only a realm node
   can publish under ``event/<its id>/`` (the generated ACL), so no payload can
   make a satellite speak.
 * ``voice.listen`` (a task, ``{"satellite"?}``): listen now, as if the wake
@@ -143,7 +144,8 @@ class SatelliteExtras:
     def addressed(self, attrs: dict[str, Any]) -> bool:
         if attrs.get("exclude") == self.me:
             return False
-        satellite, area = attrs.get("satellite"), attrs.get("area")
+        # "to_satellite"/"to_area": every event's "satellite" is its publisher's name.
+        satellite, area = attrs.get("to_satellite"), attrs.get("to_area")
         if satellite is not None:
             return satellite in (self.name, self.me)
         if area is not None:
@@ -178,7 +180,7 @@ async def execute_announce(publish: Publish, task: TaskRun) -> Any:
     """``voice.announce``: a ``voice/broadcast`` event every satellite hears."""
     inp = task_input(AnnounceInput, task.input, "voice.announce input")
     aid = uuid.uuid4().hex[:12]
-    attrs = {"id": aid, "chime": inp.chime, "satellite": inp.satellite, "area": inp.area}
+    attrs = {"id": aid, "chime": inp.chime, "to_satellite": inp.satellite, "to_area": inp.area}
     await publish("broadcast", inp.text, {k: v for k, v in attrs.items() if v is not None}, False)
     return {"id": aid, "satellite": inp.satellite, "area": inp.area}
 

@@ -161,12 +161,11 @@ class Pipeline:
         self.state = state
         await self.hooks.emit("state", state, attrs)
 
-    async def _start_listening(self, *, follow_up: bool = False, window: float | None = 0) -> None:
+    async def _start_listening(self, *, follow_up: bool = False, question: bool = False) -> None:
         self.endpointer.reset()
         if follow_up:
-            wait = self.cfg.follow_up_s if window == 0 else max(self.cfg.follow_up_s,
-                                                                 QUESTION_FOLLOW_UP_S)  # fmt: skip
-            self.endpointer.cfg = self.cfg.vad.model_copy(update={"no_speech_s": max(wait, 0.1)})
+            wait = max(self.cfg.follow_up_s, QUESTION_FOLLOW_UP_S if question else 0.1)
+            self.endpointer.cfg = self.cfg.vad.model_copy(update={"no_speech_s": wait})
         else:
             self.endpointer.cfg = self.cfg.vad
         self._stt = self.hooks.stt()
@@ -406,7 +405,7 @@ class Pipeline:
     async def _after_turn(self, *, spoke: bool) -> None:
         question, self._question = self._question, False
         if spoke and (self.cfg.follow_up_s > 0 or question):
-            await self._start_listening(follow_up=True, window=0 if not question else None)
+            await self._start_listening(follow_up=True, question=question)
         elif self.cfg.wake.engine == "none":
             await self._start_listening()
         else:
@@ -430,7 +429,7 @@ class Announcer:
         first: float | None = None
         async with p._speaking:
             if p.tts is None:
-                await p.hooks.emit("announce", text, {"spoken": False})
+                await p.hooks.emit("announced", text, {"spoken": False})
                 return None
             cancel = threading.Event()
             await p.sink.start()
@@ -442,7 +441,7 @@ class Announcer:
                 await p.sink.write(chunk)
             await p.sink.finish()
         ms = round((first - started) * 1000, 1) if first else None
-        await p.hooks.emit("announce", text, {"spoken": True, "first_audio_ms": ms})
+        await p.hooks.emit("announced", text, {"spoken": True, "first_audio_ms": ms})
         return ms
 
     async def listen(self) -> bool:
