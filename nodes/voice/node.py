@@ -37,6 +37,7 @@ from nodes.voice.tasks import MAX_STT_BYTES, MAX_STT_S, MEDIA_WAIT, execute_stt,
 from nodes.voice.tts import TtsBackend, TtsUnavailable, make_tts
 from nodes.voice.vad import Endpointer, VadUnavailable, load_silero
 from nodes.voice.wake import WakeDetector, WakeUnavailable, make_wake
+from nodes.voice.wyoming import Models, WyomingBridge
 
 STATES: Final = ("idle", "listening", "processing", "responding")
 
@@ -105,6 +106,7 @@ class VoiceNode(Node):
         )
         self._wake_subscribed = False
         self._extras_subscribed = False
+        self.wyoming: WyomingBridge | None = None
         self._mic: audio.QueueSource | None = None
         # Extra observers of every voice event (``mtor listen`` prints them).
         self.listeners: list[Callable[[str, Any, dict[str, Any]], None]] = []
@@ -241,8 +243,24 @@ class VoiceNode(Node):
             ),
         ]
 
+    def _wyoming_models(self) -> Models:
+        cfg = self.config
+        wake = [
+            w for w in [cfg.wake, *cfg.wake_words] if w.engine in ("micro", "open", "porcupine")
+        ]
+        return Models(
+            stt=lambda: self.stt,
+            tts=lambda: self.tts,
+            tts_lock=self.tts_lock,
+            wake=wake,
+            remote_stt=self.remote_transcribe,
+        )
+
     async def run(self) -> None:
         await self.realm.start()
+        if self.config.wyoming is not None and self.wyoming is None:
+            self.wyoming = WyomingBridge(self.config.wyoming, self._wyoming_models())
+            await self.wyoming.start()
         # Subscriptions live as long as the node: a supervised restart of run()
         # must not add a second handler (Bus handlers stack per filter).
         if self.config.source.type != "none" and not self._extras_subscribed:
@@ -350,6 +368,9 @@ class VoiceNode(Node):
         self.stt = self.tts = self.wake = self.vad = None
         self.pipeline = None
         self.extras.announcer = None
+        if self.wyoming is not None:
+            await self.wyoming.close()
+            self.wyoming = None
 
     # ------------------------------------------------------------ pipeline hooks
 
