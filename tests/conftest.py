@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -144,7 +146,13 @@ class InProcess:
 
 
 class MtorProcess:
-    """A real `mtor` subprocess (python -m daemon.cli.main ...)."""
+    """A real `mtor` subprocess (python -m daemon.cli.main ...).
+
+    Its output is read all the time by a thread (the last ``KEEP_LINES`` lines are
+    kept): a process that logs more than a pipe holds (64 KiB) would otherwise
+    block in its next write and look hung."""
+
+    KEEP_LINES = 20_000
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None):
         self.args = args
@@ -156,16 +164,28 @@ class MtorProcess:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        self._lines: collections.deque[bytes] = collections.deque(maxlen=self.KEEP_LINES)
+        self._reader = threading.Thread(target=self._read, name="mtor-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.append(line)
+
+    def _collected(self, timeout: float) -> str:
+        self._reader.join(timeout)
+        return b"".join(self._lines).decode(errors="replace")
 
     def terminate(self, timeout: float = 10.0) -> tuple[int, str]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-        return self.proc.returncode, out.decode(errors="replace")
+            self.proc.wait()
+        return self.proc.returncode, self._collected(5)
 
     def kill9(self) -> None:
         self.proc.kill()
@@ -176,12 +196,16 @@ class MtorProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         with contextlib.suppress(Exception):
-            self.proc.communicate(timeout=5)
+            self.proc.wait(5)
+            self._reader.join(5)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
 
     def output(self) -> str:
-        """Output so far (only valid once the process has ended)."""
-        out, _ = self.proc.communicate(timeout=10)
-        return out.decode(errors="replace")
+        """Output so far (only whole once the process has ended)."""
+        if self.proc.poll() is None:
+            return b"".join(list(self._lines)).decode(errors="replace")
+        return self._collected(10)
 
 
 @pytest.fixture
