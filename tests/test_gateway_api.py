@@ -10,6 +10,7 @@ login, Origin check and live task progress.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -276,3 +277,31 @@ async def test_openapi_document_and_docs_page(env: GatewayRealm) -> None:
         assert index.status_code == 200 and "<html" in index.text.lower()
         for asset in ("/static/app.js", "/static/style.css"):
             assert (await c.get(asset)).status_code == 200, asset
+
+
+async def test_the_gateway_account_writes_only_as_itself(env: GatewayRealm) -> None:
+    """Under the generated ACL the gateway's own broker account may not pose as a node,
+    set realm state or submit as someone else (the broker refuses the publish)."""
+    from daemon.bus import Bus
+    from daemon.errors import BusPublishError
+
+    cfg = env.configs["gateway"]
+    bus = Bus(cfg.broker, "test-gw-acl", password=cfg.broker_password())
+    task = asyncio.create_task(bus.run())
+    try:
+        await bus.wait_connected(10)
+        root = f"mtor/{env.realm}"
+        for topic in (
+            f"{root}/node/box/info",
+            f"{root}/state/armed/set/gateway",
+            f"{root}/task/submit/admin",
+            f"{root}/media/box/stt/x",
+            f"{root}/reply/admin/x/tasks",
+        ):
+            with pytest.raises(BusPublishError):
+                await bus.publish(topic, b"{}", qos=1)
+        await bus.publish(f"{root}/media/gateway/stt/probe", b"", qos=1)  # its own: allowed
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

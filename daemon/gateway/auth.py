@@ -22,9 +22,9 @@ from daemon.orchestrator.users import hash_token
 log = logging.getLogger(__name__)
 
 # How often (s) the users file's modification time is looked at; after an unknown
-# token, sooner (a user just added by a sysop logs in at once).
+# token, every time (one stat: a user a sysop just added logs in at once).
 RELOAD_CHECK_INTERVAL: Final = 1.0
-RELOAD_CHECK_ON_MISS: Final = 0.1
+RELOAD_CHECK_ON_MISS: Final = 0.0
 # A token longer than this is not one the realm made (and not hashed for nothing).
 MAX_TOKEN: Final = 256
 ROLE_ALIASES: Final = {"device": "node"}
