@@ -209,6 +209,12 @@ class IntentConfig(_Strict):
         default=True, description="Ask the realm's chat capability when no template matches."
     )
     chat_timeout_s: float = Field(default=20.0, gt=0, description="Bound on the chat fallback.")
+    llm_path: Literal["one_call", "two_calls"] = Field(
+        default="one_call",
+        description="one_call: one streamed chat call that either names a device command "
+        "or answers (spoken from its first sentence); two_calls: a JSON intent "
+        "extraction, then an answer (the earlier, slower path).",
+    )
 
 
 class WyomingConfig(_Strict):
