@@ -63,6 +63,9 @@ class EntitySpec:
     options: tuple[str, ...] = ()  # select: the choices
     content_type: str | None = None  # camera/image: e.g. image/jpeg
     max_length: int | None = None  # text states are cut to this (HA refuses sensor states > 255)
+    # What it measures when two entities could (``host.load``, ``host.memory``,
+    # ``host.temperature``): the daemon's own diagnostic gives way to a node's.
+    measures: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # anything component-specific
     # Called with the validated value of a command (see the module docstring).
     on_command: Callable[[Any], Awaitable[None]] | None = field(default=None, compare=False)

@@ -25,6 +25,7 @@ from daemon.broker import PrivateBroker
 from daemon.bus import Bus, Inbound
 from daemon.config import Config
 from daemon.entities import EntitySpec
+from daemon.homeassistant import bridge as bridge_module
 from daemon.homeassistant.bridge import Bridge
 from daemon.homeassistant.discovery import Device
 from daemon.messages import decode
@@ -219,10 +220,11 @@ async def test_reannounce_on_birth(broker: PrivateBroker, realm: str, prefix: st
 
 
 async def test_birth_republishes_sensor_readings(
-    broker: PrivateBroker, realm: str, prefix: str
+    broker: PrivateBroker, realm: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Readings are not retained: after HA's birth the last ones are sent again at once
     (the heartbeat is an hour here, so nothing else would send them)."""
+    monkeypatch.setattr(bridge_module, "STATES_AFTER_DISCOVERY", (3600.0,))  # not those
     cfg = ha_config(broker.url, realm, prefix, ANSWER)
     quiet = {**sensors_node(ANSWER), "heartbeat": 3600, "builtin": []}
     cfg = cfg.model_copy(update={"nodes": make_config(broker.url, realm, nodes={"s": quiet}).nodes})
@@ -237,6 +239,52 @@ async def test_birth_republishes_sensor_readings(
             await bus.publish(f"{prefix}/status", b"online")
             again = await readings.wait_count(2, timeout=10)
     assert decode(again[1].payload, Event).value == decode(again[0].payload, Event).value == 42
+
+
+async def test_a_home_assistant_already_running_gets_the_first_states(
+    broker: PrivateBroker, realm: str, prefix: str
+) -> None:
+    """Home Assistant subscribes to a state topic only once it has processed the
+    config (here: 0.5 s after it arrives), so it missed the first readings and showed
+    `unknown` until the heartbeat (an hour here). The daemon sends them again after
+    announcing; and its own load / memory diagnostics give way to the sensors node's."""
+    quiet = {**sensors_node(ANSWER), "heartbeat": 3600, "builtin": ["load", "memory"]}
+    cfg = ha_config(broker.url, realm, prefix, ANSWER)
+    cfg = cfg.model_copy(update={"nodes": make_config(broker.url, realm, nodes={"s": quiet}).nodes})
+    states: dict[str, list[bytes]] = {}
+    configs = Discovery()
+    async with running_bus(cfg) as ha:
+
+        async def on_config(msg: Inbound) -> None:
+            await configs(msg)
+            if not msg.payload:
+                return
+            topic = json.loads(msg.payload).get("state_topic")
+            if topic is None or topic in states:
+                return
+            states[topic] = []
+
+            async def subscribe_later() -> None:
+                await asyncio.sleep(0.5)  # HA processing the config
+
+                async def on_state(m: Inbound, topic: str = topic) -> None:
+                    states[topic].append(m.payload)
+
+                await ha.subscribe(topic, on_state)
+
+            asyncio.get_running_loop().create_task(subscribe_later())
+
+        await ha.subscribe(f"{prefix}/+/mtor_{realm}_pi/+/config", on_config)
+        async with running_daemon(cfg):
+            answer = topics.EVENT.build(realm=realm, node_id="pi", domain="sensor", name="answer")
+            async with asyncio.timeout(8):
+                while not states.get(answer):
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(1.0)  # the entity set has settled: duplicates are cleared
+    assert decode(states[answer][0], Event).value == 42
+    found = {t.split("/")[-2] for t, p in configs.latest().items() if p}
+    assert {"s_load", "s_memory", "s_answer"} <= found
+    assert not {"health_load", "health_memory"} & found, found
 
 
 async def test_removed_sensor_is_cleared_on_restart(

@@ -8,6 +8,11 @@ daemon; the orchestrator for the realm device).  It
 * publishes them all again when Home Assistant's birth (``online`` on the
   birth topic) arrives, and lets the nodes send their current (not retained)
   states again (:meth:`daemon.node.Node.republish`);
+* has the states sent again ``STATES_AFTER_DISCOVERY`` seconds after it
+  announced new configs: Home Assistant subscribes to an entity's state topic
+  only once it has processed its config, so the first readings of a daemon
+  that starts while it runs were lost (a sensor stayed ``unknown`` until its
+  next change or heartbeat, up to 5 minutes);
 * removes what is no longer configured: it subscribes to its own
   ``<prefix>/+/<node_id>/+/config``, so the broker's retained configs tell it
   what an earlier run announced; any config that is not in the current set is
@@ -26,7 +31,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 from daemon import topics
 from daemon.bus import Bus, Inbound
@@ -48,6 +53,9 @@ log = logging.getLogger(__name__)
 
 # Home Assistant's default limit for a text entity's length.
 TEXT_MAX_DEFAULT = 255
+# After announcing new configs, send the states again this long after (s): Home
+# Assistant processes a config within well under a second, a busy Pi within a few.
+STATES_AFTER_DISCOVERY: Final = (2.0, 10.0)
 
 
 class CommandError(ValueError):
@@ -122,6 +130,7 @@ class Bridge:
         self._connects = -1
         self._warned: set[str] = set()  # object ids already warned about
         self.announcements = 0  # full announcements made (connects, births)
+        self._states_task: asyncio.Task[None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -191,14 +200,38 @@ class Bridge:
             desired = self.desired()
             if force:
                 self.announcements += 1
+            announced = False
             for topic, payload in desired.items():
                 if force or self._published.get(topic) != payload:
                     await self.bus.publish(topic, payload, qos=1, retain=True, wait=False)
                     self._published[topic] = payload
+                    announced = True
+            if announced:
+                self._states_later()
             if self._settled():
                 stale = (set(self._published) | self._on_broker) - set(desired)
                 for topic in sorted(stale):
                     await self._clear(topic)
+
+    def _states_later(self) -> None:
+        """Send the states again once Home Assistant has had time to subscribe to the
+        state topics of the configs just announced (one pending schedule at a time)."""
+        if self._republish is None:
+            return
+        if self._states_task is not None:
+            self._states_task.cancel()
+        self._states_task = asyncio.get_running_loop().create_task(self._states_after())
+
+    async def _states_after(self) -> None:
+        assert self._republish is not None
+        waited = 0.0
+        for at in STATES_AFTER_DISCOVERY:
+            await asyncio.sleep(at - waited)
+            waited = at
+            try:
+                await self._republish()
+            except Exception:
+                log.exception("sending the states again for Home Assistant failed")
 
     async def _clear(self, topic: str) -> None:
         log.info("removing Home Assistant entity %s (no longer configured)", topic)

@@ -94,11 +94,15 @@ def daemon_entities(daemon: NodeDaemonPort) -> list[EntitySpec]:
     out.append(diag("health_cpu", "CPU", "cpu_percent", "%", icon="mdi:cpu-64-bit"))
     if hostinfo.cpu_temperature() is not None:
         temp = diag("health_temperature", "CPU temperature", "temperature_c", "°C")
-        out.append(dataclasses.replace(temp, device_class="temperature"))
+        out.append(
+            dataclasses.replace(temp, device_class="temperature", measures="host.temperature")
+        )
     if hostinfo.load() is not None:
-        out.append(diag("health_load", "Load (1 min)", "load.0", None, icon="mdi:gauge"))
+        load = diag("health_load", "Load (1 min)", "load.0", None, icon="mdi:gauge")
+        out.append(dataclasses.replace(load, measures="host.load"))
     if hostinfo.memory():
-        out.append(diag("health_memory", "Memory used", "mem_percent", "%", icon="mdi:memory"))
+        mem = diag("health_memory", "Memory used", "mem_percent", "%", icon="mdi:memory")
+        out.append(dataclasses.replace(mem, measures="host.memory"))
     return out
 
 
@@ -110,7 +114,7 @@ class NodeEntities:
         self._own = daemon_entities(daemon)
 
     def __call__(self) -> list[EntitySpec]:
-        specs = list(self._own)
+        specs: list[EntitySpec] = []
         for hosted in self.daemon.hosted.values():
             if not hosted.ready or hosted.node is None:
                 continue
@@ -118,7 +122,10 @@ class NodeEntities:
                 specs.extend(hosted.node.entities())
             except Exception:
                 log.exception("node %s failed to list its entities", hosted.name)
-        return specs
+        # A node that measures the same (a sensors node's load, memory, temperature)
+        # replaces the daemon's own diagnostic: one entity per measurement.
+        taken = {s.measures for s in specs if s.measures}
+        return [s for s in self._own if s.measures not in taken] + specs
 
     async def republish(self) -> None:
         """Every ready node publishes its current states again (after HA's birth)."""

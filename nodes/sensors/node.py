@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Final
 
 from daemon import topics
 from daemon.entities import EntitySpec
@@ -37,6 +38,14 @@ class Sensor:
     reads: int = 0
     failures: int = 0
     last: Reading | None = None  # the last published reading
+
+
+# Builtin readings that the daemon's own diagnostics also show (they give way).
+MEASURES: Final = {
+    "load": "host.load",
+    "memory": "host.memory",
+    "cpu_temperature": "host.temperature",
+}
 
 
 class SensorsNode(Node):
@@ -92,6 +101,7 @@ class SensorsNode(Node):
                     device_class=reader.device_class,
                     unit=reader.unit,
                     state_class=state_classes.get(reader.name, "measurement"),
+                    measures=MEASURES.get(getattr(reader, "kind", "")),
                 )
             )
         return out
