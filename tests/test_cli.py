@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import yaml
 
-from daemon.broker import PrivateBroker
+from daemon.broker import PrivateBroker, free_port
+from daemon.config import build_config, read_yaml
+from daemon.orchestrator.service import Orchestrator
+from daemon.provision.brokerdir import BrokerDir
 from tests.conftest import ROOT, mtor_env
 
 
@@ -68,3 +72,37 @@ async def test_events_that_do_not_come_are_not_an_unreachable_broker(
     assert "0 of 1 event(s) in 0.5s" in err
     code, out, err = await mtor("events", "--broker", "mqtt://127.0.0.1:1", "--count", "1")
     assert code == 69, err  # this one is
+
+
+async def test_sysop_commands_find_the_system_brokers_admin(tmp_path: Path) -> None:
+    """install.sh --system: /etc/mtor/config.yaml names the generated broker's
+    accounts.json; root's CLI logs in as its admin (sysop) by itself, no --token."""
+    d = BrokerDir.init(tmp_path / "broker", "sys", port=free_port(), tls_port=None)
+    orch_cfg = read_yaml(d.client_dir("orchestrator") / "config.yaml")
+    orch_cfg["orchestrator"]["state_dir"] = str(tmp_path / "orch")
+    broker = PrivateBroker.generated(d.conf_file, d.settings().port)
+    broker.start()
+    stop = asyncio.Event()
+    try:
+        orch = Orchestrator(build_config(orch_cfg, environ={}))
+        task = asyncio.create_task(orch.run(stop))
+        await asyncio.wait_for(orch._online.wait(), 10)
+        config = tmp_path / "config.yaml"  # what a service install's CLI reads: no account
+        config.write_text(yaml.safe_dump({
+            "realm": "sys", "orchestrator": {"accounts_file": str(d.accounts_file)},
+        }))  # fmt: skip
+        code, out, err = await mtor("admin", "users", "--config", str(config), cwd=tmp_path)
+        assert code == 0, err
+        assert "sysop" in out
+        other = tmp_path / "other.yaml"  # another broker named: its password never goes there
+        other.write_text(yaml.safe_dump({
+            "realm": "sys", "broker": {"url": "mqtt://127.0.0.1:1"},
+            "orchestrator": {"accounts_file": str(d.accounts_file)},
+        }))  # fmt: skip
+        code, out, err = await mtor("admin", "users", "--config", str(other), cwd=tmp_path)
+        assert code == 69, err
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 10)
+        broker.cleanup()

@@ -214,17 +214,26 @@ def cmd_ask(args: argparse.Namespace, config: Config) -> int:
 
 
 def _admin_call(config: Config, args: argparse.Namespace, op: str, **kw: Any) -> Any:
+    """The orchestrator's answer to an admin request (exit 69 / 77 when the broker
+    cannot be reached or refuses us, as every other command)."""
+    from daemon.cli.main import run_async
     from daemon.client import RealmClient
 
-    async def main() -> Any:
+    result: list[Any] = []
+
+    async def main() -> int:
         async with client_bus(config, "admin") as bus:
             client = RealmClient(
                 bus, config.realm, user=args.as_user or "sysop", token=_token(args, config)
             )
             await client.start()
-            return await client.admin(op, **kw)
+            result.append(await client.admin(op, **kw))
+        return EXIT_OK
 
-    return asyncio.run(main())
+    code = run_async(main())
+    if code != EXIT_OK:
+        raise SystemExit(code)
+    return result[0]
 
 
 def cmd_view(args: argparse.Namespace, config: Config) -> int:

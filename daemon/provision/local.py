@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -21,7 +22,7 @@ import yaml
 
 from daemon.accounts import GATEWAY_ACCOUNT
 from daemon.broker import LOCAL_HOSTS, free_port, port_open
-from daemon.config import BrokerConfig, Config, parse_broker_url
+from daemon.config import BrokerConfig, Config, parse_broker_url, read_yaml
 from daemon.errors import BrokerStartError, ConfigError
 from daemon.provision.brokerdir import ADMIN, ORCHESTRATOR, BrokerDir
 from daemon.provision.conf import DEFAULT_PORT, LOOPBACK
@@ -132,14 +133,47 @@ def child_config(local: LocalBroker, account: str, user_config: dict[str, Any], 
 
 
 def cli_credentials(config: Config) -> tuple[BrokerConfig, str] | None:
-    """The ``admin`` account of ``mtor up``'s running private broker, for the local CLI.
+    """The ``admin`` (sysop) account for the local CLI: of ``mtor up``'s running
+    private broker, else of the generated broker whose ``accounts.json`` the config
+    names (``install.sh --system``: ``/etc/mtor/broker``, readable by root), so
+    ``sudo mtor admin ...`` needs no token on the command line (where ``ps`` shows it).
 
     Only when the config names no broker username, and its URL is the default
-    or the private broker's own (so a password never goes to another broker).
+    or that broker's own (so a password never goes to another broker).
     """
     b = config.broker
     if b.username is not None:
         return None
+    return _private_admin(config) or _system_admin(config)
+
+
+def _system_admin(config: Config) -> tuple[BrokerConfig, str] | None:
+    accounts = config.orchestrator.accounts_file
+    if accounts is None:
+        return None
+    d = BrokerDir(accounts.parent)
+    client = d.client_dir(ADMIN)
+    with contextlib.suppress(ConfigError, OSError, ValueError):
+        if not os.access(client / "password", os.R_OK) or d.settings().realm != config.realm:
+            return None
+        section = read_yaml(client / "config.yaml").get("broker")
+        if not isinstance(section, dict):
+            return None
+        section.pop("password_file", None)  # read below, from the same directory
+        tls = section.get("tls")
+        if isinstance(tls, dict) and tls.get("ca_file"):  # relative to the client dir
+            tls["ca_file"] = str(client / tls["ca_file"])
+        admin = BrokerConfig.model_validate(section)
+        if config.broker.url != BrokerConfig().url and not _same_endpoint(
+            config.broker.url, admin.url
+        ):
+            return None
+        return admin, d.password(ADMIN)
+    return None
+
+
+def _private_admin(config: Config) -> tuple[BrokerConfig, str] | None:
+    b = config.broker
     d = broker_dir(config)
     with contextlib.suppress(ConfigError, OSError):
         if not (d.client_dir(ADMIN) / "password").is_file() or d.running_pid() is None:
