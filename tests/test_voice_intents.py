@@ -326,3 +326,38 @@ def test_devices_learned_after_start_are_recognised() -> None:
     assert published(rec, "turn off the bedroom lamp") == [
         ("zigbee2mqtt/Bedroom Lamp/set", '{"state":"OFF"}')
     ]
+
+
+async def test_learned_entities_are_bounded_and_watched_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At most MAX_ENTITIES are learned (one log line each refusal); a shared
+    availability topic (zigbee2mqtt's bridge/state) is subscribed once."""
+    from daemon.bus import Inbound
+    from nodes.voice import discovery
+    from nodes.voice.learn import BrokerDevices
+
+    class FakeBus:
+        def __init__(self) -> None:
+            self.subs: list[str] = []
+
+        async def subscribe(self, topic_filter: str, handler: Any, qos: int = 1) -> None:
+            self.subs.append(topic_filter)
+
+        async def unsubscribe(self, topic_filter: str) -> None:
+            self.subs.remove(topic_filter)
+
+    monkeypatch.setattr(discovery, "MAX_ENTITIES", 3)
+    bus = FakeBus()
+    watcher = BrokerDevices(bus, "ha", Registry())
+    await watcher.start()
+    assert bus.subs == ["ha/+/+/config", "ha/+/+/+/config"]
+    for i in range(5):
+        lamp = {**Z2M_LAMP, "state_topic": f"z2m/lamp{i}", "device": {"name": f"Lamp {i}"}}
+        msg = Inbound(topic=f"ha/light/l{i}/light/config", payload=json.dumps(lamp).encode())
+        await watcher.on_config(msg)
+    assert len(watcher.registry.discovered) == 3 and watcher.refused == 2
+    assert bus.subs.count("zigbee2mqtt/bridge/state") == 1
+    await watcher.on_config(Inbound(topic="ha/light/l0/light/config", payload=b""))
+    assert len(watcher.registry.discovered) == 2 and "z2m/lamp0" not in bus.subs
+    assert "zigbee2mqtt/bridge/state" in bus.subs  # the other lamps still use it

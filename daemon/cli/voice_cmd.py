@@ -152,6 +152,10 @@ def cmd_listen(args: argparse.Namespace, config: Config) -> int:
             await node.setup()
             node.listeners.append(show)
             await node.realm.start()
+            if bus.connected and vcfg.intents.discovery.enabled:
+                # Devices learned from the broker: their retained configs arrive at once.
+                await node.devices.start()
+                await asyncio.sleep(DISCOVERY_SETTLE_S)
             sink = audio.WavSink(args.out) if args.out else audio.NullSink()
             pipeline = node.make_pipeline(sink=_Accumulating(sink) if args.out else sink)
             if pipeline is None:
@@ -162,6 +166,9 @@ def cmd_listen(args: argparse.Namespace, config: Config) -> int:
             return EXIT_OK
 
     return asyncio.run(main())
+
+
+DISCOVERY_SETTLE_S: Final = 0.5  # for the retained discovery configs to arrive
 
 
 async def _nothing() -> None:
