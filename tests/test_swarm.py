@@ -305,6 +305,44 @@ async def test_auctioneer_runs_the_auction_and_reawards_a_failure(config: Config
         auctioneer.close()
 
 
+async def test_the_orchestrator_is_the_auctioneer_and_records_the_mission(
+    config: Config, tmp_path: Path
+) -> None:
+    """A mission naming the orchestrator: the realm's orchestrator awards it (its
+    account on swarm/award/), and the finished mission is in its history."""
+    from daemon.orchestrator.service import Orchestrator
+    from tests.conftest import InProcess
+
+    cfg = make_config(
+        config.broker.url, config.realm, orchestrator={"state_dir": str(tmp_path / "orch")}
+    )
+    orch = Orchestrator(cfg)
+    runner = InProcess()
+    runner._run(orch.run)
+    try:
+        await asyncio.wait_for(orch._online.wait(), 10)
+        spots = {"a": (0.0, 0.0), "b": (100.0, 0.0)}
+        async with fleet(config, spots), watching(config) as (bus, watcher, wire):
+            m = MissionAnnounce(
+                mission="via-orch", target=Point(x=90, y=0), auctioneer="orchestrator"
+            )
+            await announce(bus, config.realm, "alice", m)
+            async with asyncio.timeout(15):
+                await watcher.get("alice", "via-orch").finished.wait()
+            assert [(s, a.winner) for s, a in kinds(wire, "award", "via-orch")] == [
+                ("orchestrator", "b")
+            ]
+        async with asyncio.timeout(10):
+            while not (rows := await orch.store.history(10, capability="swarm.mission")):
+                await asyncio.sleep(0.1)
+        (row,) = rows
+        assert (row["task_id"], row["user"], row["node"], row["outcome"], row["attempts"]) == (
+            "mission:alice/via-orch", "alice", "b", "done", 1
+        )  # fmt: skip
+    finally:
+        await runner.close()
+
+
 async def test_hostile_messages_never_crash_and_forgeries_change_nothing(
     config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -12,7 +12,8 @@ It wires the parts, each testable on its own:
 * :class:`~daemon.orchestrator.ha.HighAvailability` — the lease: exactly one
   active orchestrator per realm, fenced by an epoch;
 * the journal and history (:class:`~daemon.orchestrator.store.Store`), admin,
-  realm state and realm workflows.
+  realm state, realm workflows and the swarm's auctioneer (missions naming the
+  orchestrator, recorded in the history as ``swarm.mission``).
 
 This module decodes what arrives, hands it to the part it is for, and is the
 core's :class:`~daemon.orchestrator.core.Sink` (posts on the bus, journals,
@@ -31,7 +32,7 @@ import uuid
 from typing import Any, Final
 
 from daemon import __version__, gctune, topics
-from daemon.accounts import Accounts
+from daemon.accounts import ORCHESTRATOR_ACCOUNT, Accounts
 from daemon.bus import Bus, Inbound
 from daemon.config import Config
 from daemon.errors import BusError, MessageError
@@ -52,6 +53,7 @@ from daemon.protocol.admin import OrchestratorState, OrchestratorStats
 from daemon.protocol.node import NodeHealth, NodeInfo, NodeState
 from daemon.protocol.task import ErrorInfo, TaskCancel, TaskSubmit, TaskUpdate, WorkerReport
 from daemon.sdnotify import Notifier
+from daemon.swarm.auctioneer import Auctioneer, MissionRecord
 from daemon.workflows.realm import RealmWorkflows
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,7 @@ class Orchestrator:
             store=self.store,
             admission=self.admission,
         )
+        self.auctioneer: Auctioneer | None = None  # once active
         self._report_nodes: dict[str, str] = {}  # report topic -> node id (known peers)
         self._online = asyncio.Event()
         self._served = False  # requests are taken (became active once)
@@ -209,6 +212,8 @@ class Orchestrator:
                 await self.bus.drain(1.0)
                 bus_task.cancel()
         finally:
+            if self.auctioneer is not None:
+                self.auctioneer.close()
             self.core.close()
             await self.store.close()
             self.users.close()
@@ -255,6 +260,11 @@ class Orchestrator:
             await sub(topics.ORCH_ADMIN.filter(realm=r), self.admin.on_request)
             await self.state.start()
             await self.workflows.start()
+            # Missions that name the orchestrator as their auctioneer (docs/swarm.md).
+            self.auctioneer = Auctioneer(
+                self.bus, r, ORCHESTRATOR_ACCOUNT, on_finished=self._mission_finished
+            )
+            await self.auctioneer.start()
             from daemon.homeassistant.realm import attach as attach_homeassistant
 
             bridge = await attach_homeassistant(self.bus, self.config)  # the realm device
@@ -263,6 +273,9 @@ class Orchestrator:
         self.core.active_since = time.monotonic()
         recovery.adopt(self.core, mirror)
         await self._announce()
+
+    async def _mission_finished(self, record: MissionRecord) -> None:
+        self.store.record(record.history_row(time.time()))
 
     async def _announce(self) -> None:
         self._connected_at = time.monotonic()

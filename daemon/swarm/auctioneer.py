@@ -34,6 +34,9 @@ from daemon.swarm.service import AuctionHost
 
 log = logging.getLogger(__name__)
 
+# How missions appear in the orchestrator's history.
+MISSION_CAPABILITY = "swarm.mission"
+
 
 @dataclass(frozen=True, slots=True)
 class MissionRecord:
@@ -45,6 +48,28 @@ class MissionRecord:
     winners: list[list[str]]  # per sector, every holder in order (the last one finished)
     rounds: int
     seconds: float
+
+    def history_row(self, ended: float) -> dict[str, object]:
+        """The mission as a row of the orchestrator's task history (capability
+        ``swarm.mission``; ``mtor history --capability swarm.mission``).  ``ended``:
+        epoch seconds."""
+        last = [w[-1] for w in self.winners if w]
+        return {
+            "task_id": f"mission:{self.issuer}/{self.mission}"[:200],
+            "user": self.issuer,
+            "capability": MISSION_CAPABILITY,
+            "node": ",".join(last)[:200] or None,
+            "priority": "interactive",
+            "submitted": ended - self.seconds,
+            "queue_ms": None,
+            "run_ms": None,
+            "total_ms": round(self.seconds * 1000, 3),
+            "outcome": "done" if self.status == "done" else "failed",
+            "error_code": None if self.status == "done" else self.status,
+            "attempts": self.rounds,
+            "input_bytes": 0,
+            "output_bytes": 0,
+        }
 
 
 class Auctioneer(AuctionHost):
