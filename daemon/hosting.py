@@ -1,7 +1,8 @@
 """What the node daemon hosts, and what its parts see of it: a node as its daemon
-hosts it (:class:`HostedNode`), and the port the daemon's own parts (its Home
-Assistant device, its local workflows) take instead of the whole daemon
-(:class:`DaemonPort`; each part's port adds what it needs)."""
+hosts it (:class:`HostedNode`, with what its crash guard says of it), and the
+port the daemon's own parts (its Home Assistant device, its local workflows)
+take instead of the whole daemon (:class:`DaemonPort`; each part's port adds
+what it needs)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from daemon.supervisor import Supervised
 if TYPE_CHECKING:
     from daemon.bus import Bus
     from daemon.config import Config
+    from daemon.worker import Executor
 
 
 @dataclass
@@ -28,6 +30,11 @@ class HostedNode:
     node: Node | None = None
     task: asyncio.Task[None] | None = None
     ready: bool = False
+    # What the daemon's crash guard says of it (daemon.probe): the backend it runs
+    # without, or why it is not loaded; shown as its error while it runs.
+    note: str | None = None
+    # The node as the worker's executor (its tasks counted for the crash guard).
+    executor: Executor | None = None
 
 
 class DaemonPort(Protocol):

@@ -1,10 +1,12 @@
 """The node daemon (``mtor node``): hosts the configured nodes on one bus.
 
 Lifecycle: connect (the will says *offline* with this boot's id) → on every
-connect publish *online*, the capability advert and health → set up each node
-(backends load off the loop) and run it under a supervisor → on SIGTERM stop
-taking work, let in-flight tasks finish within the shutdown budget, publish
-*offline* and disconnect cleanly.
+connect publish *online*, the capability advert and health → probe the nodes
+whose native backends have no verdict yet in a child (:mod:`daemon.probe`: a
+backend that kills it costs only its node) → set up each node (backends load
+off the loop) and run it under a supervisor → on SIGTERM stop taking work, let
+in-flight tasks finish within the shutdown budget, publish *offline* and
+disconnect cleanly.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from daemon.heap import collect_garbage, pin_mmap_threshold, trim_heap
 from daemon.hosting import HostedNode
 from daemon.messages import decode
 from daemon.node import NodeContext
-from daemon.plugins import node_class
+from daemon.plugins import node_class, node_type
+from daemon.probe import BackendGuard, Target, Tracked, loading, log_imports
 from daemon.protocol.node import (
     BusStats,
     Capability,
@@ -91,6 +94,7 @@ class NodeDaemon:
         self._restarts: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._online = asyncio.Event()
+        self.guard: BackendGuard | None = None
         self.workflows: LocalWorkflows | None = None
         self.worker = Worker(self.bus, config.realm, nid)
         from daemon.homeassistant.node import node_bridge
@@ -116,7 +120,7 @@ class NodeDaemon:
                 type=h.type_name,
                 status=h.job.status,
                 restarts=h.job.restarts,
-                error=h.job.error,
+                error=h.job.error or h.note,
             )
             for h in self.hosted.values()
         ]
@@ -165,10 +169,11 @@ class NodeDaemon:
             hosted = self.hosted.get(cap.node)
             if hosted is None or hosted.node is None:
                 continue
+            executor = hosted.executor or hosted.node
             # Several adverts of one name on one node (e.g. two chat backends) add up;
             # the node picks the backend from the task's constraints.
-            node, slots = routes.get(cap.name, (hosted.node, 0))
-            if node is hosted.node:
+            node, slots = routes.get(cap.name, (executor, 0))
+            if node is executor:
                 routes[cap.name] = (node, slots + cap.max_concurrency)
         self.worker.set_routes(routes)
         await self.bus.publish(self.info_topic, info, qos=1, retain=True, wait=False)
@@ -192,21 +197,56 @@ class NodeDaemon:
     # ----------------------------------------------------------------- nodes
 
     def _build_nodes(self) -> None:
+        """The hosted nodes (made later, by :meth:`_load_nodes`) and their crash guard;
+        reads what the last run's fault log says before anything loads."""
+        targets = []
         for name, cfg in self.config.nodes.items():
             if not cfg.enabled:
                 continue
-            hosted = HostedNode(name, cfg.type, Supervised(name))
-            self.hosted[name] = hosted
+            self.hosted[name] = HostedNode(name, cfg.type, Supervised(name))
+            impl = node_type(cfg.type).implementation
+            targets.append(Target(name, impl, cfg.model_dump(mode="json")))
+        self.guard = BackendGuard(self.config, self.node_id, targets)
+        self.guard.open()
+        log_imports()
+
+    async def _load_nodes(self) -> None:
+        """Probe what has no verdict, then make and start every node that may load."""
+        guard = self.guard
+        assert guard is not None
+        await guard.vet()
+        for name, hosted in self.hosted.items():
+            verdict = guard.verdict(name)
+            hosted.note = verdict.note()
+            if verdict.unavailable:
+                hosted.job.status = "failed"
+                log.error("node %s (%s) not loaded: %s", name, hosted.type_name, hosted.note)
+                continue
+            cfg = self.config.nodes[name]
             try:
                 hosted.node = node_class(cfg.type)(name, cfg, self.ctx)
             except ImportError as exc:
                 hosted.job.status = "failed"
                 hosted.job.error = f"missing package: {exc}"
                 log.warning("node %s (%s) unavailable: %s", name, cfg.type, exc)
+                continue
+            hosted.executor = Tracked(hosted.node, name, guard.busy)
+            delay = guard.start_delay(
+                name, self.config.daemon.restart_initial_delay, self.config.daemon.restart_max_delay
+            )
+            self._start_node(hosted, delay)
+        await self.publish_info()
 
-    async def _run_node(self, hosted: HostedNode) -> None:
+    async def _run_node(self, hosted: HostedNode, delay: float = 0.0) -> None:
         node = hosted.node
         assert node is not None
+        if delay:
+            hosted.job.status = "restarting"
+            log.warning("node %s crashed the last run: loading it in %.1fs", hosted.name, delay)
+            await asyncio.sleep(delay)
+        entry = self.config.nodes[hosted.name].model_dump(exclude_defaults=True)
+        log.info("loading node %s (%s) %s", hosted.name, hosted.type_name, _backends(entry))
+        token = loading.set(hosted.name)
         try:
             await node.setup()
         except asyncio.CancelledError:
@@ -217,6 +257,8 @@ class NodeDaemon:
             log.exception("node %s failed to set up; it is not advertised", hosted.name)
             await self.publish_info()
             return
+        finally:
+            loading.reset(token)
         # What loading allocated only for the while (files read, graphs built) is
         # free now: hand it back (70 MB with the auto nodes, at start and per restart).
         await asyncio.to_thread(trim_heap)
@@ -239,10 +281,12 @@ class NodeDaemon:
         finally:
             hosted.ready = False
 
-    def _start_node(self, hosted: HostedNode) -> None:
+    def _start_node(self, hosted: HostedNode, delay: float = 0.0) -> None:
         assert self._tg is not None
         if hosted.node is not None:
-            hosted.task = self._tg.create_task(self._run_node(hosted), name=f"node:{hosted.name}")
+            hosted.task = self._tg.create_task(
+                self._run_node(hosted, delay), name=f"node:{hosted.name}"
+            )
 
     async def restart_nodes(self, names: list[str]) -> None:
         """Stop the nodes, release what their setup loaded, and set them up again.
@@ -348,9 +392,10 @@ class NodeDaemon:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             bus_task = tg.create_task(self.bus.run(), name="bus")
-            for hosted in self.hosted.values():
-                self._start_node(hosted)
-            background = [tg.create_task(self._health_loop(), name="health")]
+            background = [
+                tg.create_task(self._load_nodes(), name="load"),
+                tg.create_task(self._health_loop(), name="health"),
+            ]
             if self.notifier.watchdog_interval:
                 background.append(
                     tg.create_task(self._watchdog_loop(self.notifier.watchdog_interval))
@@ -385,6 +430,8 @@ class NodeDaemon:
         for hosted in self.hosted.values():
             await self._close_node(hosted, max(0.1, deadline - time.monotonic() - 1.0))
         await self.spool.close(timeout=max(0.1, deadline - time.monotonic() - 1.0))
+        if self.guard is not None:
+            self.guard.close()  # a clean stop: no task in flight, no fault to read
         offline = NodeState(
             state="offline", boot_id=self.boot_id, version=__version__, reason="shutdown"
         )
@@ -393,3 +440,11 @@ class NodeDaemon:
                 async with asyncio.timeout(OFFLINE_PUBLISH_TIMEOUT):
                     await self.bus.publish(self.state_topic, offline, qos=1, retain=True)
         await self.bus.drain(timeout=max(0.1, deadline - time.monotonic()))
+
+
+def _backends(entry: dict[str, object]) -> str:
+    """The backend and model choices of a node's config entry, for the log line
+    written before it loads them."""
+    keys = ("backend", "model", "engine", "detector", "stt", "tts", "wake", "vad")
+    picked = {k: v for k, v in entry.items() if any(word in k for word in keys)}
+    return ", ".join(f"{k}={v}" for k, v in picked.items())[:300] or "(defaults)"
