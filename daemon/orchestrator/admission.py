@@ -10,11 +10,13 @@ may set which realm state.  No queues, no peers, no I/O: the scheduling core
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from daemon import topics
 from daemon.accounts import ORCHESTRATOR_ACCOUNT, Accounts
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, MessageError
+from daemon.messages import decode
 from daemon.orchestrator.config import OrchestratorConfig
 from daemon.orchestrator.identity import (
     Identities,
@@ -26,15 +28,24 @@ from daemon.orchestrator.identity import (
 from daemon.orchestrator.state import StateError
 from daemon.orchestrator.tasks import TokenBucket, bucket_for
 from daemon.orchestrator.users import Users
+from daemon.protocol.task import ErrorInfo, TaskSubmit, TaskUpdate
 
 if TYPE_CHECKING:
     from daemon.bus import Inbound
-    from daemon.protocol.task import TaskSubmit
 
 log = logging.getLogger(__name__)
 
 # Task-rate buckets kept at most (one per user); the oldest go first.
 MAX_TASK_BUCKETS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A decoded submission on ``task/submit/<account>``, its reply topic checked."""
+
+    account: str
+    submit: TaskSubmit
+    reply_topic: str | None
 
 
 class Admission:
@@ -73,6 +84,33 @@ class Admission:
             log.warning("%s requests from %s over the rate limit: dropped", what, account[:64])
             return None
         return account
+
+    def submission(self, msg: Inbound) -> Submission | tuple[str, TaskUpdate] | None:
+        """The submission ``msg`` carries; ``(topic, update)``: refused, with the answer
+        to send; None: not served and not answered (logged).  A reply topic outside
+        the sender's own reply space is never written to."""
+        # Submissions are limited per user and role by admit, not as requests.
+        account = self.request_account(msg, topics.TASK_SUBMIT, "task", limited=False)
+        if account is None:
+            return None
+        reply_topic = msg.response_topic
+        try:
+            submit = decode(msg.payload, TaskSubmit)
+        except MessageError as exc:
+            log.warning("rejected submission from %s: %s (payload %s)", account, exc, msg.preview())
+            if not self.reply_ok(reply_topic, account):
+                return None
+            error = ErrorInfo(code=exc.code, message=str(exc))
+            return reply_topic, TaskUpdate(task_id="invalid", status="failed", error=error)
+        reply_topic = reply_topic or submit.reply_to
+        if reply_topic is not None and not self.reply_ok(reply_topic, account):
+            root = self.reply_root
+            log.warning(
+                "submission from %s with reply topic %r outside %s%s/ dropped",
+                account, reply_topic[:200], root, account,
+            )  # fmt: skip
+            return None
+        return Submission(account, submit, reply_topic)
 
     def reply_ok(self, topic: str | None, account: str) -> TypeGuard[str]:
         """May ``account`` be answered on ``topic``?  Only inside its own reply space

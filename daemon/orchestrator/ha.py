@@ -38,6 +38,7 @@ a standby that starts while tasks are in flight mirrors them from the snapshot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -45,7 +46,7 @@ from typing import Final, Literal
 
 from daemon import topics
 from daemon.bus import Bus, Inbound
-from daemon.errors import MessageError
+from daemon.errors import BusError, MessageError
 from daemon.messages import decode
 from daemon.orchestrator.config import OrchestratorConfig
 from daemon.orchestrator.tasks import Mirrored, Task
@@ -240,6 +241,28 @@ class HighAvailability:
                 await self._be_standby()
             self._changed.clear()
             await self._wait(max(0.05, self.lease_at + self.timeout - time.monotonic()))
+
+    async def lead(self, stop: asyncio.Event) -> None:
+        """:meth:`run`, and ``stop`` set when a newer active took over (the service
+        then ends with :class:`SteppedDown`)."""
+        try:
+            await self.run()
+        except SteppedDown:
+            stop.set()
+
+    async def goodbye(self) -> None:
+        """A clean stop: the lease free at once (a standby takes over without waiting),
+        and the realm told the orchestrator is offline; a standby's own presence."""
+        if not self.bus.connected:
+            return
+        released = self.release()
+        with contextlib.suppress(TimeoutError, BusError):
+            async with asyncio.timeout(1.0):
+                if released is not None:
+                    await self.bus.publish(self.lease_topic, released, retain=True)
+                    await self.bus.publish(*self.offline, retain=True)
+                offline = self.presence("offline")
+                await self.bus.publish(self.instance_topic, offline, retain=True)
 
     async def _wait(self, seconds: float) -> None:
         try:

@@ -24,7 +24,6 @@ slow sweep here for silent peers and breakers whose cool-down ended.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -39,7 +38,7 @@ from daemon.errors import BusError, MessageError
 from daemon.messages import M, Message, decode
 from daemon.orchestrator import recovery
 from daemon.orchestrator.admin import Admin
-from daemon.orchestrator.admission import Admission
+from daemon.orchestrator.admission import Admission, Submission
 from daemon.orchestrator.core import Scheduler
 from daemon.orchestrator.ha import HighAvailability, SteppedDown
 from daemon.orchestrator.identity import Refused
@@ -51,7 +50,7 @@ from daemon.orchestrator.tasks import Mirrored, Task
 from daemon.orchestrator.users import Users
 from daemon.protocol.admin import OrchestratorState, OrchestratorStats
 from daemon.protocol.node import NodeHealth, NodeInfo, NodeState
-from daemon.protocol.task import ErrorInfo, TaskCancel, TaskSubmit, TaskUpdate, WorkerReport
+from daemon.protocol.task import ErrorInfo, TaskCancel, TaskUpdate, WorkerReport
 from daemon.sdnotify import Notifier
 from daemon.swarm.auctioneer import Auctioneer, MissionRecord
 from daemon.workflows.realm import RealmWorkflows
@@ -197,7 +196,7 @@ class Orchestrator:
                     tg.create_task(self.store.run(), name="store"),
                     tg.create_task(self._sweep_loop(), name="sweep"),
                     tg.create_task(self._stats_loop(), name="stats"),
-                    tg.create_task(self._lead(stop), name="lease"),
+                    tg.create_task(self.ha.lead(stop), name="lease"),
                 ]
                 if self.notifier.watchdog_interval:
                     background.append(tg.create_task(self._watchdog(), name="watchdog"))
@@ -208,7 +207,7 @@ class Orchestrator:
                     t.cancel()
                 if self._served:
                     await self.workflows.stop()
-                await self._goodbye()
+                await self.ha.goodbye()
                 await self.bus.drain(1.0)
                 bus_task.cancel()
         finally:
@@ -219,26 +218,6 @@ class Orchestrator:
             self.users.close()
         if self.ha.stepped_down is not None:
             raise SteppedDown(f"orchestrator {self.ha.stepped_down.holder!r} took over")
-
-    async def _lead(self, stop: asyncio.Event) -> None:
-        try:
-            await self.ha.run()
-        except SteppedDown:
-            stop.set()
-
-    async def _goodbye(self) -> None:
-        """A clean stop: the lease free at once (a standby takes over without waiting),
-        and the realm told the orchestrator is offline; a standby's own presence."""
-        if not self.bus.connected:
-            return
-        released = self.ha.release()
-        with contextlib.suppress(TimeoutError, BusError):
-            async with asyncio.timeout(1.0):
-                if released is not None:
-                    await self.bus.publish(self.ha.lease_topic, released, retain=True)
-                    await self.bus.publish(self.state_topic, self.offline_state(), retain=True)
-                offline = self.ha.presence("offline")
-                await self.bus.publish(self.ha.instance_topic, offline, retain=True)
 
     async def become_active(self, mirror: dict[str, Mirrored], took_over: bool) -> None:
         """This instance holds the lease: take requests, adopt what the previous
@@ -373,36 +352,16 @@ class Orchestrator:
     async def _on_submit(self, msg: Inbound) -> None:
         if not self.ha.active:
             return  # stepped down: the active one answers (clients resubmit to it)
-        admission = self.admission
-        # Submissions are limited per user and role by admission.admit, not here.
-        account = admission.request_account(msg, topics.TASK_SUBMIT, "task", limited=False)
-        if account is None:
+        admission, core, corr = self.admission, self.core, msg.correlation_data
+        got = admission.submission(msg)
+        if not isinstance(got, Submission):
+            if got is not None:
+                self.bus.post(got[0], got[1], correlation_data=corr)
             return
-        reply_topic = msg.response_topic
-        try:
-            submit = decode(msg.payload, TaskSubmit)
-        except MessageError as exc:
-            log.warning("rejected submission from %s: %s (payload %s)", account, exc, msg.preview())
-            if admission.reply_ok(reply_topic, account):
-                error = ErrorInfo(code=exc.code, message=str(exc))
-                invalid = TaskUpdate(task_id="invalid", status="failed", error=error)
-                self.bus.post(reply_topic, invalid, correlation_data=msg.correlation_data)
-            return
-        reply_topic = reply_topic or submit.reply_to
-        if reply_topic is not None and not admission.reply_ok(reply_topic, account):
-            log.warning(
-                "submission from %s with reply topic %r outside %s%s/ dropped",
-                account,
-                reply_topic[:200],
-                admission.reply_root,
-                account,
-            )
-            return
+        submit, reply_topic = got.submit, got.reply_topic
         task_id = submit.task_id or secrets.token_urlsafe(TASK_ID_BYTES)
-        corr = msg.correlation_data
-        core = self.core
         try:
-            ident = admission.identify(account, submit.token, submit.user)
+            ident = admission.identify(got.account, submit.token, submit.user)
             # A resubmission joins (or gets the result of) the task it repeats.
             if core.join(submit, ident.name, task_id, reply_topic, corr):
                 return
@@ -411,13 +370,11 @@ class Orchestrator:
                 submit, ident, task_id, reply=reply_topic, corr=corr, input_bytes=len(msg.payload)
             )
         except Refused as exc:
+            error = ErrorInfo(code=exc.code, message=str(exc))
             update = TaskUpdate(
-                task_id=task_id,
-                status="failed",
-                error=ErrorInfo(code=exc.code, message=str(exc)),
-                correlation=submit.correlation,
+                task_id=task_id, status="failed", error=error, correlation=submit.correlation
             )
-            log.info("refused %s task from %s: %s", submit.capability, account, exc)
+            log.info("refused %s task from %s: %s", submit.capability, got.account, exc)
             if reply_topic:
                 self.bus.post(reply_topic, update, correlation_data=corr)
 
