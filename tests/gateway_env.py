@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.broker import PrivateBroker
+from daemon.bus import Bus
 from daemon.config import Config, build_config, read_yaml
 from daemon.gateway.server import listen, run_gateway
 from daemon.orchestrator.service import Orchestrator
@@ -56,6 +57,24 @@ class GatewayRealm:
                 if names <= set().union(*offered.values()):
                     return
 
+    @contextlib.asynccontextmanager
+    async def account_bus(self, name: str, role: str = "node") -> AsyncIterator[Bus]:
+        """A connected bus logged in as a new broker account ``name`` of ``role``."""
+        if self.local.dir.accounts().get(name) is None:
+            self.local.dir.add(name, role, local=True)  # type: ignore[arg-type]
+            self.local.dir.reload()
+            await self._until_accepted(name)
+        cfg = _load(child_config(self.local, name, self.base, name))
+        bus = Bus(cfg.broker, f"test-{name}", password=cfg.broker_password())
+        task = asyncio.create_task(bus.run())
+        try:
+            await bus.wait_connected(10)
+            yield bus
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def _until_accepted(self, account: str, timeout: float = 10) -> None:
         """Until the broker takes the account's new password (a refused login is fatal
         to a daemon, so it must not try before)."""
@@ -93,6 +112,25 @@ class GatewayRealm:
         await asyncio.wait_for(daemon._online.wait(), wait)
         self.daemons[node_id] = daemon
         return daemon
+
+
+def png(width: int = 64, height: int = 48, rgb: tuple[int, int, int] = (40, 120, 200)) -> bytes:
+    """A small solid-colour PNG (a stand-in camera picture; standard library only)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = b"\x00" + bytes(rgb) * width
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(row * height))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _load(path: Path) -> Config:

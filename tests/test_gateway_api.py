@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 import websockets
 
-from tests.gateway_env import GatewayRealm, gateway_realm
+from tests.gateway_env import GatewayRealm, gateway_realm, png
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 
@@ -305,3 +305,35 @@ async def test_the_gateway_account_writes_only_as_itself(env: GatewayRealm) -> N
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_camera_snapshots_are_served_to_users_not_guests(
+    env: GatewayRealm, tokens: dict[str, str]
+) -> None:
+    picture = png()
+    topic = f"mtor/{env.realm}/media/cam/door/snapshot"
+    async with env.account_bus("cam") as cam, client(env, tokens["ann"]) as ann:
+        await cam.publish(topic, picture, retain=True, content_type="image/png")
+        await cam.publish(  # not a picture: ignored
+            f"mtor/{env.realm}/media/cam/bell/snapshot",
+            b"x",
+            retain=True,
+            content_type="text/plain",
+        )
+        async with asyncio.timeout(10):
+            while not (await ann.get("/api/snapshots")).json():
+                await asyncio.sleep(0.05)
+        listed = (await ann.get("/api/snapshots")).json()
+        assert [(s["node_id"], s["camera"], s["bytes"]) for s in listed] == [
+            ("cam", "door", len(picture))
+        ]
+        r = await ann.get("/api/snapshots/cam/door")
+        assert r.status_code == 200 and r.content == picture
+        assert r.headers["content-type"] == "image/png"
+        assert (await ann.get("/api/snapshots/cam/bell")).status_code == 404
+        async with client(env, tokens["gus"]) as gus:
+            assert (await gus.get("/api/snapshots/cam/door")).status_code == 403
+        await cam.publish(topic, b"", retain=True)  # cleared: gone
+        async with asyncio.timeout(10):
+            while (await ann.get("/api/snapshots")).json():
+                await asyncio.sleep(0.05)

@@ -19,7 +19,8 @@ import pytest
 import pytest_asyncio
 
 from daemon.gateway.announce import dashboard_url
-from tests.gateway_env import GatewayRealm, gateway_realm
+from daemon.protocol.node import Event
+from tests.gateway_env import GatewayRealm, gateway_realm, png
 
 playwright_api = pytest.importorskip(
     "playwright.async_api", reason="needs playwright (the dev extra)"
@@ -84,6 +85,21 @@ async def test_the_dashboard_shows_the_realm_and_streams_a_chat(
     # a node that joins shows up without a reload (pushed over the WebSocket)
     await env.add_node("porch", {"ref": {"type": "reference"}})
     await page.wait_for_selector('article.node.online[data-node="porch"]', timeout=WAIT_MS)
+
+    # a camera's snapshot appears (fetched with the token, shown from a blob URL)
+    async with env.account_bus("gate") as cam:
+        snapshot = f"mtor/{env.realm}/media/gate/drive/snapshot"
+        await cam.publish(snapshot, png(320, 240), retain=True, content_type="image/png")
+        hostile = "<img src=x onerror=alert(1)>"
+        await cam.publish(f"mtor/{env.realm}/event/gate/vision/label", Event(value=hostile))
+    await page.wait_for_selector("#events li", timeout=WAIT_MS)
+    assert hostile in ((await page.text_content("#events")) or "")
+    assert await page.evaluate("document.querySelector('#events img')") is None
+    await page.wait_for_function(
+        "() => { const i = document.querySelector('#cameras img');"
+        " return i && i.complete && i.naturalWidth === 320; }",
+        timeout=WAIT_MS,
+    )
 
     # chat: count how often the answer's text changes while it streams
     await page.evaluate(

@@ -27,6 +27,9 @@ RECENT_EVENTS: Final = 200
 MAX_NODES: Final = 10_000
 # Messages queued per WebSocket client before its oldest are dropped.
 SUBSCRIBER_QUEUE: Final = 512
+# Cameras' latest snapshots kept (media/<node>/<camera>/snapshot), and the largest one.
+MAX_SNAPSHOTS: Final = 64
+MAX_SNAPSHOT_BYTES: Final = 4 << 20
 
 Audience = Literal["all", "events", "sysop"]
 
@@ -55,6 +58,24 @@ class NodeView:
             "nodes": [n.model_dump(mode="json") for n in info.nodes] if info else [],
             "capabilities": [c.model_dump(mode="json") for c in info.capabilities] if info else [],
             "health": health.model_dump(mode="json", exclude={"type", "v"}) if health else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    node_id: str
+    camera: str
+    data: bytes
+    content_type: str
+    ts: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "camera": self.camera,
+            "content_type": self.content_type,
+            "bytes": len(self.data),
+            "ts": self.ts,
         }
 
 
@@ -89,6 +110,7 @@ class Hub:
         self.events: deque[dict[str, Any]] = deque(maxlen=RECENT_EVENTS)
         self.stats: dict[str, Any] | None = None
         self.orchestrator: dict[str, Any] | None = None
+        self.snapshots: dict[tuple[str, str], Snapshot] = {}
         self.subscribers: set[Subscriber] = set()
         self.sent = 0
 
@@ -140,6 +162,21 @@ class Hub:
         self.events.append(doc)
         self._emit("event", doc, "events")
 
+    def on_snapshot(self, node_id: str, camera: str, data: bytes, content_type: str) -> None:
+        """A camera's retained snapshot (an empty payload: it was cleared)."""
+        key = (node_id, camera)
+        if not data:
+            if self.snapshots.pop(key, None) is not None:
+                self._emit("camera_removed", {"node_id": node_id, "camera": camera}, "events")
+            return
+        if len(data) > MAX_SNAPSHOT_BYTES or not content_type.startswith("image/"):
+            return
+        if key not in self.snapshots and len(self.snapshots) >= MAX_SNAPSHOTS:
+            oldest = min(self.snapshots.values(), key=lambda s: s.ts)
+            del self.snapshots[(oldest.node_id, oldest.camera)]
+        snap = self.snapshots[key] = Snapshot(node_id, camera, data, content_type, time.time())
+        self._emit("camera", snap.to_json(), "events")  # not "snapshot": the first frame
+
     def on_stats(self, stats: dict[str, Any]) -> None:
         self.stats = stats
         self._emit("stats", stats, "all")
@@ -172,6 +209,9 @@ class Hub:
         return {
             "nodes": [v.to_json() for v in self.nodes.values()],
             "events": list(self.events) if principal.sees_events else [],
+            "snapshots": [s.to_json() for s in self.snapshots.values()]
+            if principal.sees_events
+            else [],
             "stats": self.stats,
             "orchestrator": self.orchestrator,
             "me": {"name": principal.name, "role": principal.role},

@@ -155,6 +155,7 @@ class GatewayRealm:
         await self.bus.subscribe(topics.EVENT.filter(realm=r), self._on_event)
         await self.bus.subscribe(topics.ORCH_STATS.build(realm=r), self._on_stats)
         await self.bus.subscribe(topics.ORCH_STATE.build(realm=r), self._on_orch)
+        await self.bus.subscribe(topics.MEDIA.filter(realm=r, stream="+/snapshot"), self._on_snap)
 
     async def close(self) -> None:
         for task in list(self._watchers):
@@ -185,6 +186,13 @@ class GatewayRealm:
         event = _decode(msg, Event) if fields is not None and msg.payload else None
         if fields is not None and event is not None:
             self.hub.on_event(fields["node_id"], fields["domain"], fields["name"], event)
+
+    async def _on_snap(self, msg: Inbound) -> None:
+        fields = topics.MEDIA.parse(msg.topic)
+        if fields is None:
+            return
+        camera = fields["stream"].removesuffix("/snapshot")
+        self.hub.on_snapshot(fields["node_id"], camera, msg.payload, msg.content_type or "")
 
     async def _on_stats(self, msg: Inbound) -> None:
         stats = _decode(msg, OrchestratorStats) if msg.payload else None

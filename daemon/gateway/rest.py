@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from daemon.gateway.errors import ApiError
@@ -102,6 +102,28 @@ async def events(
     if not who.sees_events:
         raise ApiError(403, "forbidden", "guests see no events")
     return list(ports.hub.events)[-limit:]
+
+
+@router.get("/snapshots", summary="Cameras' latest snapshots (not for guests)")
+async def snapshots(ports: PortsDep, who: User) -> list[dict[str, Any]]:
+    if not who.sees_events:
+        raise ApiError(403, "forbidden", "guests see no camera pictures")
+    return [s.to_json() for s in ports.hub.snapshots.values()]
+
+
+@router.get(
+    "/snapshots/{node_id}/{camera}",
+    summary="A camera's latest snapshot (the image)",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}},
+)
+async def snapshot(node_id: NodeId, camera: NodeId, ports: PortsDep, who: User) -> Response:
+    if not who.sees_events:
+        raise ApiError(403, "forbidden", "guests see no camera pictures")
+    snap = ports.hub.snapshots.get((node_id, camera))
+    if snap is None:
+        raise ApiError(404, "not_found", f"no snapshot of {node_id}/{camera}")
+    return Response(snap.data, media_type=snap.content_type, headers={"Cache-Control": "no-store"})
 
 
 # ------------------------------------------------------------------- tasks

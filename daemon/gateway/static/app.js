@@ -4,7 +4,7 @@
 
 const TOKEN_KEY = "mtor.token";
 const $ = (id) => document.getElementById(id);
-const state = { me: null, nodes: new Map(), tasks: new Map(), caps: new Set(), stats: null,
+const state = { me: null, nodes: new Map(), cameras: new Map(), tasks: new Map(), caps: new Set(), stats: null,
   history: [], ws: null, retry: 500, events: 0, eventsWindow: [] };
 
 function el(tag, cls, text) {
@@ -110,6 +110,7 @@ function handle(msg) {
       for (const n of d.nodes) state.nodes.set(n.node_id, n);
       $("events").replaceChildren();
       for (const e of d.events) addEvent(e, false);
+      for (const snap of d.snapshots || []) showSnapshot(snap);
       if (d.stats) setStats(d.stats);
       if (d.orchestrator) setOrchestrator(d.orchestrator);
       renderNodes();
@@ -117,6 +118,8 @@ function handle(msg) {
     case "node": state.nodes.set(d.node_id, d); renderNodes(); break;
     case "node_removed": state.nodes.delete(d.node_id); renderNodes(); break;
     case "event": addEvent(d, true); break;
+    case "camera": showSnapshot(d); break;
+    case "camera_removed": dropSnapshot(d); break;
     case "stats": setStats(d); break;
     case "orchestrator": setOrchestrator(d); break;
     case "task": updateTask(d); break;
@@ -221,6 +224,51 @@ function addEvent(e, live) {
     state.eventsWindow = state.eventsWindow.filter((t) => now - t < 60000);
     $("event-rate").textContent = state.eventsWindow.length + "/min";
   }
+}
+
+// --------------------------------------------------------------- cameras
+
+// An <img> cannot send the Authorization header: fetch the picture, show a blob URL.
+async function showSnapshot(s) {
+  const key = s.node_id + "/" + s.camera;
+  let cam = state.cameras.get(key);
+  if (!cam) {
+    const fig = el("figure", "camera");
+    const img = el("img");
+    img.alt = key;
+    const cap = el("figcaption");
+    const name = el("span", null, key);
+    const when = el("span", "muted");
+    cap.append(name, when);
+    fig.append(img, cap);
+    cam = { fig, img, when, url: null };
+    state.cameras.set(key, cam);
+    $("cameras").append(fig);
+  }
+  try {
+    const blob = await (await api("/api/snapshots/" + encodeURIComponent(s.node_id) + "/" + encodeURIComponent(s.camera))).blob();
+    const url = URL.createObjectURL(blob);
+    if (cam.url) URL.revokeObjectURL(cam.url);
+    cam.url = url;
+    cam.img.src = url;
+    cam.when.textContent = clock(s.ts);
+  } catch (err) { if (err.message !== "unauthorized") cam.when.textContent = err.message; }
+  updateCameraPanel();
+}
+
+function dropSnapshot(s) {
+  const key = s.node_id + "/" + s.camera;
+  const cam = state.cameras.get(key);
+  if (!cam) return;
+  if (cam.url) URL.revokeObjectURL(cam.url);
+  cam.fig.remove();
+  state.cameras.delete(key);
+  updateCameraPanel();
+}
+
+function updateCameraPanel() {
+  $("cameras-panel").hidden = state.cameras.size === 0;
+  $("camera-count").textContent = String(state.cameras.size);
 }
 
 // ----------------------------------------------------------------- tasks
