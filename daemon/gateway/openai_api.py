@@ -12,7 +12,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, UploadFile
@@ -235,10 +235,28 @@ async def chat_completions(
         await updates.aclose()
         output_of(first)  # raises the task's error as an HTTP one
     usage = bool(req.stream_options and req.stream_options.include_usage)
-    body = _sse_chat(first, updates, cid, created, req.model, usage)
+    body = _cancelling(
+        _sse_chat(first, updates, cid, created, req.model, usage),
+        lambda: ports.realm.cancel_soon(who, tracked, "the HTTP client went away"),
+    )
     return StreamingResponse(
         body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
     )
+
+
+async def _cancelling(
+    body: AsyncIterator[bytes], cancel: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """The stream, and the realm task cancelled when the client leaves before its end
+    (the server then stops iterating: GeneratorExit or CancelledError here)."""
+    finished = False
+    try:
+        async for part in body:
+            yield part
+        finished = True
+    finally:
+        if not finished:
+            cancel()
 
 
 def _model_of(output: Any, asked: str) -> str:

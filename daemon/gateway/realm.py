@@ -41,10 +41,11 @@ log = logging.getLogger(__name__)
 # are kept: a client's subscriptions live as long as the bus).  Tokens are minted
 # by sysops, so this is far more than a realm has.
 MAX_CLIENTS: Final = 1024
-# Tasks remembered for following (the oldest finished go first).
-MAX_TRACKED: Final = 2000
-# Updates kept per task (a long chat streams a few hundred deltas).
-MAX_UPDATES: Final = 10_000
+# Tasks remembered for following (the oldest go first), and the updates kept per task
+# (a long chat streams a few hundred deltas; past the bound only the final is kept):
+# at most ~1M small updates in memory, in practice far fewer.
+MAX_TRACKED: Final = 500
+MAX_UPDATES: Final = 2000
 # Requests per second (and burst) the gateway sends to the orchestrator's admin
 # and workflow topics: it rate limits them per account, and an answer over the
 # limit is never sent, so the gateway says 429 at once instead of waiting.
@@ -137,7 +138,7 @@ class GatewayRealm:
         self.account = account_name(bus.config.username, GATEWAY_ACCOUNT)
         self._clients: dict[str, asyncio.Future[RealmClient]] = {}
         self.tracked: OrderedDict[str, Tracked] = OrderedDict()
-        self._watchers: set[asyncio.Task[None]] = set()
+        self._watchers: set[asyncio.Task[None]] = set()  # and cancels under way
         self._requests = _Bucket(REQUEST_RATE, REQUEST_BURST)
         self._views: dict[tuple[str, str], tuple[float, Any]] = {}
         me = uuid.uuid4().hex[:16]
@@ -292,6 +293,17 @@ class GatewayRealm:
     async def cancel(self, p: Principal, task_id: str, reason: str) -> None:
         client = await self.client(p)
         await client.cancel(task_id, reason)
+
+    def cancel_soon(self, p: Principal, tracked: Tracked, reason: str) -> None:
+        """Cancel a task nobody waits for any more (its HTTP client went away); safe to
+        call from a ``finally`` of a cancelled request."""
+        if tracked.final is not None:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.cancel(p, tracked.handle.task_id, reason)
+        )
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
 
     # --------------------------------------------------- media (stt, tts, imagine)
 
