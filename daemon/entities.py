@@ -39,6 +39,7 @@ Component = Literal[
     "image",
     "alarm_control_panel",
     "text",
+    "device_tracker",
 ]
 
 

@@ -54,6 +54,12 @@ _RW = {"command_topic", "optimistic", "retain", "state_topic"}
 
 # component -> (required keys, accepted keys besides the common ones)
 COMPONENTS: dict[str, tuple[set[str], set[str]]] = {
+    # device_tracker: a location from json_attributes (latitude, longitude, gps_accuracy)
+    # or a state (home / not_home / a zone) from state_topic.
+    "device_tracker": (
+        set(),
+        _RO | {"payload_home", "payload_not_home", "payload_reset", "source_type"},
+    ),
     "sensor": (
         {"state_topic"},
         _RO

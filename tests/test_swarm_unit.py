@@ -346,3 +346,57 @@ def test_a_round_without_bids_waits_one_more_window_then_fails() -> None:
     claim = Award(issuer="alice", mission="m1", round=1, winner="r1", cost=2.0)
     w.on_award("r1", claim, 1.2)
     assert w.sectors[0].holder == "r1"
+
+
+async def test_the_robot_is_a_home_assistant_device_tracker() -> None:
+    """Its discovery config is one Home Assistant accepts, and the attributes template,
+    rendered as Home Assistant does against the robot's real retained state, puts a
+    GNSS robot on the map and always carries x / y, status and battery."""
+    import json
+    from pathlib import Path
+    from typing import Any, cast
+
+    from daemon.config import build_config
+    from daemon.homeassistant.discovery import Device, entity_config
+    from daemon.node import NodeContext
+    from daemon.protocol.swarm import GeoFix, RobotProfile, RobotState
+    from nodes.swarm.config import SwarmConfig
+    from nodes.swarm.node import SwarmNode
+    from tests import ha_discovery_schema as schema
+
+    async def noop() -> None:
+        return None
+
+    ctx = NodeContext(
+        node_id="r1",
+        config=build_config({"realm": "home", "nodes": {}}),
+        bus=cast(Any, None),
+        state_dir=Path("state"),
+        announce=noop,
+    )
+    node = SwarmNode("robot", SwarmConfig.model_validate({"driver": {"type": "sim"}}), ctx)
+    await node.setup()
+    device = Device("mtor_home_r1", "mtor_home_r1", "r1", "M-TOR node")
+    configs = {}
+    for spec in node.entities():
+        object_id, cfg = entity_config(spec, device, realm="home", node_id="r1")
+        assert schema.problems(spec.component, cfg) == [], (object_id, cfg)
+        configs[spec.component, object_id] = cfg
+    tracker = configs["device_tracker", "robot_position"]
+    assert tracker["json_attributes_topic"] == "mtor/home/swarm/robot/r1"
+    profile = RobotProfile(max_speed_mps=5, range_m=1000)
+    state = RobotState(
+        status="en_route", pose=Point(x=3, y=4), battery_percent=80, profile=profile,
+        heartbeat_s=5,
+    )  # fmt: skip
+    local = json.loads(schema.render(tracker["json_attributes_template"], encode(state)))
+    assert local == {
+        "x": 3.0,
+        "y": 4.0,
+        "status": "en_route",
+        "battery_level": 80.0,
+        "heading": 0.0,
+    }
+    fixed = state.model_copy(update={"geo": GeoFix(lat=47.5, lon=8.5)})
+    geo = json.loads(schema.render(tracker["json_attributes_template"], encode(fixed)))
+    assert (geo["latitude"], geo["longitude"], geo["gps_accuracy"]) == (47.5, 8.5, 5)

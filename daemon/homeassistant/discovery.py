@@ -209,6 +209,7 @@ REQUIRED: Final[dict[str, tuple[str, ...]]] = {
     "camera": ("topic",),
     "image": ("image_topic",),
     "alarm_control_panel": ("command_topic", "state_topic"),
+    "device_tracker": ("json_attributes_topic",),  # where it is: from its attributes
 }
 
 

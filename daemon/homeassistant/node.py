@@ -123,7 +123,11 @@ class NodeEntities:
             except Exception:
                 log.exception("node %s failed to list its entities", hosted.name)
         # A node that measures the same (a sensors node's load, memory, temperature)
-        # replaces the daemon's own diagnostic: one entity per measurement.
+        # replaces the daemon's own diagnostic: one entity per measurement.  Until
+        # every node is set up, such a diagnostic waits (announced, then removed a
+        # moment later when the sensors node is ready, it would flicker in HA).
+        if not self.settled():
+            return [s for s in self._own if not s.measures] + specs
         taken = {s.measures for s in specs if s.measures}
         return [s for s in self._own if s.measures not in taken] + specs
 
@@ -139,9 +143,9 @@ class NodeEntities:
 
     def settled(self) -> bool:
         """Every hosted node finished its setup (ready, or failed for good)."""
+        # Not "no node object yet": a node is made only after the crash guard's probe.
         return all(
-            h.node is None or h.ready or h.job.status == "failed"
-            for h in self.daemon.hosted.values()
+            h.ready or h.job.status in ("failed", "stopped") for h in self.daemon.hosted.values()
         )
 
 

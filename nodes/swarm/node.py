@@ -7,8 +7,9 @@ missing package fails the node with a clear error and advertises nothing.
 
 Besides the swarm topics, the robot's status, battery and pose are events
 (``event/<node_id>/robot/status``, ``.../battery``, retained) for dashboards and
-Home Assistant, where it has a "Return home" button (and "Fail" with the
-simulator, to try re-auctions).
+Home Assistant, where it is a device tracker (on the map when it has a GNSS
+fix) with a "Return home" button (and "Fail" with the simulator, to try
+re-auctions).
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ from nodes.swarm.config import SwarmConfig
 
 DOMAIN = "robot"
 CAPABILITY = "swarm.robot"
+# Home Assistant's device tracker from the robot's retained state: a map position
+# from the GNSS fix when it has one (MAVLink vehicles); the local frame's x / y,
+# status and battery as attributes always.
+TRACKER_ATTRIBUTES = (
+    "{% set s = value_json %}"
+    "{% set a = {'x': s.pose.x, 'y': s.pose.y, 'status': s.status,"
+    " 'battery_level': s.battery_percent, 'heading': s.heading_deg} %}"
+    "{% if s.get('geo') %}{% set a = dict(a, latitude=s.geo.lat, longitude=s.geo.lon,"
+    " gps_accuracy=5) %}{% endif %}"
+    "{{ a | tojson }}"
+)
 
 
 class SwarmNode(Node):
@@ -100,7 +112,19 @@ class SwarmNode(Node):
                 realm=self.ctx.realm, node_id=self.ctx.node_id, object_id=object_id
             )
 
+        robot = topics.SWARM_ROBOT.build(realm=self.ctx.realm, sender=self.ctx.node_id)
         out = [
+            EntitySpec(
+                "device_tracker",
+                f"{self.name}_position",
+                "Robot position",
+                icon="mdi:robot",
+                extra={
+                    "json_attributes_topic": robot,  # its retained swarm state
+                    "json_attributes_template": TRACKER_ATTRIBUTES,
+                    "source_type": "gps",
+                },
+            ),
             EntitySpec("sensor", f"{self.name}_status", "Robot status", event("status")),
             EntitySpec(
                 "sensor",
