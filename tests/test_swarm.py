@@ -343,6 +343,27 @@ async def test_the_orchestrator_is_the_auctioneer_and_records_the_mission(
         await runner.close()
 
 
+async def test_mtor_status_shows_what_each_robot_is_doing(config: Config) -> None:
+    async with fleet(config, {"ra": (0.0, 0.0), "rb": (5.0, 0.0)}):
+        args = ["status", "--broker", config.broker.url, "--realm", config.realm]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "daemon.cli.main", *args, "--json",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=mtor_env(),
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        robots = {r["node_id"]: r["robot"] for r in json.loads(out)}
+        assert robots["ra"]["status"] == "idle" and robots["ra"]["battery_percent"] == 100
+        assert robots["rb"]["pose"] == [5.0, 0.0, 0.0]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "daemon.cli.main", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=mtor_env(),
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        lines = out.decode().splitlines()
+        assert lines[0].split()[-1] == "ROBOT" and lines[1].split()[-2:] == ["idle", "100%"]
+
+
 async def test_hostile_messages_never_crash_and_forgeries_change_nothing(
     config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -22,6 +22,7 @@ from daemon.errors import MessageError
 from daemon.messages import decode
 from daemon.protocol.admin import OrchestratorState
 from daemon.protocol.node import Event, NodeHealth, NodeInfo, NodeState
+from daemon.protocol.swarm import RobotState
 
 # Retained messages arrive right after the SUBACK; a sentinel message published
 # after subscribing comes back behind them, so its arrival means "all seen".
@@ -54,6 +55,12 @@ async def collect_nodes(config: Config) -> dict[str, dict[str, Any]]:
 
     orchestrator: list[str] = []
 
+    async def on_robot(msg: Inbound) -> None:
+        fields = topics.SWARM_ROBOT.parse(msg.topic)
+        if fields is not None and msg.payload:
+            with contextlib.suppress(MessageError):
+                nodes.setdefault(fields["sender"], {})["robot"] = decode(msg.payload, RobotState)
+
     async def on_orchestrator(msg: Inbound) -> None:
         with contextlib.suppress(MessageError):
             orchestrator.append(decode(msg.payload, OrchestratorState).state)
@@ -64,6 +71,7 @@ async def collect_nodes(config: Config) -> dict[str, dict[str, Any]]:
         sentinel = topics.CLI_SENTINEL.build(realm=config.realm, user=me, token=uuid.uuid4().hex)
         await bus.subscribe(topics.NODE_ANY.filter(realm=config.realm), on_node)
         await bus.subscribe(topics.ORCH_STATE.build(realm=config.realm), on_orchestrator)
+        await bus.subscribe(topics.SWARM_ROBOT.filter(realm=config.realm), on_robot)
         await bus.subscribe(sentinel, on_sentinel)
         await bus.publish(sentinel, b"", qos=1)
         async with asyncio.timeout(SENTINEL_TIMEOUT):
@@ -107,6 +115,7 @@ def status_rows(nodes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         health: NodeHealth | None = entry.get("health")
         stale_info = info is not None and state is not None and info.boot_id != state.boot_id
         peer = entry.get("peer") or {}
+        robot: RobotState | None = entry.get("robot")
         rows.append(
             {
                 "node_id": node_id,
@@ -126,6 +135,14 @@ def status_rows(nodes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "temperature_c": health.temperature_c if health else None,
                 "active_tasks": health.active_tasks if health else None,
                 "area": info.area if info else None,
+                "robot": {
+                    "status": robot.status,
+                    "battery_percent": robot.battery_percent,
+                    "pose": [robot.pose.x, robot.pose.y, robot.pose.z],
+                    "mission": robot.mission.mission if robot.mission else None,
+                }
+                if robot
+                else None,
             }
         )
     return rows
@@ -156,7 +173,18 @@ def print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
         )
         for r in rows
     ]
+    if any(r["robot"] for r in rows):  # a swarm: what each robot is doing
+        robots = [(*t, _robot(r["robot"])) for t, r in zip(table, rows, strict=True)]
+        print(tables.table((*header, "ROBOT"), robots))
+        return
     print(tables.table(header, table))
+
+
+def _robot(robot: dict[str, Any] | None) -> str:
+    if robot is None:
+        return "-"
+    mission = f" {robot['mission']}" if robot["mission"] else ""
+    return f"{robot['status']}{mission} {robot['battery_percent']:.0f}%"
 
 
 def _num(v: float | int | None) -> str:
