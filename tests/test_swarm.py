@@ -23,7 +23,7 @@ from daemon.broker import PrivateBroker
 from daemon.bus import Bus, Inbound
 from daemon.config import Config
 from daemon.messages import decode
-from daemon.protocol.node import NodeState
+from daemon.protocol.node import Event, NodeState
 from daemon.protocol.swarm import (
     Area,
     Award,
@@ -339,6 +339,57 @@ async def test_the_orchestrator_is_the_auctioneer_and_records_the_mission(
         assert (row["task_id"], row["user"], row["node"], row["outcome"], row["attempts"]) == (
             "mission:alice/via-orch", "alice", "b", "done", 1
         )  # fmt: skip
+    finally:
+        await runner.close()
+
+
+async def test_a_workflow_sends_the_nearest_robot_to_a_camera_alarm(
+    config: Config, tmp_path: Path
+) -> None:
+    """docs/swarm.md's example: a camera's person event → the orchestrator's workflow
+    publishes a mission → the robots allocate it among themselves."""
+    from daemon.orchestrator.service import Orchestrator
+    from tests.conftest import InProcess
+
+    flow = {
+        "triggers": [{"type": "event", "topic": "+/camera/person"}],
+        "steps": [
+            {
+                "publish": "~/swarm/mission/orchestrator",
+                "payload": {
+                    "type": "swarm.mission",
+                    "mission": "alarm-{{ run.id }}",
+                    "task": "inspect",
+                    "target": {"x": 35.0, "y": 12.0},
+                    "requirements": {"sensors": ["camera"]},
+                    "work_s": 0.1,
+                },
+            }
+        ],
+    }
+    cfg = make_config(
+        config.broker.url,
+        config.realm,
+        orchestrator={"state_dir": str(tmp_path / "orch")},
+        workflows={"inspect_alarm": flow},
+    )
+    runner = InProcess()
+    runner._run(Orchestrator(cfg).run)
+    try:
+        spots = {"near": (30.0, 10.0), "far": (-200.0, 0.0)}
+        async with fleet(config, spots), watching(config) as (bus, _watcher, wire):
+            await asyncio.sleep(1.0)  # the orchestrator online, its workflow subscribed
+            person = topics.EVENT.build(
+                realm=config.realm, node_id="porch", domain="camera", name="person"
+            )
+            await bus.publish(person, Event(value=1))
+            async with asyncio.timeout(15):
+                while not [m for m in wire.messages if "/swarm/ack/" in m.topic]:
+                    await asyncio.sleep(0.05)
+            (ack,) = [m for m in wire.messages if "/swarm/ack/" in m.topic]
+            assert ack.topic.endswith("/swarm/ack/near")
+            mission = decode(ack.payload, MissionAck)
+            assert mission.issuer == "orchestrator" and mission.mission.startswith("alarm-")
     finally:
         await runner.close()
 
