@@ -473,3 +473,43 @@ async def test_realm_detection_with_backpressure_and_verified_alarm(
         for t in reversed(tasks):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(t, 15)
+
+
+async def test_a_label_no_longer_counted_leaves_no_retained_count(
+    broker: PrivateBroker, realm: str, tmp_path: Path
+) -> None:
+    """Counting person and cat, then only person: the next start clears cat's retained
+    count and presence (Home Assistant lost the entities; the values must go too)."""
+    video = write_video(tmp_path / "still.avi", [None] * 10)
+    state = {"state_dir": str(tmp_path / "state")}
+
+    def config(labels: list[str]) -> Config:
+        node = camera_node(video, tmp_path, detect={"labels": labels, "where": "local"})
+        return make_config(broker.url, realm, node_id="cam1", daemon=state, nodes={"c": node})
+
+    def retained(topic: str) -> asyncio.Future[bytes]:
+        async def read() -> bytes:
+            got = Collector()
+            async with running_bus(config(["person"])) as bus:
+                await bus.subscribe(topic, got)
+                with contextlib.suppress(TimeoutError):
+                    await got.wait_count(1, timeout=1.0)
+            return got.messages[0].payload if got.messages else b""
+
+        return asyncio.ensure_future(read())
+
+    cat = f"mtor/{realm}/event/cam1/door/cat"
+    for labels in (["person", "cat"], ["person"]):
+        async with running_bus(config(labels)) as bus:
+            watch = Watch(bus, realm)
+            await watch.start()
+            async with camera_daemon(config(labels)):
+                # this run's own (live) connected, not the retained one of the run before
+                await watch.events.wait_for(
+                    lambda m: m.topic.endswith("/door/connected") and not m.retain, timeout=20
+                )
+        if labels == ["person", "cat"]:
+            assert decode(await retained(cat), Event).value == 0
+            assert decode(await retained(cat + "_present"), Event).value is False
+    assert await retained(cat) == b"" and await retained(cat + "_present") == b""
+    assert decode(await retained(f"mtor/{realm}/event/cam1/door/person"), Event).value == 0

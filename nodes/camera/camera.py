@@ -10,6 +10,8 @@ events, snapshots and counts, and applies the built-in alarm rule.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -135,6 +137,7 @@ class Camera:
             await self._publish_state("motion", False)
             for z in self.spec.zones:
                 await self._publish_state(f"motion_{z}", False)
+            await self._forget_old_labels()
             for label in self.labels():
                 await self._publish_count(label, 0)
             for switch in SWITCHES:
@@ -245,6 +248,28 @@ class Camera:
 
     async def _publish_state(self, name: str, value: bool | int) -> None:
         await self.ctx.publish_event(self.name, name, value, retain=True)
+
+    async def _forget_old_labels(self) -> None:
+        """Clear the retained count and presence of labels this camera counted in an
+        earlier run and no longer does (their entities are gone from Home Assistant;
+        the retained values must not stay on the broker).  The labels of the last run
+        are kept in ``<state_dir>/camera-<name>-labels.json``."""
+        path = self.ctx.state_dir / f"camera-{slug(self.name)}-labels.json"
+        now = sorted({slug(label) for label in self.labels()})
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError):
+            before = []
+        for old in sorted(set(before if isinstance(before, list) else []) - set(now)):
+            if not isinstance(old, str) or not old:
+                continue
+            log.info("camera %s: clearing the retained %r count (label no longer counted)",
+                     self.name, old)  # fmt: skip
+            for name in (old, f"{old}_present"):
+                await self.ctx.bus.publish(self.state_topic(name), b"", retain=True, wait=False)
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(now))
 
     async def _publish_count(self, label: str, n: int) -> None:
         self._counts[label] = n
