@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import pickle
+import resource
 import signal as signals
 import sys
 import time
@@ -325,7 +326,8 @@ class BackendGuard:
             else:
                 v.probed = v.unavailable = True
         self.save()
-        log.info("probe done in %.1fs", time.monotonic() - began)
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        log.info("probe done in %.1fs (child peak RSS %.0f MB)", time.monotonic() - began, peak)
 
 
 class Busy:
