@@ -46,6 +46,7 @@ from typing import IO, TYPE_CHECKING, Any, Final
 
 from daemon import __version__
 from daemon.probe_fault import BLOCKER, Frame, culprit, parse_fault, relevant_stack, within
+from daemon.supervisor import HEALTHY_RUN
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -58,11 +59,9 @@ log = logging.getLogger(__name__)
 PROBE_STEP_TIMEOUT: Final = 180.0
 # Modules blocked for one node before it is given up on.
 MAX_BLOCKS: Final = 3
-# Identical crashes of one node (same signal and place, each within HEALTHY_RUN of
-# its start) before the daemon stops starting it.
+# Identical crashes of one node (same signal and place, each within the supervisor's
+# HEALTHY_RUN of its start) before the daemon stops starting it.
 MAX_IDENTICAL_CRASHES: Final = 3
-# A node that ran this long before a crash starts its count again.
-HEALTHY_RUN: Final = 60.0
 # How much of a probe child's stderr is kept (faulthandler's stacks are at its end).
 STDERR_KEEP: Final = 64 * 1024
 STORE_VERSION: Final = 1
@@ -307,7 +306,13 @@ class BackendGuard:
         began = time.monotonic()
         while pending:
             blocked = {m: r for v in self.verdicts.values() for m, r in v.blocked.items()}
-            done, crashed = await _run_child(self.config, pending, blocked)
+            try:
+                done, crashed = await _run_child(self.config, pending, blocked)
+            except (OSError, ValueError, pickle.PicklingError, AttributeError, TypeError) as exc:
+                # No probe (the config does not pickle, no interpreter to start): load
+                # as before probes, and try again at the next start.
+                log.warning("cannot probe %s: %s", ", ".join(t.name for t in pending), exc)
+                break
             for name in done:
                 self.verdict(name).probed = True
             pending = [t for t in pending if t.name not in done]
