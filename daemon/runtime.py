@@ -95,6 +95,7 @@ class NodeDaemon:
         self._stopping = False
         self._online = asyncio.Event()
         self.guard: BackendGuard | None = None
+        self._loaded = asyncio.Event()  # every node made (or found unavailable)
         self.workflows: LocalWorkflows | None = None
         self.worker = Worker(self.bus, config.realm, nid)
         from daemon.homeassistant.node import node_bridge
@@ -214,7 +215,14 @@ class NodeDaemon:
         """Probe what has no verdict, then make and start every node that may load."""
         guard = self.guard
         assert guard is not None
-        await guard.vet()
+        try:
+            await guard.vet()
+            self._make_nodes(guard)
+        finally:
+            self._loaded.set()
+        await self.publish_info()
+
+    def _make_nodes(self, guard: BackendGuard) -> None:
         for name, hosted in self.hosted.items():
             verdict = guard.verdict(name)
             hosted.note = verdict.note()
@@ -230,12 +238,16 @@ class NodeDaemon:
                 hosted.job.error = f"missing package: {exc}"
                 log.warning("node %s (%s) unavailable: %s", name, cfg.type, exc)
                 continue
+            except Exception as exc:  # one node's constructor must not stop the others
+                hosted.job.status = "failed"
+                hosted.job.error = f"cannot be made: {type(exc).__name__}: {exc}"[:300]
+                log.exception("node %s (%s) cannot be made", name, cfg.type)
+                continue
             hosted.executor = Tracked(hosted.node, name, guard.busy)
             delay = guard.start_delay(
                 name, self.config.daemon.restart_initial_delay, self.config.daemon.restart_max_delay
             )
             self._start_node(hosted, delay)
-        await self.publish_info()
 
     async def _run_node(self, hosted: HostedNode, delay: float = 0.0) -> None:
         node = hosted.node
@@ -312,9 +324,14 @@ class NodeDaemon:
                 self._start_node(h)
         log.info("restarted %s on command", ", ".join(names))
 
-    async def _restart_in_background(self, names: list[str]) -> None:
+    async def _restart_in_background(self, only: str | None) -> None:
         # A restart waits for models to unload: off the dispatch loop, so the
-        # daemon's other messages are not held up behind it.
+        # daemon's other messages are not held up behind it.  One asked for while
+        # the nodes are still being probed and made restarts them once they are.
+        await self._loaded.wait()
+        names = [n for n, h in self.hosted.items() if h.node is not None and only in (None, n)]
+        if not names:
+            return
         try:
             await self.restart_nodes(names)
         except Exception:
@@ -347,13 +364,12 @@ class NodeDaemon:
             cmd = decode(msg.payload or b"{}", NodeCommand)
             command = fields["command"]
             if command == "restart":
-                names = [n for n, h in self.hosted.items() if h.node is not None]
-                if cmd.node:
-                    if cmd.node not in names:
-                        raise MessageError(f"no node named {cmd.node!r}", code="not_found")
-                    names = [cmd.node]
-                if names and self._tg is not None and not self._stopping:
-                    task = self._tg.create_task(self._restart_in_background(names), name="restart")
+                if cmd.node and cmd.node not in self.hosted:
+                    raise MessageError(f"no node named {cmd.node!r}", code="not_found")
+                if self.hosted and self._tg is not None and not self._stopping:
+                    task = self._tg.create_task(
+                        self._restart_in_background(cmd.node), name="restart"
+                    )
                     self._restarts.add(task)
                     task.add_done_callback(self._restarts.discard)
             elif command == "announce":
