@@ -113,6 +113,7 @@ class Reject:
 
     reason: str
     hostile: bool = False
+    kind: str = ""  # what was refused, without who: one warning per mission and kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +399,11 @@ class Auction:
         sec = self.sectors[p.sector]
         if sec.holder != sender or sec.phase not in ("claimed", "held"):
             return [
-                Reject(f"progress from {sender}, who does not hold sector {p.sector}", hostile=True)
+                Reject(
+                    f"progress from {sender}, who does not hold sector {p.sector}",
+                    hostile=True,
+                    kind="progress of a sector not held",
+                )
             ]
         sec.since = max(sec.since, now)
         if p.status in ("en_route", "working"):

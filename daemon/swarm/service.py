@@ -251,7 +251,10 @@ class AuctionHost:
                 self.rejected += action.hostile
                 # One warning per mission and kind of refusal: a robot that keeps
                 # reporting on a sector it lost must not fill the journal.
-                seen = (auction.issuer, auction.mission, action.reason.split(",")[0][:60])
+                # (Keyed by kind where the reason names a sender: 500 robots reporting
+                # on sectors a stale view says they lost were 250,000 warnings.)
+                kind = action.kind or action.reason.split(",")[0][:60]
+                seen = (auction.issuer, auction.mission, kind)
                 first = action.hostile and seen not in self._warned
                 if first:
                     self._warned.add(seen)
