@@ -123,7 +123,7 @@ async def test_reply_topics_outside_ones_own_space_get_no_answer(
 ) -> None:
     # Silence alone proves nothing (a slow realm is silent too): the orchestrator
     # must also have seen the submission and said why it dropped it.
-    caplog.set_level(logging.WARNING, logger="daemon.orchestrator.service")
+    caplog.set_level(logging.WARNING, logger="daemon.orchestrator.admission")
     for command in silent_examples():
         args = shlex.split(command)
         account = args[args.index("-t") + 1].rsplit("/", 1)[-1]
@@ -136,7 +136,7 @@ async def test_reply_topics_outside_ones_own_space_get_no_answer(
         dropped = [
             r.getMessage()
             for r in caplog.records
-            if r.name == "daemon.orchestrator.service" and "dropped" in r.getMessage()
+            if r.name == "daemon.orchestrator.admission" and "dropped" in r.getMessage()
         ]
         assert dropped == [
             f"submission from {account} with reply topic {reply_topic!r} "
