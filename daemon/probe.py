@@ -65,6 +65,10 @@ MAX_IDENTICAL_CRASHES: Final = 3
 # How much of a probe child's stderr is kept (faulthandler's stacks are at its end).
 STDERR_KEEP: Final = 64 * 1024
 STORE_VERSION: Final = 1
+# Node types of Python only (no C extension of their own or of a backend): nothing in
+# them dies of a signal, so they are spared the probe and load at once, as every small
+# daemon and test needs.  Their home would be a flag of register_node_type (plugins).
+PURE_PYTHON: Final = frozenset({"nodes.reference", "nodes.sensors"})
 
 
 def fingerprint() -> str:
@@ -294,9 +298,13 @@ class BackendGuard:
 
     # ---------------------------------------------------------------- probes
 
+    def needs_probe(self, name: str) -> bool:
+        target = self.targets[name]
+        return target.package not in PURE_PYTHON and not self.verdict(name).probed
+
     async def vet(self) -> None:
         """Probe every node whose verdict is not known (one child for all of them)."""
-        pending = [t for t in self.targets.values() if not self.verdict(t.name).probed]
+        pending = [t for t in self.targets.values() if self.needs_probe(t.name)]
         if not pending:
             return
         log.info(

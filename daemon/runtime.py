@@ -215,15 +215,21 @@ class NodeDaemon:
         """Probe what has no verdict, then make and start every node that may load."""
         guard = self.guard
         assert guard is not None
+        later = [name for name in self.hosted if guard.needs_probe(name)]
         try:
-            await guard.vet()
-            self._make_nodes(guard)
+            # What needs no probe starts at once, beside the probe of the rest.
+            self._make_nodes(guard, [name for name in self.hosted if name not in later])
+            if later:
+                await self.publish_info()
+                await guard.vet()
+                self._make_nodes(guard, later)
         finally:
             self._loaded.set()
         await self.publish_info()
 
-    def _make_nodes(self, guard: BackendGuard) -> None:
-        for name, hosted in self.hosted.items():
+    def _make_nodes(self, guard: BackendGuard, names: list[str]) -> None:
+        for name in names:
+            hosted = self.hosted[name]
             verdict = guard.verdict(name)
             hosted.note = verdict.note()
             if verdict.unavailable:
