@@ -81,4 +81,8 @@ async def test_mtor_up_runs_a_working_realm(tmp_path: Path, processes: list[Mtor
 
     rc, out = up.terminate(timeout=30)
     assert rc == 0, out
+    # the ready line: once the orchestrator is online and every node has started
+    (ready,) = [line for line in out.splitlines() if line.startswith("mtor up: ready in ")]
+    assert f"on mqtt://127.0.0.1:{port}: orchestrator online; node 'box' runs " in ready, ready
+    assert all(cap in ready for cap in EXPECTED), ready
     assert not port_open("127.0.0.1", port)  # the private broker is gone too

@@ -247,10 +247,12 @@ async def _run_children(
     config: Config,
     gateway_port: int,
 ) -> None:
+    from daemon.cli.ready import announce_ready
     from daemon.gateway.announce import announce_dashboard
 
     async with asyncio.TaskGroup() as tg:
         for role, cmd in cmds.items():
             tg.create_task(run_child(role, cmd, env, stop))
+        tg.create_task(announce_ready(config, config.effective_node_id, stop))
         if "gateway" in cmds:
             tg.create_task(announce_dashboard(config, gateway_port, stop))
