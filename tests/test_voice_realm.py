@@ -246,7 +246,7 @@ async def test_stt_and_tts_capabilities_and_mtor_say(
     proc = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "daemon.cli.main", "--config", str(path), "say", text,
-         "--node", "speech", "--out", str(wav)],
+         "--node", "speech", "--out", str(wav), "--json"],
         capture_output=True, text=True, timeout=60, cwd=ROOT, env=mtor_env(),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -254,6 +254,14 @@ async def test_stt_and_tts_capabilities_and_mtor_say(
     assert result["chunks"] == 2 and result["received_chunks"] == 2
     pcm = audio.read_wav(wav)
     assert len(pcm) == result["bytes"]
+    plain = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "daemon.cli.main", "--config", str(path), "say", text,
+         "--node", "speech", "--out", str(tmp_path / "again.wav")],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=mtor_env(),
+    )  # fmt: skip
+    seconds = len(audio.read_wav(tmp_path / "again.wav")) / (2 * audio.RATE)
+    assert plain.stdout.strip() == f"wrote {tmp_path / 'again.wav'} ({seconds:.1f} s of audio)"
     heard = await asyncio.to_thread(whisper.transcribe, SILENCE + pcm + SILENCE)
     assert words(heard.text) == words(text)
 

@@ -28,6 +28,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
     say.add_argument("--node", help="the node id that speaks (default: the realm picks)")
     say.add_argument("--out", type=Path, help="write the audio to this WAV instead of playing it")
     say.add_argument("--timeout", type=float, default=SAY_TIMEOUT, help="seconds")
+    say.add_argument("--json", action="store_true", help="the tts task's result as JSON")
     listen = sub.add_parser(
         "listen",
         help="run the voice pipeline on a WAV file and print every event",
@@ -87,9 +88,19 @@ def cmd_say(args: argparse.Namespace, config: Config) -> int:
             except TimeoutError:
                 print("mtor say: no answer in time (is a tts node up?)", file=sys.stderr)
                 return EXIT_FAILURE
+            pcm = b"".join(chunks)
             if args.out is not None:
-                await asyncio.to_thread(audio.write_wav, args.out, b"".join(chunks))
-            print(json.dumps({**out, "received_chunks": len(chunks)}))
+                await asyncio.to_thread(audio.write_wav, args.out, pcm)
+            if args.json:
+                print(json.dumps({**out, "received_chunks": len(chunks)}))
+                return EXIT_OK
+            rate = int(out.get("sample_rate") or audio.RATE)
+            seconds = int(out.get("bytes") or len(pcm)) / (2 * rate)  # 16-bit mono
+            if args.out is not None:
+                print(f"wrote {args.out} ({seconds:.1f} s of audio)")
+            else:
+                played = "spoken" if out.get("played") else "made (not played: no speaker)"
+                print(f"{played}: {seconds:.1f} s of audio")
             return EXIT_OK
 
     return asyncio.run(main())
