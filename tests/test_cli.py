@@ -106,3 +106,22 @@ async def test_sysop_commands_find_the_system_brokers_admin(tmp_path: Path) -> N
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 10)
         broker.cleanup()
+
+
+def test_every_option_of_every_command_has_a_help_text() -> None:
+    import argparse
+
+    from daemon.cli.main import build_parser
+
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    walk(child, f"{path} {name}")
+            elif action.help is None and "-h" not in action.option_strings:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "mtor")
+    assert not missing, sorted(set(missing))

@@ -46,7 +46,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
         )
 
     init = action("init", "make a broker directory (the realm is --realm or the config's)")
-    init.add_argument("directory", metavar="DIR", type=Path)
+    init.add_argument("directory", metavar="DIR", type=Path, help="the broker directory to make")
     init.add_argument("--port", type=int, default=1883, help="plain listener on 127.0.0.1")
     init.add_argument("--tls-port", type=int, default=8883, help="TLS listener on 0.0.0.0")
     init.add_argument(
@@ -70,9 +70,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
     init.add_argument("--pid-file", metavar="FILE", type=Path, help="default: DIR/mosquitto.pid")
 
     node = action("add-node", "an account for a node daemon (its name is its node id)")
-    node.add_argument("name", metavar="NAME")
+    node.add_argument("name", metavar="NAME", help="the node's account (its node id)")
     user = action("add-user", "an account for a person or for Home Assistant")
-    user.add_argument("name", metavar="NAME")
+    user.add_argument("name", metavar="NAME", help="the person's account")
     user.add_argument("--role", choices=USER_ROLES, help="default: user")
     for p in (node, user):
         p.add_argument(
@@ -83,7 +83,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
         )
         dir_option(p)
     revoke = action("revoke", "remove an account (the broker refuses it from now on)")
-    revoke.add_argument("name", metavar="NAME")
+    revoke.add_argument("name", metavar="NAME", help="the account to remove")
     dir_option(revoke)
     ls = action("list", "the accounts and their roles")
     ls.add_argument("--json", action="store_true", help="machine-readable output")

@@ -53,16 +53,27 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
     ann.add_argument("--task", default="inspect", help="what to do there (a name)")
     ann.add_argument("--sensor", action="append", default=[], help="required sensor (repeat)")
     ann.add_argument("--payload", type=float, default=0.0, help="required payload, kg")
-    ann.add_argument("--platform", action="append", default=[], choices=["ground", "air", "water"])
+    ann.add_argument(
+        "--platform",
+        action="append",
+        default=[],
+        choices=["ground", "air", "water"],
+        help="robots of this kind only (repeat for several)",
+    )
     ann.add_argument("--work", type=float, default=0.0, help="seconds spent on site")
     ann.add_argument("--deadline", type=float, help="seconds from now to be done by")
     ann.add_argument("--window", type=float, default=0.5, help="bid window, seconds")
     ann.add_argument("--auctioneer", default="peers", help="peers (default), an account, or self")
-    ann.add_argument("--until", choices=["done", "awarded"], default="done")
+    ann.add_argument(
+        "--until",
+        choices=["done", "awarded"],
+        default="done",
+        help="wait until the mission is done (default) or only awarded",
+    )
     ann.add_argument("--timeout", type=float, default=120.0, help="seconds")
     ann.add_argument("--json", action="store_true", help="one JSON summary at the end")
     rob = act.add_parser("robots", help="every robot's retained state", parents=[common])
-    rob.add_argument("--json", action="store_true")
+    rob.add_argument("--json", action="store_true", help="the robots' states as JSON")
     rob.add_argument("--wait", type=float, default=1.0, help="seconds to collect states")
     wat = act.add_parser(
         "watch", help="print every mission's auction as it happens", parents=[common]
@@ -80,9 +91,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
         help="N simulated robots, M missions announced at once, K winners killed",
         parents=[common],
     )
-    sw.add_argument("--robots", type=int, default=10)
-    sw.add_argument("--missions", type=int, default=5)
-    sw.add_argument("--seed", type=int, default=1)
+    sw.add_argument("--robots", type=int, default=10, help="simulated robots (10)")
+    sw.add_argument("--missions", type=int, default=5, help="missions announced (5)")
+    sw.add_argument("--seed", type=int, default=1, help="random positions from this seed")
     sw.add_argument(
         "--uniform", action="store_true", help="identical, fully charged robots: cost = travel"
     )

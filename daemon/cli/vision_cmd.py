@@ -34,9 +34,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
         description="Send IMAGE (JPEG/PNG) as a vision.detect task and print the boxes.",
         parents=[common],
     )
-    det.add_argument("image", type=Path)
+    det.add_argument("image", type=Path, help="a JPEG or PNG file")
     det.add_argument("--backend", help="yolo_onnx, hog, ...")
-    det.add_argument("--min-score", type=float, dest="min_score")
+    det.add_argument(
+        "--min-score", type=float, dest="min_score", help="drop detections below (0..1)"
+    )
     det.add_argument("--faces", action="store_true", help="vision.faces instead of detect")
     det.add_argument("--json", action="store_true", help="print the whole result as JSON")
     det.add_argument("--timeout", type=float, default=30.0, help="seconds")
@@ -48,13 +50,13 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> dict[str, Command
     )
     cam_sub = cam.add_subparsers(dest="camera_command", metavar="ACTION", required=True)
     ev = cam_sub.add_parser("events", help="objects (or review items) newest first")
-    ev.add_argument("--camera")
+    ev.add_argument("--camera", help="only this camera's events")
     ev.add_argument("--label", help="COCO name, e.g. person")
-    ev.add_argument("--zone")
+    ev.add_argument("--zone", help="only events in this zone")
     ev.add_argument("--since", help="only newer: seconds, or 30m, 2h, 7d")
     ev.add_argument("--reviews", action="store_true", help="review items instead of objects")
-    ev.add_argument("--limit", type=int, default=20)
-    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--limit", type=int, default=20, help="at most this many (20)")
+    ev.add_argument("--json", action="store_true", help="rows as JSON")
     ev.add_argument("--timeout", type=float, default=10.0, help="seconds")
     clip = cam_sub.add_parser("clip", help="save the MP4 of a review item or alarm")
     clip.add_argument("id", help="the review item's id (or an alarm's clip_id)")
