@@ -59,6 +59,13 @@ async def speak(bus: Bus, mic: str, pcm: bytes) -> None:
         await asyncio.sleep(0.002)
 
 
+async def voice_node(daemon: Any, name: str = "sat", timeout: float = 30.0) -> VoiceNode:
+    """The daemon's voice node, once made (the daemon is online before its nodes are
+    probed and made)."""
+    await until(lambda: daemon.hosted[name].node is not None, timeout)
+    return cast(VoiceNode, daemon.hosted[name].node)
+
+
 async def until(predicate: Any, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
@@ -99,7 +106,7 @@ async def test_a_lamp_zigbee2mqtt_announced_is_switched_by_voice(
                     tts={"serve": False, **QUIET},
                     intents={"discovery": {"prefix": prefix}, "chat_fallback": False},
                 )
-                node = cast(VoiceNode, daemon.hosted["sat"].node)
+                node = await voice_node(daemon)
                 await until(lambda: len(node.registry.discovered) == 2)
                 await until(lambda: node.devices.refused >= 4)
             refusals = [r for r in caplog.records if "refused" in r.getMessage()]
@@ -154,7 +161,7 @@ async def test_a_configured_device_overrides_a_learned_one(harness: Harness) -> 
                     ],
                 },
             )
-            node = cast(VoiceNode, daemon.hosted["sat"].node)
+            node = await voice_node(daemon)
             await until(lambda: len(node.registry.discovered) == 1)
             rec = node.recognizer()
             assert rec is not None

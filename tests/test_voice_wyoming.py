@@ -30,10 +30,10 @@ from daemon.broker import PrivateBroker
 from daemon.modelstore import ModelStore
 from nodes.voice import audio
 from nodes.voice.config import SttConfig, TtsConfig, WakeConfig, WyomingConfig
-from nodes.voice.node import VoiceNode
 from nodes.voice.stt import SttBackend, make_stt
 from nodes.voice.tts import TtsBackend, make_tts
 from nodes.voice.wyoming import Models, WyomingBridge
+from tests.test_voice_devices import voice_node
 from tests.test_voice_realm import Harness
 
 SILENCE = bytes(16000)
@@ -139,7 +139,7 @@ async def test_a_voice_node_serves_wyoming(
     h = Harness(broker, realm, tmp_path)
     try:
         daemon = await h.voice_daemon("speech", wyoming={"port": 0}, stt={"serve": False})
-        node = cast(VoiceNode, daemon.hosted["sat"].node)
+        node = await voice_node(daemon)
         async with asyncio.timeout(10):
             while node.wyoming is None or node.wyoming.port is None:
                 await asyncio.sleep(0.05)

@@ -233,6 +233,7 @@ class WyomingBridge:
         self.models = models
         self.port: int | None = None  # the bound port (cfg.port 0: a free one)
         self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         try:
@@ -242,14 +243,26 @@ class WyomingBridge:
             return
 
         async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _Handler(self.models, reader, writer).run()
+            task = asyncio.current_task()
+            if task is not None:
+                self._clients.add(task)
+            try:
+                await _Handler(self.models, reader, writer).run()
+            finally:
+                if task is not None:
+                    self._clients.discard(task)
 
         self._server = await asyncio.start_server(on_client, self.cfg.host, self.cfg.port)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("wyoming server on %s:%d", self.cfg.host, self.port)
 
     async def close(self) -> None:
+        """Stop listening and end the connections (a synthesis in flight is cancelled)."""
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
             self._server = None
+        clients, self._clients = set(self._clients), set()
+        for task in clients:
+            task.cancel()
+        # Our own cancellations: collected here, not raised (this caller is not cancelled).
+        await asyncio.gather(*clients, return_exceptions=True)
