@@ -28,8 +28,6 @@ left out of that mission's later rounds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from daemon.protocol.swarm import (
@@ -41,232 +39,49 @@ from daemon.protocol.swarm import (
     MissionCall,
     MissionProgress,
 )
+from daemon.swarm.actions import (
+    Abandon,
+    Action,
+    Bidder,
+    Finished,
+    Note,
+    Reject,
+    SendAck,
+    SendAward,
+    SendBid,
+    SendCall,
+    Start,
+    Timing,
+)
+from daemon.swarm.allocation import allocate
+from daemon.swarm.sectors import Fleet, SectorPhase, SectorState
+
+__all__ = [  # what the swarm's hosts and tests take from here (defined beside it)
+    "Abandon",
+    "Action",
+    "Auction",
+    "Bidder",
+    "Finished",
+    "Fleet",
+    "Note",
+    "Reject",
+    "Role",
+    "SectorPhase",
+    "SectorState",
+    "SendAck",
+    "SendAward",
+    "SendBid",
+    "SendCall",
+    "Start",
+    "Timing",
+    "allocate",
+]
 
 Role = Literal["peer", "bidder", "auctioneer", "watcher"]
-SectorPhase = Literal["open", "claimed", "held", "done", "failed"]
 
 # Rounds before a mission gives up: each round loses a robot, so a realm with more
 # robots than this that all fail one mission has a problem bidding will not solve.
 MAX_ROUNDS: Final = 20
-
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """The auction's clocks (seconds).  Tests shrink them."""
-
-    # A peer's claim waits this long for a better one before it acknowledges: more
-    # than a broker round trip, so that a conflicting claim has arrived.
-    settle_s: float = 0.15
-    # An expected claim or award, then its acknowledgement, must come within this
-    # after the round closed; else the winner is taken as gone.
-    award_timeout_s: float = 1.0
-    # A holder whose state heartbeat is this many periods late has dropped out.
-    misses: int = 3
-
-
-# ------------------------------------------------------------------ actions
-
-
-@dataclass(frozen=True, slots=True)
-class SendBid:
-    round: int
-    costs: list[float | None]
-
-
-@dataclass(frozen=True, slots=True)
-class SendCall:
-    round: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class SendAward:
-    award: Award
-
-
-@dataclass(frozen=True, slots=True)
-class SendAck:
-    round: int
-    sector: int
-
-
-@dataclass(frozen=True, slots=True)
-class Start:
-    """This robot takes the sector on (after its ack)."""
-
-    round: int
-    sector: int
-
-
-@dataclass(frozen=True, slots=True)
-class Abandon:
-    """This robot must drop a sector it started (another's ack settled it)."""
-
-    sector: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Reject:
-    """A message ignored, and why: one log line (a warning when ``hostile``: it
-    could not come from an honest participant; else a race, at debug)."""
-
-    reason: str
-    hostile: bool = False
-    kind: str = ""  # what was refused, without who: one warning per mission and kind
-
-
-@dataclass(frozen=True, slots=True)
-class Note:
-    """Something a watcher reports: ``kind`` is round, claimed, awarded, acked,
-    done, failed, reopened, no_bid or info; ``sector`` where it is about one."""
-
-    text: str
-    kind: str = "info"
-    sector: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    status: Literal["done", "failed"]
-
-
-Action = SendBid | SendCall | SendAward | SendAck | Start | Abandon | Reject | Note | Finished
-
-# A robot's bid for a mission: one cost per sector, or None (no bid).
-Bidder = Callable[[MissionAnnounce, int], list[float | None] | None]
-
-
-def allocate(
-    bids: Mapping[str, Sequence[float | None]], open_sectors: Sequence[int]
-) -> dict[int, tuple[str, float]]:
-    """Winner and cost of each open sector that has a bid.
-
-    One sector per robot first: greedy by ascending ``(cost, node, sector)``, then
-    improved by local search (:func:`_improve`: a sector moves to an idle bidder,
-    or two robots swap, whenever that lowers the total strictly).  Sectors left
-    over (more sectors than robots) go greedily to robots that have one already.
-    Deterministic: the same bids give the same result on every peer, and a tie
-    keeps the greedy choice, the lowest node id.
-    """
-    ranked = sorted(
-        (cost, node, s)
-        for node, costs in bids.items()
-        for s in open_sectors
-        if s < len(costs) and (cost := costs[s]) is not None
-    )
-    out: dict[int, tuple[str, float]] = {}
-    first = True
-    while True:
-        used: set[str] = set()
-        progressed = False
-        for cost, node, s in ranked:
-            if s in out or node in used:
-                continue
-            out[s] = (node, cost)
-            used.add(node)
-            progressed = True
-        if first and len(out) > 1:
-            out = _improve(bids, out)
-        first = False
-        if not progressed:
-            return out
-
-
-# Local search stops after this many improving moves (each lowers the total, so it
-# ends anyway; the cap bounds the work a hostile set of bids can cause).
-MAX_MOVES: Final = 10_000
-_EPS: Final = 1e-9
-
-
-def _improve(
-    bids: Mapping[str, Sequence[float | None]], assigned: dict[int, tuple[str, float]]
-) -> dict[int, tuple[str, float]]:
-    """Lower the total cost of a one-sector-per-robot assignment by moving a sector
-    to an idle bidder or swapping two robots' sectors, first improvement first, in
-    sorted order (so every peer makes the same moves)."""
-    holder = {s: node for s, (node, _) in assigned.items()}
-    sectors = sorted(holder)
-    nodes = sorted(bids)
-
-    def cost(node: str, s: int) -> float | None:
-        costs = bids[node]
-        return costs[s] if s < len(costs) else None
-
-    moves = 0
-    improved = True
-    while improved and moves < MAX_MOVES:
-        improved = False
-        busy = set(holder.values())
-        for s in sectors:
-            here = cost(holder[s], s)
-            assert here is not None
-            for node in nodes:
-                c = cost(node, s)
-                if node not in busy and c is not None and c < here - _EPS:
-                    busy.discard(holder[s])
-                    holder[s], here = node, c
-                    busy.add(node)
-                    improved, moves = True, moves + 1
-        for i, s1 in enumerate(sectors):
-            for s2 in sectors[i + 1 :]:
-                n1, n2 = holder[s1], holder[s2]
-                a, b = cost(n1, s2), cost(n2, s1)
-                now1, now2 = cost(n1, s1), cost(n2, s2)
-                assert now1 is not None and now2 is not None
-                if a is not None and b is not None and a + b < now1 + now2 - _EPS:
-                    holder[s1], holder[s2] = n2, n1
-                    improved, moves = True, moves + 1
-    out: dict[int, tuple[str, float]] = {}
-    for s, node in holder.items():
-        c = cost(node, s)
-        assert c is not None
-        out[s] = (node, c)
-    return out
-
-
-class Fleet:
-    """When each robot was last heard (its state heartbeat) and who went offline."""
-
-    def __init__(self) -> None:
-        self.heard_at: dict[str, tuple[float, float]] = {}  # node -> (time, heartbeat_s)
-        self.offline: set[str] = set()
-
-    def heard(self, node: str, heartbeat_s: float, now: float) -> None:
-        self.heard_at[node] = (now, heartbeat_s)
-        self.offline.discard(node)
-
-    def gone(self, node: str) -> None:
-        self.offline.add(node)
-
-    def lost(self, node: str, now: float, since: float, misses: int) -> bool:
-        """Offline, or silent for ``misses`` heartbeats (counted from ``since`` at
-        the earliest: when it took its sector on)."""
-        if node in self.offline:
-            return True
-        seen = self.heard_at.get(node)
-        if seen is None:
-            return False  # never heard a heartbeat: only its will tells
-        return now - max(seen[0], since) > misses * seen[1]
-
-
-@dataclass(slots=True)
-class SectorState:
-    phase: SectorPhase = "open"
-    holder: str | None = None  # claimant / awardee, then the acknowledged holder
-    cost: float | None = None
-    round: int = 0  # the round its holder won
-    since: float = 0.0  # when the holder took it (heartbeats are counted from here)
-    deadline: float | None = None  # by when the expected claim / ack must come
-    expected: str | None = None  # the computed winner, not yet claimed (peer-run)
-    # The round it is (or was last) allocated in.  Rounds are the mission's, but a
-    # new round for one sector leaves the others' claims of their round valid.
-    open_round: int = 1
-    claims: dict[str, float] = field(default_factory=dict)  # peer-run: this round's
-    settle_at: float | None = None  # my own claim acknowledges then
-    started: bool = False  # this robot started it
-    fraction: float = 0.0
-    winners: list[str] = field(default_factory=list)  # every holder so far
 
 
 class Auction:
