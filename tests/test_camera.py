@@ -513,3 +513,34 @@ async def test_a_label_no_longer_counted_leaves_no_retained_count(
             assert decode(await retained(cat + "_present"), Event).value is False
     assert await retained(cat) == b"" and await retained(cat + "_present") == b""
     assert decode(await retained(f"mtor/{realm}/event/cam1/door/person"), Event).value == 0
+
+
+RACE = """
+import random, sys, threading, time
+import cv2, numpy as np
+from nodes.camera.capture import FrameSource
+path = sys.argv[1]
+writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"MJPG"), 20, (640, 480))
+for i in range(100):
+    writer.write(np.full((480, 640, 3), i, np.uint8))
+writer.release()
+for _ in range(300):
+    src = FrameSource(path)
+    src.open()
+    t = threading.Thread(target=lambda: [src.read() for _ in range(50)])
+    t.start()
+    time.sleep(random.uniform(0, 0.003))
+    src.close()  # the camera stopping while its read thread is still in OpenCV
+    t.join()
+print("ok")
+"""
+
+
+def test_closing_a_source_while_a_read_runs_never_crashes(tmp_path: Path) -> None:
+    """A camera stopped mid-read released the capture under the read: SIGSEGV (it took
+    a whole test run down). In a child, so that a crash fails this test only."""
+    proc = subprocess.run(
+        [sys.executable, "-c", RACE, str(tmp_path / "race.avi")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout.strip()) == (0, "ok"), proc.stderr[-2000:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Final, Literal
@@ -45,7 +46,12 @@ def source_kind(source: str) -> SourceKind:
 
 
 class FrameSource:
-    """One source; :meth:`open` it, :meth:`read` frames, :meth:`close` it."""
+    """One source; :meth:`open` it, :meth:`read` frames, :meth:`close` it.
+
+    Each call runs in a worker thread; a lock keeps them apart: a camera that
+    stops while a read is in progress (its task cancelled, the read's thread still
+    in OpenCV) would otherwise release the capture under that read — a segfault.
+    """
 
     def __init__(self, source: str, *, loop: bool = False) -> None:
         self.source = source
@@ -55,13 +61,18 @@ class FrameSource:
         self.frames = 0
         self._cap: cv2.VideoCapture | None = None
         self._image: Image | None = None
+        self._lock = threading.Lock()
 
     @property
     def live(self) -> bool:
         return self.kind in ("device", "stream")
 
     def open(self) -> None:
-        self.close()
+        with self._lock:
+            self._close()
+            self._open()
+
+    def _open(self) -> None:
         self.ended = False
         if self.kind == "image":
             img = cv2.imread(self.source, cv2.IMREAD_COLOR)
@@ -94,6 +105,10 @@ class FrameSource:
 
         A live source grabs (without decoding) until ``due`` (time.monotonic()).
         """
+        with self._lock:
+            return self._read(due)
+
+    def _read(self, due: float | None) -> Image | None:
         if self._image is not None:
             self.frames += 1
             return self._image.copy()
@@ -116,6 +131,10 @@ class FrameSource:
         return np.asarray(frame, np.uint8)
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._cap is not None:
             self._cap.release()
             self._cap = None
