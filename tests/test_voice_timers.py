@@ -21,6 +21,7 @@ from nodes.voice import audio
 from nodes.voice.config import TtsConfig
 from nodes.voice.tts import TtsBackend, make_tts
 from tests.conftest import Collector, running_bus
+from tests.test_voice_devices import voice_node
 from tests.test_voice_realm import QUIET, Harness, events, words
 
 SILENCE = bytes(16000)
@@ -77,8 +78,16 @@ async def test_a_timer_by_voice_rings_and_is_announced(harness: Harness, piper: 
     async with running_bus(harness.config()) as bus:
         seen = Collector()
         await bus.subscribe(topics.EVENT.filter(realm=realm, domain="voice"), seen)
-        await harness.voice_daemon("kitchen", **satellite(mic, "kitchen"))
+        daemon = await harness.voice_daemon("kitchen", **satellite(mic, "kitchen"))
         await seen.wait_for(lambda m: events(seen, "state"), timeout=30)
+        # Home Assistant sees the timers (a sensor on the retained event) and a listen button.
+        node = await voice_node(daemon)
+        entities = {e.object_id: e for e in node.entities()}
+        assert entities["sat_timers"].state_topic == topics.EVENT.build(
+            realm=realm, node_id="kitchen", domain="voice", name="timers"
+        )
+        assert entities["sat_listen"].component == "button"
+        assert entities["sat_listen"].on_command is not None
         await speak(bus, mic, piper, "Set a timer for 3 seconds.")
         await seen.wait_for(lambda m: events(seen, "answer"), timeout=30)
         assert [e.value for _, e in events(seen, "answer")] == ["3 seconds timer started."]

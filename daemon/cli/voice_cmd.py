@@ -164,8 +164,8 @@ def cmd_listen(args: argparse.Namespace, config: Config) -> int:
             node.listeners.append(show)
             await node.realm.start()
             if bus.connected and vcfg.intents.discovery.enabled:
-                # Devices learned from the broker: their retained configs arrive at once.
-                await node.devices.start()
+                # setup() subscribed to the broker's discovery configs: the retained
+                # ones arrive at once, give them a moment before the file is heard.
                 await asyncio.sleep(DISCOVERY_SETTLE_S)
             sink = audio.WavSink(args.out) if args.out else audio.NullSink()
             pipeline = node.make_pipeline(sink=_Accumulating(sink) if args.out else sink)

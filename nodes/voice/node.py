@@ -122,6 +122,16 @@ class VoiceNode(Node):
             self.log.warning("voice %s unavailable: %s", what, why)
         if self.stt is None and self.tts is None:
             raise MtorError("no voice backend could start: " + "; ".join(self.problems.values()))
+        # Before the capabilities are advertised: a voice.announce run on this node the
+        # moment it is, publishes a broadcast this satellite must already hear.
+        if self.config.source.type != "none" and not self._extras_subscribed:
+            self._extras_subscribed = True
+            await self.ctx.bus.subscribe(
+                topics.EVENT.filter(realm=self.ctx.realm, domain="voice", name="broadcast"),
+                self.extras.on_broadcast,
+            )
+            if self.config.intents.discovery.enabled:
+                await self.devices.start()
 
     def _load(self) -> None:
         cfg = self.config
@@ -241,7 +251,29 @@ class VoiceNode(Node):
                 icon="mdi:text-recognition",
                 max_length=255,  # the full text stays in the event
             ),
+            EntitySpec(
+                component="sensor",
+                object_id=f"{self.name}_timers",
+                name=f"{self.name} timers",
+                state_topic=topic("timers"),
+                icon="mdi:timer-outline",
+                state_class="measurement",
+            ),
+            EntitySpec(  # voice.listen from a Home Assistant automation or dashboard
+                component="button",
+                object_id=f"{self.name}_listen",
+                name=f"{self.name} listen",
+                command_topic=topics.ENTITY_SET.build(
+                    realm=self.ctx.realm, node_id=self.ctx.node_id, object_id=f"{self.name}_listen"
+                ),
+                icon="mdi:microphone",
+                on_command=self._listen_pressed,
+            ),
         ]
+
+    async def _listen_pressed(self, _value: Any) -> None:
+        if self.extras.announcer is not None:
+            await self.extras.announcer.listen()
 
     def _wyoming_models(self) -> Models:
         cfg = self.config
@@ -263,14 +295,6 @@ class VoiceNode(Node):
             await self.wyoming.start()
         # Subscriptions live as long as the node: a supervised restart of run()
         # must not add a second handler (Bus handlers stack per filter).
-        if self.config.source.type != "none" and not self._extras_subscribed:
-            self._extras_subscribed = True
-            await self.ctx.bus.subscribe(
-                topics.EVENT.filter(realm=self.ctx.realm, domain="voice", name="broadcast"),
-                self.extras.on_broadcast,
-            )
-            if self.config.intents.discovery.enabled:
-                await self.devices.start()
         if self.config.arbitration_s > 0 and not self._wake_subscribed:
             self._wake_subscribed = True
             await self.ctx.bus.subscribe(
