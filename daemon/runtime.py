@@ -237,6 +237,9 @@ class NodeDaemon:
                 log.error("node %s (%s) not loaded: %s", name, hosted.type_name, hosted.note)
                 continue
             cfg = self.config.nodes[name]
+            entry = cfg.model_dump(exclude_defaults=True)
+            log.info("loading node %s (%s) %s", name, hosted.type_name, _backends(entry))
+            token = loading.set(name)  # its imports are logged (log_imports)
             try:
                 hosted.node = node_class(cfg.type)(name, cfg, self.ctx)
             except ImportError as exc:
@@ -249,6 +252,8 @@ class NodeDaemon:
                 hosted.job.error = f"cannot be made: {type(exc).__name__}: {exc}"[:300]
                 log.exception("node %s (%s) cannot be made", name, cfg.type)
                 continue
+            finally:
+                loading.reset(token)
             hosted.executor = Tracked(hosted.node, name, guard.busy)
             delay = guard.start_delay(
                 name, self.config.daemon.restart_initial_delay, self.config.daemon.restart_max_delay
@@ -262,8 +267,7 @@ class NodeDaemon:
             hosted.job.status = "restarting"
             log.warning("node %s crashed the last run: loading it in %.1fs", hosted.name, delay)
             await asyncio.sleep(delay)
-        entry = self.config.nodes[hosted.name].model_dump(exclude_defaults=True)
-        log.info("loading node %s (%s) %s", hosted.name, hosted.type_name, _backends(entry))
+        log.info("setting up node %s", hosted.name)
         token = loading.set(hosted.name)
         try:
             await node.setup()
