@@ -474,12 +474,15 @@ def test_entities_for_home_assistant(tmp_path: Path, config: Any) -> None:
 
     ctx = NodeContext("n1", config, Bus(config.broker, "unused"), tmp_path, nothing)
     sat = VoiceNode("kitchen", VoiceConfig(type="voice", source={"type": "mic"}), ctx)
-    state, transcript = sat.entities()
+    state, transcript, timers, listen = sat.entities()
     assert state.component == "sensor" and state.device_class == "enum"
     assert state.options == ("idle", "listening", "processing", "responding")
     assert state.state_topic == f"mtor/{config.realm}/event/n1/voice/state"
     assert transcript.state_topic == f"mtor/{config.realm}/event/n1/voice/transcript"
     assert state.value_key == transcript.value_key == "value"
+    assert timers.state_topic == f"mtor/{config.realm}/event/n1/voice/timers"
+    assert listen.component == "button"
+    assert listen.command_topic == f"mtor/{config.realm}/node/n1/entity/kitchen_listen/set"
     server = VoiceNode("tts", VoiceConfig(type="voice"), ctx)  # no microphone: no satellite
     assert server.entities() == []
 
