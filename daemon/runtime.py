@@ -114,6 +114,12 @@ class NodeDaemon:
                     log.exception("node %s failed to list its capabilities", hosted.name)
         return caps
 
+    def starting(self) -> bool:
+        """Is a hosted node still starting (probed, loading, setting up)?"""
+        return any(
+            not h.ready and h.job.status not in ("failed", "stopped") for h in self.hosted.values()
+        )
+
     def summaries(self) -> list[NodeSummary]:
         return [
             NodeSummary(

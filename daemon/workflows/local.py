@@ -11,11 +11,12 @@ they are not in the orchestrator's SQLite history.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from daemon import topics
 from daemon.accounts import ORCHESTRATOR_ACCOUNT
@@ -36,6 +37,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# A task step for a capability of a node still starting waits this long for it (s),
+# looking every NODE_START_POLL.
+NODE_START_WAIT: Final = 60.0
+NODE_START_POLL: Final = 0.1
+
+
 class LocalHost(DaemonPort, Protocol):
     """What local workflows use of the node daemon that runs them
     (:class:`daemon.runtime.NodeDaemon` is one): its identity, its bus, and its
@@ -43,6 +50,9 @@ class LocalHost(DaemonPort, Protocol):
 
     @property
     def worker(self) -> Worker: ...
+
+    def starting(self) -> bool:
+        """Is a hosted node still starting (its capabilities may yet come)?"""
 
 
 class LocalPorts:
@@ -55,6 +65,12 @@ class LocalPorts:
         self, capability: str, input: Any, *, timeout: float | None, priority: str, node: str | None
     ) -> Any:
         route = self.daemon.worker.routes.get(capability)
+        # A run right after the daemon came online: its nodes may still be loading.
+        waited = 0.0
+        while route is None and self.daemon.starting() and waited < NODE_START_WAIT:
+            await asyncio.sleep(NODE_START_POLL)
+            waited += NODE_START_POLL
+            route = self.daemon.worker.routes.get(capability)
         if route is None:
             raise StepFailed("unavailable", f"{self.daemon.node_id} has no {capability!r}")
         run = TaskRun(
