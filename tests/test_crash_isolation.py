@@ -137,6 +137,16 @@ async def test_segfaults_on_import_load_and_task_cost_only_their_node(
         assert await client.call("echo", "still here", timeout=10) == "still here"
         assert (await client.call("c_import", 1, timeout=10))["backend"] == "python"
         assert node.proc.poll() is None
+        # ... and mtor status says so, under its table.
+        status = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "daemon.cli.main", "status", "--broker", broker.url,
+             "--realm", realm],
+            capture_output=True, text=True, timeout=60, env=mtor_env(), check=False,
+        )  # fmt: skip
+        notes = [line for line in status.stdout.splitlines() if line.startswith(f"{NODE}/")]
+        assert any(n.startswith(f"{NODE}/imp: ") and "SIGSEGV" in n for n in notes), status.stdout
+        assert any(n.startswith(f"{NODE}/nofb: ") for n in notes), status.stdout
         first = node.output()
         assert "loading node lod (crashy)" in first
         assert "probing" in first

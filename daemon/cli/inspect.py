@@ -126,6 +126,8 @@ def status_rows(nodes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 if info and not stale_info
                 else [],
                 "nodes": [f"{n.name}:{n.status}" for n in info.nodes] if info else [],
+                # Why a node failed, or runs without a backend (the crash guard's word).
+                "errors": {n.name: n.error for n in info.nodes if n.error} if info else {},
                 "restarts": sum(n.restarts for n in info.nodes) if info else None,
                 "drained": peer.get("drained"),
                 "blacklisted": peer.get("blacklisted"),
@@ -176,8 +178,13 @@ def print_status(rows: list[dict[str, Any]], as_json: bool) -> None:
     if any(r["robot"] for r in rows):  # a swarm: what each robot is doing
         robots = [(*t, _robot(r["robot"])) for t, r in zip(table, rows, strict=True)]
         print(tables.table((*header, "ROBOT"), robots))
-        return
-    print(tables.table(header, table))
+    else:
+        print(tables.table(header, table))
+    notes = [(r["node_id"], n, e) for r in rows for n, e in sorted(r["errors"].items())]
+    if notes:
+        print()
+        for node_id, name, error in notes:
+            print(f"{node_id}/{name}: {error[:300]}")
 
 
 def _robot(robot: dict[str, Any] | None) -> str:
