@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 # Budget for the final "offline" publish during shutdown.
 OFFLINE_PUBLISH_TIMEOUT: Final = 1.0
+# The least the event spool waits for acknowledgements at a clean stop (s).
+SPOOL_CLOSE_MIN: Final = 1.5
 # A node's close() (models unloaded, clients closed) on a restart or shutdown.
 NODE_CLOSE_TIMEOUT: Final = 10.0
 
@@ -461,7 +463,11 @@ class NodeDaemon:
             await asyncio.wait(node_tasks, timeout=max(0.1, deadline - time.monotonic() - 1.0))
         for hosted in self.hosted.values():
             await self._close_node(hosted, max(0.1, deadline - time.monotonic() - 1.0))
-        await self.spool.close(timeout=max(0.1, deadline - time.monotonic() - 1.0))
+        # The spool waits for the broker's acknowledgement of what is in flight: at
+        # least SPOOL_CLOSE_MIN, even when closing the nodes used up the budget (an
+        # event delivered but still spooled goes out again at the next start).
+        remaining = deadline - time.monotonic() - 1.0
+        await self.spool.close(timeout=max(SPOOL_CLOSE_MIN, remaining))
         if self.guard is not None:
             self.guard.close()  # a clean stop: no task in flight, no fault to read
         offline = NodeState(
