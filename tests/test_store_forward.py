@@ -150,6 +150,10 @@ def assert_clean(tally: Tally, last: int) -> None:
     assert not tally.out_of_order, f"out of order: {tally.out_of_order[:20]}"
 
 
+# Delivered events a graceful stop may leave spooled, unacknowledged (the last ones).
+TAIL_IN_FLIGHT = 3
+
+
 @pytest.mark.slow
 async def test_a_node_cut_off_loses_nothing(own_broker: PrivateBroker, tmp_path: Path) -> None:
     """A node producing 20 events/s is cut off for CUT_S seconds, then plugged back:
@@ -172,8 +176,13 @@ async def test_a_node_cut_off_loses_nothing(own_broker: PrivateBroker, tmp_path:
             proc.close()
         assert rc == 0, out[-3000:]
         left, next_seq = spool_rows(tmp_path, realm)
-        assert left == [], (
-            f"acknowledged events still spooled: {left[:10]}; received up to {tally.last}, "
+        # A graceful stop waits within shutdown_timeout for acknowledgements; what was
+        # delivered but not yet acknowledged stays spooled and goes out again at the
+        # next start, same boot id and seq (docs/protocol.md §6.1: at least once). So
+        # only the last few may be left, and only events the broker did deliver.
+        received = {seq for _, seq in tally.seen}
+        assert len(left) <= TAIL_IN_FLIGHT and set(left) <= received, (
+            f"events still spooled: {left[:10]}; received up to {tally.last}, "
             f"{len(tally.seen)} in all\n{out[-3000:]}"
         )
         await tally.until(lambda: len(tally.seen) >= next_seq - 1)
