@@ -9,6 +9,7 @@ import os
 import signal
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Final
 
 from daemon.bus import Bus
@@ -89,6 +90,18 @@ def install_stop_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+
+def api_token(config: Config, given: str | None = None) -> str | None:
+    """The API token a command sends: ``given`` (``--token``), ``MTOR_TOKEN``, else the
+    sysop token the orchestrator wrote on this machine, when readable."""
+    token = given or environ().get("MTOR_TOKEN")
+    if token:
+        return token
+    path = Path(config.orchestrator.state_dir) / "sysop.token"
+    if os.access(path, os.R_OK):
+        return path.read_text().strip() or None
+    return None
 
 
 def environ() -> dict[str, str]:

@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from daemon import topics
 from daemon.accounts import ANONYMOUS, account_name
 from daemon.bus import Inbound
 from daemon.cli import tables
-from daemon.cli.common import client_bus, environ
+from daemon.cli.common import api_token, client_bus, environ
 from daemon.config import Config
 from daemon.errors import MessageError
 from daemon.messages import decode
@@ -89,7 +87,7 @@ async def _peer_flags(config: Config, bus: Any) -> dict[str, dict[str, Any]]:
     from daemon.client import RealmClient
     from daemon.errors import MtorError
 
-    token = environ().get("MTOR_TOKEN") or _sysop_token(config)
+    token = api_token(config)
     client = RealmClient(bus, config.realm, user=environ().get("MTOR_USER"), token=token)
     try:
         await client.start()
@@ -97,13 +95,6 @@ async def _peer_flags(config: Config, bus: Any) -> dict[str, dict[str, Any]]:
     except (MtorError, TimeoutError):
         return {}
     return peers if isinstance(peers, dict) else {}
-
-
-def _sysop_token(config: Config) -> str | None:
-    path = Path(config.orchestrator.state_dir) / "sysop.token"
-    if os.access(path, os.R_OK):
-        return path.read_text().strip() or None
-    return None
 
 
 def status_rows(nodes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from daemon.cli import tables
@@ -17,6 +15,7 @@ from daemon.cli.common import (
     EXIT_OK,
     EXIT_TEMPFAIL,
     Command,
+    api_token,
     client_bus,
     environ,
     install_stop_signals,
@@ -99,13 +98,7 @@ def _identity(p: argparse.ArgumentParser) -> None:
 
 
 def _token(args: argparse.Namespace, config: Config) -> str | None:
-    token: str | None = getattr(args, "token", None) or environ().get("MTOR_TOKEN")
-    if token:
-        return token
-    path = Path(config.orchestrator.state_dir) / "sysop.token"
-    if os.access(path, os.R_OK):
-        return path.read_text().strip() or None
-    return None
+    return api_token(config, getattr(args, "token", None))
 
 
 def cmd_orchestrator(args: argparse.Namespace, config: Config) -> int:
